@@ -1,1 +1,20 @@
-pub fn _x(){}
+//! meshca's PKI core: everything that decides what goes into a certificate.
+//!
+//! Data flow: PEM CSR -> [`csr::validate_csr`] (encoding, key policy, proof of
+//! possession) -> a profile ([`profile::issue_workload`] for Istio workloads,
+//! [`profile::issue_kubernetes`] for Kubernetes CSRs) -> DER certificate
+//! signed by the [`bundle::CaBundle`] loaded and verified at start.
+//! [`ca::LocalCa`] wraps this as the seed's `CertificateAuthority` interface.
+//!
+//! No I/O, no async: callers pass bytes, the current time and file names in.
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod der;
+pub mod error;
+pub mod key;
+pub mod pem;
+pub mod san;
+pub mod csr;
+
+pub use error::{BundleError, CsrError, Error, ErrorKind, GrpcCode, PolicyViolation};

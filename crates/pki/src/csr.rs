@@ -1,0 +1,264 @@
+//! CSR validation: everything checked before a single byte is signed.
+
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{self as oids, Oid};
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+
+use crate::error::CsrError;
+use crate::pem;
+use crate::san::SanEntry;
+
+/// What CSRs are acceptable at all, before any profile looks at them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsrPolicy {
+    /// Limit on the PEM text; an RSA-8192 CSR with a few SANs is about 3 KiB.
+    pub max_pem_bytes: usize,
+    pub allow_rsa: bool,
+    pub rsa_min_bits: usize,
+    pub rsa_max_bits: usize,
+    pub allow_p256: bool,
+    pub allow_p384: bool,
+    pub allow_ed25519: bool,
+}
+
+impl Default for CsrPolicy {
+    fn default() -> Self {
+        CsrPolicy {
+            max_pem_bytes: 32 * 1024,
+            allow_rsa: true,
+            rsa_min_bits: 2048,
+            rsa_max_bits: 8192,
+            allow_p256: true,
+            allow_p384: true,
+            allow_ed25519: true,
+        }
+    }
+}
+
+/// The public key type of a CSR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsrKey {
+    Rsa { bits: usize },
+    EcdsaP256,
+    EcdsaP384,
+    Ed25519,
+}
+
+/// A CSR whose encoding, key and signature have been checked. Holds copies of
+/// the only parts a certificate may take from it.
+#[derive(Debug, Clone)]
+pub struct ValidatedCsr {
+    /// DER SubjectPublicKeyInfo, copied into certificates byte for byte.
+    pub spki_der: Vec<u8>,
+    /// The public key bits inside the SPKI (for key-equality checks).
+    pub public_key_bits: Vec<u8>,
+    pub key: CsrKey,
+    /// DER Name of the subject, byte for byte.
+    pub subject_der: Vec<u8>,
+    pub subject_is_empty: bool,
+    /// OpenSSL-style one-line rendering of the subject, for messages.
+    pub subject_text: String,
+    pub has_common_name: bool,
+    /// SANs from the extensionRequest attribute, in order.
+    pub requested_sans: Vec<SanEntry>,
+    /// BasicConstraints CA:TRUE was requested.
+    pub requests_ca: bool,
+}
+
+/// Checks a PEM CSR: one `CERTIFICATE REQUEST` block, strict DER without
+/// trailing bytes, an allowed key, a strong signature algorithm and a valid
+/// self-signature (proof of possession).
+pub fn validate_csr(input: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, CsrError> {
+    if input.len() > policy.max_pem_bytes {
+        return Err(CsrError::TooLarge {
+            size: input.len(),
+            limit: policy.max_pem_bytes,
+        });
+    }
+    let blocks = pem::parse_all(input).map_err(CsrError::NotPem)?;
+    let [block] = blocks.as_slice() else {
+        return Err(CsrError::BlockCount(blocks.len()));
+    };
+    if block.label != "CERTIFICATE REQUEST" {
+        return Err(CsrError::WrongBlockType(block.label.clone()));
+    }
+    validate_csr_der(&block.der)
+        .and_then(|csr| check_key(&csr, policy).map(|()| csr))
+}
+
+fn validate_csr_der(der: &[u8]) -> Result<ValidatedCsr, CsrError> {
+    let (rest, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::TrailingData(rest.len()));
+    }
+    check_signature_algorithm(&csr.signature_algorithm.algorithm)?;
+    let info = &csr.certification_request_info;
+    let spki = &info.subject_pki;
+    let key = classify_key(spki)?;
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+
+    let mut requested_sans = Vec::new();
+    let mut requests_ca = false;
+    if let Some(extensions) = csr.requested_extensions() {
+        for ext in extensions {
+            match ext {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        requested_sans.push(san_entry(name)?);
+                    }
+                }
+                ParsedExtension::BasicConstraints(bc) => requests_ca |= bc.ca,
+                ParsedExtension::ParseError { .. } => {
+                    return Err(CsrError::MalformedExtension("requested extension"));
+                }
+                // Anything else is tolerated and never copied.
+                _ => {}
+            }
+        }
+    }
+
+    let subject = &info.subject;
+    Ok(ValidatedCsr {
+        spki_der: spki.raw.to_vec(),
+        public_key_bits: spki.subject_public_key.data.to_vec(),
+        key,
+        subject_der: subject.as_raw().to_vec(),
+        subject_is_empty: subject.iter().next().is_none(),
+        subject_text: subject.to_string(),
+        has_common_name: subject.iter_common_name().next().is_some(),
+        requested_sans,
+        requests_ca,
+    })
+}
+
+fn check_signature_algorithm(alg: &Oid<'_>) -> Result<(), CsrError> {
+    let strong = [
+        oids::OID_PKCS1_SHA256WITHRSA,
+        oids::OID_PKCS1_SHA384WITHRSA,
+        oids::OID_PKCS1_SHA512WITHRSA,
+        oids::OID_SIG_ECDSA_WITH_SHA256,
+        oids::OID_SIG_ECDSA_WITH_SHA384,
+        oids::OID_SIG_ED25519,
+    ];
+    let weak = [
+        oids::OID_PKCS1_MD2WITHRSAENC,
+        oids::OID_PKCS1_MD4WITHRSAENC,
+        oids::OID_PKCS1_MD5WITHRSAENC,
+        oids::OID_PKCS1_SHA1WITHRSA,
+        oids::OID_SHA1_WITH_RSA,
+        oids::OID_MD5_WITH_RSA,
+        oids::OID_SIG_DSA_WITH_SHA1,
+    ];
+    // ecdsa-with-SHA1 (1.2.840.10045.4.1) is not in the registry.
+    const ECDSA_WITH_SHA1: Oid<'static> = x509_parser::der_parser::oid!(1.2.840.10045.4.1);
+    if strong.contains(alg) {
+        Ok(())
+    } else if weak.contains(alg) || *alg == ECDSA_WITH_SHA1 {
+        Err(CsrError::WeakSignatureAlgorithm(alg.to_id_string()))
+    } else {
+        Err(CsrError::SignatureAlgorithm(alg.to_id_string()))
+    }
+}
+
+fn classify_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKey, CsrError> {
+    let alg = &spki.algorithm.algorithm;
+    if *alg == oids::OID_PKCS1_RSAENCRYPTION {
+        match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => Ok(CsrKey::Rsa {
+                bits: bit_length(rsa.modulus),
+            }),
+            _ => Err(CsrError::Malformed("RSA public key".into())),
+        }
+    } else if *alg == oids::OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .ok_or_else(|| CsrError::Curve("(none or explicit parameters)".into()))?;
+        if curve == oids::OID_EC_P256 {
+            Ok(CsrKey::EcdsaP256)
+        } else if curve == oids::OID_NIST_EC_P384 {
+            Ok(CsrKey::EcdsaP384)
+        } else {
+            Err(CsrError::Curve(curve.to_id_string()))
+        }
+    } else if *alg == oids::OID_SIG_ED25519 {
+        Ok(CsrKey::Ed25519)
+    } else {
+        Err(CsrError::KeyAlgorithm(alg.to_id_string()))
+    }
+}
+
+fn check_key(csr: &ValidatedCsr, policy: &CsrPolicy) -> Result<(), CsrError> {
+    let refused = |name: &str| Err(CsrError::KeyAlgorithm(name.to_owned()));
+    match csr.key {
+        CsrKey::Rsa { bits } => {
+            if !policy.allow_rsa {
+                return refused("RSA");
+            }
+            if bits < policy.rsa_min_bits || bits > policy.rsa_max_bits {
+                return Err(CsrError::RsaKeySize {
+                    bits,
+                    min: policy.rsa_min_bits,
+                    max: policy.rsa_max_bits,
+                });
+            }
+            Ok(())
+        }
+        CsrKey::EcdsaP256 if !policy.allow_p256 => Err(CsrError::Curve("P-256".into())),
+        CsrKey::EcdsaP384 if !policy.allow_p384 => Err(CsrError::Curve("P-384".into())),
+        CsrKey::Ed25519 if !policy.allow_ed25519 => refused("Ed25519"),
+        _ => Ok(()),
+    }
+}
+
+fn bit_length(big_endian: &[u8]) -> usize {
+    let digits: Vec<_> = big_endian.iter().skip_while(|b| **b == 0).collect();
+    match digits.first() {
+        None => 0,
+        Some(first) => digits.len() * 8 - first.leading_zeros() as usize,
+    }
+}
+
+fn san_entry(name: &GeneralName<'_>) -> Result<SanEntry, CsrError> {
+    Ok(match name {
+        GeneralName::DNSName(s) => SanEntry::Dns((*s).to_owned()),
+        GeneralName::URI(s) => SanEntry::Uri((*s).to_owned()),
+        GeneralName::RFC822Name(s) => SanEntry::Email((*s).to_owned()),
+        GeneralName::IPAddress(bytes) => match bytes.len() {
+            4 => SanEntry::Ip(<[u8; 4]>::try_from(*bytes).map_err(|_| bad_ip())?.into()),
+            16 => SanEntry::Ip(<[u8; 16]>::try_from(*bytes).map_err(|_| bad_ip())?.into()),
+            _ => return Err(bad_ip()),
+        },
+        _ => return Err(CsrError::MalformedExtension("subjectAltName (unsupported name type)")),
+    })
+}
+
+fn bad_ip() -> CsrError {
+    CsrError::MalformedExtension("subjectAltName (IP address length)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_length_ignores_leading_zero_bytes() {
+        assert_eq!(bit_length(&[0, 0x80, 0]), 16);
+        assert_eq!(bit_length(&[0x01, 0]), 9);
+        assert_eq!(bit_length(&[]), 0);
+    }
+
+    #[test]
+    fn oversized_input_is_refused_before_parsing() {
+        let policy = CsrPolicy { max_pem_bytes: 10, ..CsrPolicy::default() };
+        assert_eq!(
+            validate_csr(&[b'A'; 11], &policy).unwrap_err(),
+            CsrError::TooLarge { size: 11, limit: 10 }
+        );
+    }
+}

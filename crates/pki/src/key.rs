@@ -1,0 +1,260 @@
+//! CA signing keys: generate, load (PKCS#1, PKCS#8, SEC1), sign.
+//!
+//! Keys live inside aws-lc-rs key objects, whose memory AWS-LC cleanses when
+//! freed; every intermediate byte buffer holding key material is `Zeroizing`.
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair,
+    Ed25519KeyPair, KeyPair, RSA_PKCS1_SHA256, RsaKeyPair,
+};
+use std::fmt;
+use std::str::FromStr;
+use zeroize::Zeroizing;
+
+use crate::der;
+use crate::pem;
+
+/// Key types meshca can generate for a CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    Rsa2048,
+    Rsa3072,
+    Rsa4096,
+    EcdsaP256,
+    EcdsaP384,
+    Ed25519,
+}
+
+impl KeyType {
+    pub const ALL: [KeyType; 6] = [
+        KeyType::Rsa2048,
+        KeyType::Rsa3072,
+        KeyType::Rsa4096,
+        KeyType::EcdsaP256,
+        KeyType::EcdsaP384,
+        KeyType::Ed25519,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Rsa2048 => "rsa-2048",
+            KeyType::Rsa3072 => "rsa-3072",
+            KeyType::Rsa4096 => "rsa-4096",
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::Ed25519 => "ed25519",
+        }
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        KeyType::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = KeyType::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown key type {s:?}, expected one of {}", names.join(", "))
+            })
+    }
+}
+
+enum Inner {
+    Rsa(RsaKeyPair),
+    P256(EcdsaKeyPair),
+    P384(EcdsaKeyPair),
+    Ed25519(Ed25519KeyPair),
+}
+
+/// A private key that signs certificates.
+pub struct SigningKey {
+    inner: Inner,
+}
+
+impl fmt::Debug for SigningKey {
+    // Never prints key material.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey({})", self.describe())
+    }
+}
+
+/// Why a key file could not be used. Never contains key bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not a PEM private key: {0}")]
+    Pem(#[from] pem::PemError),
+    #[error("expected one private key PEM block, found {0}")]
+    BlockCount(usize),
+    #[error("PEM block `{0}` is not a supported private key (PRIVATE KEY, RSA PRIVATE KEY, EC PRIVATE KEY)")]
+    Label(String),
+    #[error("{0} private key could not be parsed or uses an unsupported algorithm/curve")]
+    Parse(&'static str),
+    #[error("key generation failed")]
+    Generate,
+}
+
+impl SigningKey {
+    pub fn generate(key_type: KeyType) -> Result<Self, KeyError> {
+        let inner = match key_type {
+            KeyType::Rsa2048 => Inner::Rsa(rsa_generate(KeySize::Rsa2048)?),
+            KeyType::Rsa3072 => Inner::Rsa(rsa_generate(KeySize::Rsa3072)?),
+            KeyType::Rsa4096 => Inner::Rsa(rsa_generate(KeySize::Rsa4096)?),
+            KeyType::EcdsaP256 => Inner::P256(
+                EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+                    .map_err(|_| KeyError::Generate)?,
+            ),
+            KeyType::EcdsaP384 => Inner::P384(
+                EcdsaKeyPair::generate(&ECDSA_P384_SHA384_ASN1_SIGNING)
+                    .map_err(|_| KeyError::Generate)?,
+            ),
+            KeyType::Ed25519 => {
+                Inner::Ed25519(Ed25519KeyPair::generate().map_err(|_| KeyError::Generate)?)
+            }
+        };
+        Ok(SigningKey { inner })
+    }
+
+    /// Reads exactly one private key block: PKCS#8 `PRIVATE KEY`, PKCS#1
+    /// `RSA PRIVATE KEY` or SEC1 `EC PRIVATE KEY`.
+    pub fn from_pem(input: &[u8]) -> Result<Self, KeyError> {
+        let blocks = pem::parse_all(input)?;
+        let keys: Vec<_> = blocks.iter().filter(|b| b.label.contains("PRIVATE KEY")).collect();
+        let [block] = keys.as_slice() else {
+            return Err(KeyError::BlockCount(keys.len()));
+        };
+        let der = &block.der[..];
+        let inner = match block.label.as_str() {
+            "RSA PRIVATE KEY" => {
+                Inner::Rsa(RsaKeyPair::from_der(der).map_err(|_| KeyError::Parse("PKCS#1 RSA"))?)
+            }
+            "EC PRIVATE KEY" => ec_from_sec1(der).ok_or(KeyError::Parse("SEC1 EC"))?,
+            "PRIVATE KEY" => pkcs8(der).ok_or(KeyError::Parse("PKCS#8"))?,
+            other => return Err(KeyError::Label(other.to_owned())),
+        };
+        Ok(SigningKey { inner })
+    }
+
+    /// PKCS#8 PEM, for writing key files.
+    pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
+        let der: Zeroizing<Vec<u8>> = Zeroizing::new(match &self.inner {
+            Inner::Rsa(k) => k.as_der().map_err(|_| KeyError::Generate)?.as_ref().to_vec(),
+            Inner::P256(k) | Inner::P384(k) => {
+                k.to_pkcs8v1().map_err(|_| KeyError::Generate)?.as_ref().to_vec()
+            }
+            Inner::Ed25519(k) => k.to_pkcs8v1().map_err(|_| KeyError::Generate)?.as_ref().to_vec(),
+        });
+        Ok(Zeroizing::new(pem::encode("PRIVATE KEY", &der)))
+    }
+
+    /// The public key as it appears inside a SubjectPublicKeyInfo BIT STRING
+    /// (PKCS#1 RSAPublicKey, an uncompressed EC point, or 32 Ed25519 bytes).
+    pub fn public_key_bits(&self) -> &[u8] {
+        match &self.inner {
+            Inner::Rsa(k) => k.public_key().as_ref(),
+            Inner::P256(k) | Inner::P384(k) => k.public_key().as_ref(),
+            Inner::Ed25519(k) => k.public_key().as_ref(),
+        }
+    }
+
+    /// DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> Vec<u8> {
+        let algorithm = match &self.inner {
+            Inner::Rsa(_) => der::sequence(&[&der::oid(oids::RSA_ENCRYPTION), &[der::NULL, 0]]),
+            Inner::P256(_) => der::sequence(&[&der::oid(oids::EC_PUBLIC_KEY), &der::oid(oids::P256)]),
+            Inner::P384(_) => der::sequence(&[&der::oid(oids::EC_PUBLIC_KEY), &der::oid(oids::P384)]),
+            Inner::Ed25519(_) => der::sequence(&[&der::oid(oids::ED25519)]),
+        };
+        der::sequence(&[&algorithm, &der::bit_string(self.public_key_bits())])
+    }
+
+    /// The AlgorithmIdentifier of the signatures this key makes, as Go's
+    /// crypto/x509 chooses it for a CA key: SHA-256 with RSA and P-256,
+    /// SHA-384 with P-384, pure Ed25519.
+    pub fn signature_algorithm_der(&self) -> Vec<u8> {
+        match &self.inner {
+            Inner::Rsa(_) => der::sequence(&[&der::oid(oids::SHA256_WITH_RSA), &[der::NULL, 0]]),
+            Inner::P256(_) => der::sequence(&[&der::oid(oids::ECDSA_SHA256)]),
+            Inner::P384(_) => der::sequence(&[&der::oid(oids::ECDSA_SHA384)]),
+            Inner::Ed25519(_) => der::sequence(&[&der::oid(oids::ED25519)]),
+        }
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+        let rng = SystemRandom::new();
+        match &self.inner {
+            Inner::Rsa(k) => {
+                let mut signature = vec![0u8; k.public_modulus_len()];
+                k.sign(&RSA_PKCS1_SHA256, &rng, message, &mut signature)
+                    .map_err(|_| SignError)?;
+                Ok(signature)
+            }
+            Inner::P256(k) | Inner::P384(k) => {
+                Ok(k.sign(&rng, message).map_err(|_| SignError)?.as_ref().to_vec())
+            }
+            Inner::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
+        }
+    }
+
+    /// "RSA 2048", "ECDSA P-256", "Ed25519".
+    pub fn describe(&self) -> String {
+        match &self.inner {
+            Inner::Rsa(k) => format!("RSA {}", k.public_modulus_len() * 8),
+            Inner::P256(_) => "ECDSA P-256".into(),
+            Inner::P384(_) => "ECDSA P-384".into(),
+            Inner::Ed25519(_) => "Ed25519".into(),
+        }
+    }
+}
+
+/// The signing operation failed inside the crypto library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("signing failed in the crypto library")]
+pub struct SignError;
+
+fn rsa_generate(size: KeySize) -> Result<RsaKeyPair, KeyError> {
+    RsaKeyPair::generate(size).map_err(|_| KeyError::Generate)
+}
+
+fn ec_from_sec1(der: &[u8]) -> Option<Inner> {
+    EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_ASN1_SIGNING, der)
+        .map(Inner::P256)
+        .or_else(|_| {
+            EcdsaKeyPair::from_private_key_der(&ECDSA_P384_SHA384_ASN1_SIGNING, der).map(Inner::P384)
+        })
+        .ok()
+}
+
+fn pkcs8(der: &[u8]) -> Option<Inner> {
+    if let Ok(k) = RsaKeyPair::from_pkcs8(der) {
+        return Some(Inner::Rsa(k));
+    }
+    if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der) {
+        return Some(Inner::P256(k));
+    }
+    if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, der) {
+        return Some(Inner::P384(k));
+    }
+    Ed25519KeyPair::from_pkcs8(der).ok().map(Inner::Ed25519)
+}
+
+/// Object identifiers meshca writes, as dotted arcs.
+pub mod oids {
+    pub const RSA_ENCRYPTION: &[u64] = &[1, 2, 840, 113549, 1, 1, 1];
+    pub const SHA256_WITH_RSA: &[u64] = &[1, 2, 840, 113549, 1, 1, 11];
+    pub const EC_PUBLIC_KEY: &[u64] = &[1, 2, 840, 10045, 2, 1];
+    pub const P256: &[u64] = &[1, 2, 840, 10045, 3, 1, 7];
+    pub const P384: &[u64] = &[1, 3, 132, 0, 34];
+    pub const ECDSA_SHA256: &[u64] = &[1, 2, 840, 10045, 4, 3, 2];
+    pub const ECDSA_SHA384: &[u64] = &[1, 2, 840, 10045, 4, 3, 3];
+    pub const ED25519: &[u64] = &[1, 3, 101, 112];
+}

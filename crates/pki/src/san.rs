@@ -1,0 +1,219 @@
+//! Subject alternative names and SPIFFE IDs.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use crate::der;
+
+/// One SubjectAltName entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SanEntry {
+    Uri(String),
+    Dns(String),
+    Ip(IpAddr),
+    Email(String),
+}
+
+impl SanEntry {
+    /// Istio's typing of an authenticated identity: an IP literal becomes an
+    /// IP SAN, a `spiffe://` ID a URI SAN, anything else a DNS SAN.
+    pub fn from_identity(identity: &str) -> SanEntry {
+        if let Ok(ip) = IpAddr::from_str(identity) {
+            SanEntry::Ip(ip)
+        } else if identity.starts_with("spiffe://") {
+            SanEntry::Uri(identity.to_owned())
+        } else {
+            SanEntry::Dns(identity.to_owned())
+        }
+    }
+
+    /// The DER GeneralName. Text SANs are IA5String, so only ASCII without
+    /// control characters is accepted.
+    pub fn general_name_der(&self) -> Result<Vec<u8>, String> {
+        let (tag, bytes): (u8, Vec<u8>) = match self {
+            SanEntry::Email(s) => (1, ia5(s)?.to_vec()),
+            SanEntry::Dns(s) => (2, ia5(s)?.to_vec()),
+            SanEntry::Uri(s) => (6, ia5(s)?.to_vec()),
+            SanEntry::Ip(IpAddr::V4(ip)) => (7, ip.octets().to_vec()),
+            SanEntry::Ip(IpAddr::V6(ip)) => (7, ip.octets().to_vec()),
+        };
+        Ok(der::tlv(der::context(tag, false), &[&bytes]))
+    }
+}
+
+impl fmt::Display for SanEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SanEntry::Uri(s) => write!(f, "URI:{s}"),
+            SanEntry::Dns(s) => write!(f, "DNS:{s}"),
+            SanEntry::Ip(ip) => write!(f, "IP:{ip}"),
+            SanEntry::Email(s) => write!(f, "email:{s}"),
+        }
+    }
+}
+
+fn ia5(s: &str) -> Result<&[u8], String> {
+    if s.is_empty() {
+        return Err("empty SAN".into());
+    }
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        Ok(s.as_bytes())
+    } else {
+        Err(format!("SAN {s:?} is not printable ASCII"))
+    }
+}
+
+/// The DER value of a SubjectAltName extension.
+pub fn san_extension_value(entries: &[SanEntry]) -> Result<Vec<u8>, String> {
+    let names = entries
+        .iter()
+        .map(SanEntry::general_name_der)
+        .collect::<Result<Vec<_>, _>>()?;
+    let parts: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+    Ok(der::sequence(&parts))
+}
+
+/// A SPIFFE ID, `spiffe://<trust-domain>/<path>`, checked against the SPIFFE
+/// ID specification (lowercase trust domain, non-empty path, no `.`/`..`
+/// segments, no query or fragment).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    trust_domain: String,
+    path: String,
+}
+
+impl SpiffeId {
+    /// Istio's workload identity `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    pub fn workload(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, String> {
+        format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// `(namespace, service account)` when the path is Istio's `/ns/<ns>/sa/<sa>`.
+    pub fn namespace_and_service_account(&self) -> Option<(&str, &str)> {
+        let mut parts = self.path.strip_prefix('/')?.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| format!("{s:?} does not start with spiffe://"))?;
+        let (trust_domain, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if trust_domain.is_empty() {
+            return Err(format!("{s:?} has an empty trust domain"));
+        }
+        if !trust_domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(format!("{s:?} has an invalid trust domain"));
+        }
+        if path.is_empty() {
+            return Err(format!("{s:?} has no path"));
+        }
+        for segment in path[1..].split('/') {
+            if segment.is_empty() || segment == "." || segment == ".." {
+                return Err(format!("{s:?} has an empty, `.` or `..` path segment"));
+            }
+            if !segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                return Err(format!("{s:?} has invalid characters in its path"));
+            }
+        }
+        Ok(SpiffeId {
+            trust_domain: trust_domain.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn identities_are_typed_like_istio() {
+        assert_eq!(
+            SanEntry::from_identity("spiffe://cluster.local/ns/a/sa/b"),
+            SanEntry::Uri("spiffe://cluster.local/ns/a/sa/b".into())
+        );
+        assert_eq!(SanEntry::from_identity("10.1.2.3"), SanEntry::Ip("10.1.2.3".parse().unwrap()));
+        assert_eq!(SanEntry::from_identity("::1"), SanEntry::Ip("::1".parse().unwrap()));
+        assert_eq!(
+            SanEntry::from_identity("istiod.istio-system.svc"),
+            SanEntry::Dns("istiod.istio-system.svc".into())
+        );
+    }
+
+    #[test]
+    fn ipv4_sans_are_four_bytes() {
+        let der = SanEntry::from_identity("10.1.2.3").general_name_der().unwrap();
+        assert_eq!(der, vec![0x87, 4, 10, 1, 2, 3]);
+    }
+
+    #[test]
+    fn non_ascii_sans_are_refused() {
+        assert!(SanEntry::Dns("bücher.example".into()).general_name_der().is_err());
+        assert!(SanEntry::Dns(String::new()).general_name_der().is_err());
+    }
+
+    #[test]
+    fn spiffe_ids_follow_the_spec() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/bookinfo".parse().unwrap();
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace_and_service_account(), Some(("default", "bookinfo")));
+        for bad in [
+            "http://cluster.local/ns/a/sa/b",
+            "spiffe://",
+            "spiffe://Cluster.local/x",
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/",
+            "spiffe://cluster.local/a//b",
+            "spiffe://cluster.local/a/../b",
+            "spiffe://cluster.local/a?b",
+            "spiffe://cluster.local/a#b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            SpiffeId::workload("td", "ns1", "sa1").unwrap().to_string(),
+            "spiffe://td/ns/ns1/sa/sa1"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn spiffe_parse_never_panics_and_round_trips(s in "\\PC{0,60}") {
+            if let Ok(id) = s.parse::<SpiffeId>() {
+                prop_assert_eq!(id.to_string(), s);
+            }
+        }
+    }
+}
