@@ -18,3 +18,14 @@ pub mod san;
 pub mod csr;
 
 pub use error::{BundleError, CsrError, Error, ErrorKind, GrpcCode, PolicyViolation};
+pub mod cert;
+pub mod bundle;
+pub mod profile;
+pub mod ca;
+
+pub use bundle::{BundleSources, CaBundle, Source};
+pub use ca::{CertOptions, CertificateAuthority, LocalCa};
+pub use csr::{CsrKey, CsrPolicy, ValidatedCsr, validate_csr};
+pub use key::{KeyType, SigningKey};
+pub use profile::{KubernetesProfile, SanPolicy, SubjectRule, TrustDomains, WorkloadProfile};
+pub use san::{SanEntry, SpiffeId};
