@@ -55,7 +55,10 @@ impl CaBundle {
     pub fn load(sources: &BundleSources<'_>, now: OffsetDateTime) -> Result<Self, BundleError> {
         let mut cert_file = certificates(sources.cert)?;
         if cert_file.is_empty() {
-            return Err(BundleError::new(sources.cert.name, "contains no certificate"));
+            return Err(BundleError::new(
+                sources.cert.name,
+                "contains no certificate",
+            ));
         }
         let signing = cert_file.remove(0);
         let mut chain = cert_file;
@@ -68,7 +71,10 @@ impl CaBundle {
             Some(roots_source) => {
                 let roots = certificates(roots_source)?;
                 if roots.is_empty() {
-                    return Err(BundleError::new(roots_source.name, "contains no certificate"));
+                    return Err(BundleError::new(
+                        roots_source.name,
+                        "contains no certificate",
+                    ));
                 }
                 roots
             }
@@ -123,13 +129,21 @@ impl CaBundle {
         if signing.public_key().subject_public_key.data.as_ref() != key.public_key_bits() {
             return Err(BundleError::new(
                 names.key,
-                format!("the {} key does not match the certificate in {}", key.describe(), names.cert),
+                format!(
+                    "the {} key does not match the certificate in {}",
+                    key.describe(),
+                    names.cert
+                ),
             ));
         }
         check_ca(&signing, names.cert, "signing certificate", now)?;
         for (i, root) in roots.iter().enumerate() {
-            parse(root, names.roots)
-                .map_err(|e| BundleError::new(names.roots, format!("certificate #{}: {}", i + 1, e.problem)))?;
+            parse(root, names.roots).map_err(|e| {
+                BundleError::new(
+                    names.roots,
+                    format!("certificate #{}: {}", i + 1, e.problem),
+                )
+            })?;
         }
 
         // Walk from the signing certificate up to one of the roots.
@@ -140,13 +154,21 @@ impl CaBundle {
             loop {
                 let child = parse(&current, names.chain)?;
                 if let Some(root) = roots.iter().find(|r| issued_by(&child, r)) {
-                    check_ca(&parse(root, names.roots)?, names.roots, "root certificate", now)?;
+                    check_ca(
+                        &parse(root, names.roots)?,
+                        names.roots,
+                        "root certificate",
+                        now,
+                    )?;
                     break;
                 }
                 if is_self_signed(&current) {
                     return Err(BundleError::new(
                         names.roots,
-                        format!("self-signed certificate {} is not among the roots", child.subject()),
+                        format!(
+                            "self-signed certificate {} is not among the roots",
+                            child.subject()
+                        ),
                     ));
                 }
                 let issuer = chain
@@ -163,9 +185,17 @@ impl CaBundle {
                         )
                     })?
                     .clone();
-                check_ca(&parse(&issuer, names.chain)?, names.chain, "intermediate certificate", now)?;
+                check_ca(
+                    &parse(&issuer, names.chain)?,
+                    names.chain,
+                    "intermediate certificate",
+                    now,
+                )?;
                 if intermediates.len() >= 8 {
-                    return Err(BundleError::new(names.chain, "chain is longer than 8 intermediates"));
+                    return Err(BundleError::new(
+                        names.chain,
+                        "chain is longer than 8 intermediates",
+                    ));
                 }
                 intermediates.push(issuer.clone());
                 current = issuer;
@@ -180,8 +210,14 @@ impl CaBundle {
             not_before: signing.validity().not_before.to_datetime(),
             not_after: signing.validity().not_after.to_datetime(),
             key_id,
-            intermediates_pem: intermediates.iter().map(|c| pem::encode("CERTIFICATE", c)).collect(),
-            roots_pem: roots.iter().map(|c| pem::encode("CERTIFICATE", c)).collect(),
+            intermediates_pem: intermediates
+                .iter()
+                .map(|c| pem::encode("CERTIFICATE", c))
+                .collect(),
+            roots_pem: roots
+                .iter()
+                .map(|c| pem::encode("CERTIFICATE", c))
+                .collect(),
             roots_der: roots,
             signing_cert_is_root,
             signing_cert_der: signing_der.clone(),
@@ -195,9 +231,12 @@ impl CaBundle {
     /// subject byte for byte and verifies under the CA's key: catches what
     /// the field checks cannot (an encoding the signer would get wrong).
     fn self_test(&self, names: &Names<'_>) -> Result<(), BundleError> {
-        let fail = |problem: String| BundleError::new(names.cert, format!("self-test failed: {problem}"));
+        let fail =
+            |problem: String| BundleError::new(names.cert, format!("self-test failed: {problem}"));
         let mut extensions = Extensions::default();
-        extensions.basic_constraints(false).authority_key_id(&self.key_id);
+        extensions
+            .basic_constraints(false)
+            .authority_key_id(&self.key_id);
         let probe = cert::sign_certificate(
             &self.key,
             &TbsFields {
@@ -277,7 +316,10 @@ impl CaBundle {
         if self.signing_cert_is_root {
             return String::new();
         }
-        std::iter::once(&self.signing_cert_pem).chain(&self.intermediates_pem).cloned().collect()
+        std::iter::once(&self.signing_cert_pem)
+            .chain(&self.intermediates_pem)
+            .cloned()
+            .collect()
     }
 }
 
@@ -294,7 +336,8 @@ pub fn certificates(source: Source<'_>) -> Result<Vec<Vec<u8>>, BundleError> {
     if source.bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Vec::new());
     }
-    let blocks = pem::parse_all(source.bytes).map_err(|e| BundleError::new(source.name, e.to_string()))?;
+    let blocks =
+        pem::parse_all(source.bytes).map_err(|e| BundleError::new(source.name, e.to_string()))?;
     blocks
         .into_iter()
         .enumerate()
@@ -302,11 +345,19 @@ pub fn certificates(source: Source<'_>) -> Result<Vec<Vec<u8>>, BundleError> {
             if block.label != "CERTIFICATE" {
                 return Err(BundleError::new(
                     source.name,
-                    format!("block #{} is `{}`, expected CERTIFICATE", i + 1, block.label),
+                    format!(
+                        "block #{} is `{}`, expected CERTIFICATE",
+                        i + 1,
+                        block.label
+                    ),
                 ));
             }
-            parse(&block.der, source.name)
-                .map_err(|e| BundleError::new(source.name, format!("certificate #{}: {}", i + 1, e.problem)))?;
+            parse(&block.der, source.name).map_err(|e| {
+                BundleError::new(
+                    source.name,
+                    format!("certificate #{}: {}", i + 1, e.problem),
+                )
+            })?;
             Ok(block.der.to_vec())
         })
         .collect()
@@ -315,15 +366,29 @@ pub fn certificates(source: Source<'_>) -> Result<Vec<Vec<u8>>, BundleError> {
 fn parse<'a>(der: &'a [u8], file: &str) -> Result<X509Certificate<'a>, BundleError> {
     match X509Certificate::from_der(der) {
         Ok((rest, cert)) if rest.is_empty() => Ok(cert),
-        Ok(_) => Err(BundleError::new(file, "trailing bytes after the certificate")),
-        Err(e) => Err(BundleError::new(file, format!("not a valid certificate: {e}"))),
+        Ok(_) => Err(BundleError::new(
+            file,
+            "trailing bytes after the certificate",
+        )),
+        Err(e) => Err(BundleError::new(
+            file,
+            format!("not a valid certificate: {e}"),
+        )),
     }
 }
 
-fn check_ca(cert: &X509Certificate<'_>, file: &str, role: &str, now: OffsetDateTime) -> Result<(), BundleError> {
-    let fail = |problem: String| BundleError::new(file, format!("{role} {}: {problem}", cert.subject()));
+fn check_ca(
+    cert: &X509Certificate<'_>,
+    file: &str,
+    role: &str,
+    now: OffsetDateTime,
+) -> Result<(), BundleError> {
+    let fail =
+        |problem: String| BundleError::new(file, format!("{role} {}: {problem}", cert.subject()));
     if !cert.is_ca() {
-        return Err(fail("is not a CA (BasicConstraints CA:TRUE missing)".into()));
+        return Err(fail(
+            "is not a CA (BasicConstraints CA:TRUE missing)".into(),
+        ));
     }
     match cert.key_usage() {
         Ok(Some(ku)) if ku.value.key_cert_sign() => {}
@@ -354,8 +419,10 @@ fn issued_by(child: &X509Certificate<'_>, issuer_der: &[u8]) -> bool {
 }
 
 fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
-    cert.extensions().iter().find_map(|ext| match ext.parsed_extension() {
-        ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
-        _ => None,
-    })
+    cert.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+            _ => None,
+        })
 }

@@ -27,7 +27,11 @@ pub trait CertificateAuthority: Send + Sync {
 
     /// The leaf followed by the chain, in Istio's response layout: one
     /// certificate per element, all roots in the last element.
-    fn sign_with_cert_chain(&self, csr_pem: &[u8], options: &CertOptions<'_>) -> Result<Vec<String>, Error>;
+    fn sign_with_cert_chain(
+        &self,
+        csr_pem: &[u8],
+        options: &CertOptions<'_>,
+    ) -> Result<Vec<String>, Error>;
 
     /// The key-cert bundle in use, if the CA is ready.
     fn bundle(&self) -> Option<Arc<CaBundle>>;
@@ -58,7 +62,11 @@ impl LocalCa {
         }
     }
 
-    fn issue(&self, csr_pem: &[u8], options: &CertOptions<'_>) -> Result<(Arc<CaBundle>, String), Error> {
+    fn issue(
+        &self,
+        csr_pem: &[u8],
+        options: &CertOptions<'_>,
+    ) -> Result<(Arc<CaBundle>, String), Error> {
         let bundle = self
             .bundle
             .clone()
@@ -82,7 +90,11 @@ impl CertificateAuthority for LocalCa {
         self.issue(csr_pem, options).map(|(_, leaf)| leaf)
     }
 
-    fn sign_with_cert_chain(&self, csr_pem: &[u8], options: &CertOptions<'_>) -> Result<Vec<String>, Error> {
+    fn sign_with_cert_chain(
+        &self,
+        csr_pem: &[u8],
+        options: &CertOptions<'_>,
+    ) -> Result<Vec<String>, Error> {
         let (bundle, leaf) = self.issue(csr_pem, options)?;
         let mut chain = Vec::with_capacity(4);
         chain.push(leaf);

@@ -74,7 +74,8 @@ impl Extensions {
 
     pub fn key_usage(&mut self, bits: u16) -> &mut Self {
         if bits != 0 {
-            self.0.push(extension(KEY_USAGE, true, &der::named_bits(bits)));
+            self.0
+                .push(extension(KEY_USAGE, true, &der::named_bits(bits)));
         }
         self
     }
@@ -83,26 +84,40 @@ impl Extensions {
         if !purposes.is_empty() {
             let oids: Vec<Vec<u8>> = purposes.iter().map(|p| der::oid(p)).collect();
             let parts: Vec<&[u8]> = oids.iter().map(Vec::as_slice).collect();
-            self.0.push(extension(EXT_KEY_USAGE, false, &der::sequence(&parts)));
+            self.0
+                .push(extension(EXT_KEY_USAGE, false, &der::sequence(&parts)));
         }
         self
     }
 
-    pub fn subject_alt_names(&mut self, sans: &[SanEntry], critical: bool) -> Result<&mut Self, String> {
+    pub fn subject_alt_names(
+        &mut self,
+        sans: &[SanEntry],
+        critical: bool,
+    ) -> Result<&mut Self, String> {
         if !sans.is_empty() {
-            self.0.push(extension(SUBJECT_ALT_NAME, critical, &san_extension_value(sans)?));
+            self.0.push(extension(
+                SUBJECT_ALT_NAME,
+                critical,
+                &san_extension_value(sans)?,
+            ));
         }
         Ok(self)
     }
 
     pub fn authority_key_id(&mut self, key_id: &[u8]) -> &mut Self {
         let value = der::sequence(&[&der::tlv(der::context(0, false), &[key_id])]);
-        self.0.push(extension(AUTHORITY_KEY_IDENTIFIER, false, &value));
+        self.0
+            .push(extension(AUTHORITY_KEY_IDENTIFIER, false, &value));
         self
     }
 
     pub fn subject_key_id(&mut self, key_id: &[u8]) -> &mut Self {
-        self.0.push(extension(SUBJECT_KEY_IDENTIFIER, false, &der::octet_string(key_id)));
+        self.0.push(extension(
+            SUBJECT_KEY_IDENTIFIER,
+            false,
+            &der::octet_string(key_id),
+        ));
         self
     }
 }
@@ -142,7 +157,11 @@ pub fn sign_certificate(key: &SigningKey, fields: &TbsFields<'_>) -> Result<Vec<
         &extensions,
     ]);
     let signature = key.sign(&tbs).map_err(|e| e.to_string())?;
-    Ok(der::sequence(&[&tbs, &signature_algorithm, &der::bit_string(&signature)]))
+    Ok(der::sequence(&[
+        &tbs,
+        &signature_algorithm,
+        &der::bit_string(&signature),
+    ]))
 }
 
 /// A random positive serial number below 2^128, as Istio and RFC 5280 want.
@@ -184,7 +203,10 @@ pub fn organization_and_common_name(org: &str, cn: &str) -> Vec<u8> {
 pub const EMPTY_NAME: &[u8] = &[der::SEQUENCE, 0];
 
 fn attribute(oid: &[u64], value: &str) -> Vec<u8> {
-    der::sequence(&[&der::oid(oid), &der::tlv(der::UTF8_STRING, &[value.as_bytes()])])
+    der::sequence(&[
+        &der::oid(oid),
+        &der::tlv(der::UTF8_STRING, &[value.as_bytes()]),
+    ])
 }
 
 fn single_attribute_name(oid: &[u64], value: &str) -> Vec<u8> {

@@ -84,13 +84,12 @@ pub fn validate_csr(input: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, Cs
     if block.label != "CERTIFICATE REQUEST" {
         return Err(CsrError::WrongBlockType(block.label.clone()));
     }
-    validate_csr_der(&block.der)
-        .and_then(|csr| check_key(&csr, policy).map(|()| csr))
+    validate_csr_der(&block.der).and_then(|csr| check_key(&csr, policy).map(|()| csr))
 }
 
 fn validate_csr_der(der: &[u8]) -> Result<ValidatedCsr, CsrError> {
-    let (rest, csr) = X509CertificationRequest::from_der(der)
-        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CsrError::TrailingData(rest.len()));
     }
@@ -234,7 +233,11 @@ fn san_entry(name: &GeneralName<'_>) -> Result<SanEntry, CsrError> {
             16 => SanEntry::Ip(<[u8; 16]>::try_from(*bytes).map_err(|_| bad_ip())?.into()),
             _ => return Err(bad_ip()),
         },
-        _ => return Err(CsrError::MalformedExtension("subjectAltName (unsupported name type)")),
+        _ => {
+            return Err(CsrError::MalformedExtension(
+                "subjectAltName (unsupported name type)",
+            ));
+        }
     })
 }
 
@@ -255,10 +258,16 @@ mod tests {
 
     #[test]
     fn oversized_input_is_refused_before_parsing() {
-        let policy = CsrPolicy { max_pem_bytes: 10, ..CsrPolicy::default() };
+        let policy = CsrPolicy {
+            max_pem_bytes: 10,
+            ..CsrPolicy::default()
+        };
         assert_eq!(
             validate_csr(&[b'A'; 11], &policy).unwrap_err(),
-            CsrError::TooLarge { size: 11, limit: 10 }
+            CsrError::TooLarge {
+                size: 11,
+                limit: 10
+            }
         );
     }
 }

@@ -118,10 +118,7 @@ pub fn time(t: OffsetDateTime) -> Vec<u8> {
         t.second(),
     );
     if (1950..2050).contains(&y) {
-        let text = format!(
-            "{:02}{mo:02}{d:02}{h:02}{mi:02}{s:02}Z",
-            y.rem_euclid(100)
-        );
+        let text = format!("{:02}{mo:02}{d:02}{h:02}{mi:02}{s:02}Z", y.rem_euclid(100));
         tlv(UTC_TIME, &[text.as_bytes()])
     } else {
         let text = format!("{y:04}{mo:02}{d:02}{h:02}{mi:02}{s:02}Z");
@@ -158,8 +155,14 @@ mod tests {
 
     #[test]
     fn long_lengths_use_the_minimal_number_of_octets() {
-        assert_eq!(&tlv(OCTET_STRING, &[&[7u8; 0x80]])[..3], &[0x04, 0x81, 0x80]);
-        assert_eq!(&tlv(OCTET_STRING, &[&[7u8; 0x1234]])[..4], &[0x04, 0x82, 0x12, 0x34]);
+        assert_eq!(
+            &tlv(OCTET_STRING, &[&[7u8; 0x80]])[..3],
+            &[0x04, 0x81, 0x80]
+        );
+        assert_eq!(
+            &tlv(OCTET_STRING, &[&[7u8; 0x1234]])[..4],
+            &[0x04, 0x82, 0x12, 0x34]
+        );
     }
 
     #[test]

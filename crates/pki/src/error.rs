@@ -203,11 +203,27 @@ mod tests {
 
     #[test]
     fn kinds_map_to_istio_grpc_codes() {
-        assert_eq!(Error::from(CsrError::BadSignature).grpc_code(), GrpcCode::InvalidArgument);
-        assert_eq!(Error::TtlTooLong { requested: 2, max: 1 }.grpc_code(), GrpcCode::InvalidArgument);
-        assert_eq!(Error::CaNotReady("x".into()).grpc_code(), GrpcCode::Internal);
+        assert_eq!(
+            Error::from(CsrError::BadSignature).grpc_code(),
+            GrpcCode::InvalidArgument
+        );
+        assert_eq!(
+            Error::TtlTooLong {
+                requested: 2,
+                max: 1
+            }
+            .grpc_code(),
+            GrpcCode::InvalidArgument
+        );
+        assert_eq!(
+            Error::CaNotReady("x".into()).grpc_code(),
+            GrpcCode::Internal
+        );
         assert_eq!(Error::CaExpired("x".into()).grpc_code(), GrpcCode::Internal);
-        assert_eq!(Error::CertGeneration("x".into()).grpc_code(), GrpcCode::Internal);
+        assert_eq!(
+            Error::CertGeneration("x".into()).grpc_code(),
+            GrpcCode::Internal
+        );
         assert_eq!(GrpcCode::InvalidArgument as i32, 3);
         assert_eq!(GrpcCode::Internal as i32, 13);
     }

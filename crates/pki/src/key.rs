@@ -7,8 +7,8 @@ use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::KeySize;
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair,
-    Ed25519KeyPair, KeyPair, RSA_PKCS1_SHA256, RsaKeyPair,
+    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
+    KeyPair, RSA_PKCS1_SHA256, RsaKeyPair,
 };
 use std::fmt;
 use std::str::FromStr;
@@ -64,7 +64,10 @@ impl FromStr for KeyType {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
                 let names: Vec<_> = KeyType::ALL.iter().map(|k| k.as_str()).collect();
-                format!("unknown key type {s:?}, expected one of {}", names.join(", "))
+                format!(
+                    "unknown key type {s:?}, expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -95,7 +98,9 @@ pub enum KeyError {
     Pem(#[from] pem::PemError),
     #[error("expected one private key PEM block, found {0}")]
     BlockCount(usize),
-    #[error("PEM block `{0}` is not a supported private key (PRIVATE KEY, RSA PRIVATE KEY, EC PRIVATE KEY)")]
+    #[error(
+        "PEM block `{0}` is not a supported private key (PRIVATE KEY, RSA PRIVATE KEY, EC PRIVATE KEY)"
+    )]
     Label(String),
     #[error("{0} private key could not be parsed or uses an unsupported algorithm/curve")]
     Parse(&'static str),
@@ -128,7 +133,10 @@ impl SigningKey {
     /// `RSA PRIVATE KEY` or SEC1 `EC PRIVATE KEY`.
     pub fn from_pem(input: &[u8]) -> Result<Self, KeyError> {
         let blocks = pem::parse_all(input)?;
-        let keys: Vec<_> = blocks.iter().filter(|b| b.label.contains("PRIVATE KEY")).collect();
+        let keys: Vec<_> = blocks
+            .iter()
+            .filter(|b| b.label.contains("PRIVATE KEY"))
+            .collect();
         let [block] = keys.as_slice() else {
             return Err(KeyError::BlockCount(keys.len()));
         };
@@ -147,11 +155,21 @@ impl SigningKey {
     /// PKCS#8 PEM, for writing key files.
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
         let der: Zeroizing<Vec<u8>> = Zeroizing::new(match &self.inner {
-            Inner::Rsa(k) => k.as_der().map_err(|_| KeyError::Generate)?.as_ref().to_vec(),
-            Inner::P256(k) | Inner::P384(k) => {
-                k.to_pkcs8v1().map_err(|_| KeyError::Generate)?.as_ref().to_vec()
-            }
-            Inner::Ed25519(k) => k.to_pkcs8v1().map_err(|_| KeyError::Generate)?.as_ref().to_vec(),
+            Inner::Rsa(k) => k
+                .as_der()
+                .map_err(|_| KeyError::Generate)?
+                .as_ref()
+                .to_vec(),
+            Inner::P256(k) | Inner::P384(k) => k
+                .to_pkcs8v1()
+                .map_err(|_| KeyError::Generate)?
+                .as_ref()
+                .to_vec(),
+            Inner::Ed25519(k) => k
+                .to_pkcs8v1()
+                .map_err(|_| KeyError::Generate)?
+                .as_ref()
+                .to_vec(),
         });
         Ok(Zeroizing::new(pem::encode("PRIVATE KEY", &der)))
     }
@@ -170,8 +188,12 @@ impl SigningKey {
     pub fn spki_der(&self) -> Vec<u8> {
         let algorithm = match &self.inner {
             Inner::Rsa(_) => der::sequence(&[&der::oid(oids::RSA_ENCRYPTION), &[der::NULL, 0]]),
-            Inner::P256(_) => der::sequence(&[&der::oid(oids::EC_PUBLIC_KEY), &der::oid(oids::P256)]),
-            Inner::P384(_) => der::sequence(&[&der::oid(oids::EC_PUBLIC_KEY), &der::oid(oids::P384)]),
+            Inner::P256(_) => {
+                der::sequence(&[&der::oid(oids::EC_PUBLIC_KEY), &der::oid(oids::P256)])
+            }
+            Inner::P384(_) => {
+                der::sequence(&[&der::oid(oids::EC_PUBLIC_KEY), &der::oid(oids::P384)])
+            }
             Inner::Ed25519(_) => der::sequence(&[&der::oid(oids::ED25519)]),
         };
         der::sequence(&[&algorithm, &der::bit_string(self.public_key_bits())])
@@ -198,9 +220,11 @@ impl SigningKey {
                     .map_err(|_| SignError)?;
                 Ok(signature)
             }
-            Inner::P256(k) | Inner::P384(k) => {
-                Ok(k.sign(&rng, message).map_err(|_| SignError)?.as_ref().to_vec())
-            }
+            Inner::P256(k) | Inner::P384(k) => Ok(k
+                .sign(&rng, message)
+                .map_err(|_| SignError)?
+                .as_ref()
+                .to_vec()),
             Inner::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
         }
     }
@@ -229,7 +253,8 @@ fn ec_from_sec1(der: &[u8]) -> Option<Inner> {
     EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_ASN1_SIGNING, der)
         .map(Inner::P256)
         .or_else(|_| {
-            EcdsaKeyPair::from_private_key_der(&ECDSA_P384_SHA384_ASN1_SIGNING, der).map(Inner::P384)
+            EcdsaKeyPair::from_private_key_der(&ECDSA_P384_SHA384_ASN1_SIGNING, der)
+                .map(Inner::P384)
         })
         .ok()
 }

@@ -10,18 +10,18 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+pub mod csr;
 pub mod der;
 pub mod error;
 pub mod key;
 pub mod pem;
 pub mod san;
-pub mod csr;
 
 pub use error::{BundleError, CsrError, Error, ErrorKind, GrpcCode, PolicyViolation};
-pub mod cert;
 pub mod bundle;
-pub mod profile;
 pub mod ca;
+pub mod cert;
+pub mod profile;
 
 pub use bundle::{BundleSources, CaBundle, Source};
 pub use ca::{CertOptions, CertificateAuthority, LocalCa};

@@ -98,7 +98,10 @@ mod tests {
 
     #[test]
     fn text_around_blocks_is_ignored() {
-        let text = format!("Certificate:\n  junk\n{}trailer\n", encode("CERTIFICATE", b"abc"));
+        let text = format!(
+            "Certificate:\n  junk\n{}trailer\n",
+            encode("CERTIFICATE", b"abc")
+        );
         let blocks = parse_all(text.as_bytes()).unwrap();
         assert_eq!(blocks.len(), 1);
         assert_eq!(&blocks[0].der[..], b"abc");
@@ -113,7 +116,10 @@ mod tests {
         );
         assert_eq!(
             parse_all(b"-----BEGIN X-----\nAAAA\n-----END Y-----\n").unwrap_err(),
-            PemError::MismatchedEnd { begin: "X".into(), end: "Y".into() }
+            PemError::MismatchedEnd {
+                begin: "X".into(),
+                end: "Y".into()
+            }
         );
         assert_eq!(
             parse_all(b"-----BEGIN X-----\n!!!!\n-----END X-----\n").unwrap_err(),

@@ -59,9 +59,14 @@ pub fn issue_workload(
     };
     check_signer_validity(bundle, now)?;
     if identities.is_empty() {
-        return Err(Error::CertGeneration("no subject identities to certify".into()));
+        return Err(Error::CertGeneration(
+            "no subject identities to certify".into(),
+        ));
     }
-    let sans: Vec<SanEntry> = identities.iter().map(|id| SanEntry::from_identity(id)).collect();
+    let sans: Vec<SanEntry> = identities
+        .iter()
+        .map(|id| SanEntry::from_identity(id))
+        .collect();
 
     // Istio: CN only when the CSR had one, and then the first identity.
     // RFC 5280 caps a CN at 64 characters; a longer identity stays SAN-only.
@@ -73,7 +78,9 @@ pub fn issue_workload(
     let mut extensions = Extensions::default();
     if for_ca {
         extensions
-            .key_usage(key_usage::KEY_CERT_SIGN | key_usage::CRL_SIGN | key_usage::DIGITAL_SIGNATURE)
+            .key_usage(
+                key_usage::KEY_CERT_SIGN | key_usage::CRL_SIGN | key_usage::DIGITAL_SIGNATURE,
+            )
             .basic_constraints(true)
             .subject_key_id(&cert::key_identifier(&csr.public_key_bits));
     } else {
@@ -88,7 +95,14 @@ pub fn issue_workload(
         .map_err(Error::CertGeneration)?;
 
     let not_after = (now + Duration::from_secs(ttl as u64)).min(bundle.not_after());
-    sign(bundle, &subject, csr, now - WORKLOAD_BACKDATE, not_after, extensions)
+    sign(
+        bundle,
+        &subject,
+        csr,
+        now - WORKLOAD_BACKDATE,
+        not_after,
+        extensions,
+    )
 }
 
 /// Which subject a Kubernetes-signed certificate gets.
@@ -160,7 +174,12 @@ impl Default for KubernetesProfile {
 }
 
 /// The usages istiod puts on every workload CSR.
-pub const ISTIOD_USAGES: [&str; 4] = ["digital signature", "key encipherment", "server auth", "client auth"];
+pub const ISTIOD_USAGES: [&str; 4] = [
+    "digital signature",
+    "key encipherment",
+    "server auth",
+    "client auth",
+];
 
 /// kube-controller-manager's minimum duration and backdating rules.
 const KUBE_MIN_TTL: Duration = Duration::from_secs(600);
@@ -171,7 +190,8 @@ const KUBE_SHORT_TTL: Duration = Duration::from_secs(8 * 3600);
 pub fn kubernetes_ttl(profile: &KubernetesProfile, expiration_seconds: Option<i64>) -> Duration {
     match expiration_seconds {
         None => profile.default_ttl.min(profile.max_ttl),
-        Some(s) => Duration::from_secs(s.max(0) as u64).clamp(KUBE_MIN_TTL, profile.max_ttl.max(KUBE_MIN_TTL)),
+        Some(s) => Duration::from_secs(s.max(0) as u64)
+            .clamp(KUBE_MIN_TTL, profile.max_ttl.max(KUBE_MIN_TTL)),
     }
 }
 
@@ -192,7 +212,8 @@ pub fn check_kubernetes_policy(
     let mut ku = 0u16;
     let mut eku = Vec::new();
     for usage in usages {
-        let parsed = parse_usage(usage).ok_or_else(|| PolicyViolation::UnknownUsage(usage.clone()))?;
+        let parsed =
+            parse_usage(usage).ok_or_else(|| PolicyViolation::UnknownUsage(usage.clone()))?;
         if !profile.allowed_usages.iter().any(|a| a == usage) {
             return Err(PolicyViolation::UsageNotAllowed(usage.clone()));
         }
@@ -218,13 +239,21 @@ fn check_sans(policy: &SanPolicy, sans: &[SanEntry]) -> Result<(), PolicyViolati
                             return Err(PolicyViolation::TrustDomain(id.trust_domain().to_owned()));
                         }
                     }
-                    Err(_) if policy.spiffe_only => return Err(PolicyViolation::UriNotSpiffe(uri.clone())),
+                    Err(_) if policy.spiffe_only => {
+                        return Err(PolicyViolation::UriNotSpiffe(uri.clone()));
+                    }
                     Err(_) => {}
                 }
             }
-            SanEntry::Dns(name) if !policy.allow_dns => return Err(PolicyViolation::DnsSan(name.clone())),
-            SanEntry::Ip(ip) if !policy.allow_ip => return Err(PolicyViolation::IpSan(ip.to_string())),
-            SanEntry::Email(e) if !policy.allow_email => return Err(PolicyViolation::EmailSan(e.clone())),
+            SanEntry::Dns(name) if !policy.allow_dns => {
+                return Err(PolicyViolation::DnsSan(name.clone()));
+            }
+            SanEntry::Ip(ip) if !policy.allow_ip => {
+                return Err(PolicyViolation::IpSan(ip.to_string()));
+            }
+            SanEntry::Email(e) if !policy.allow_email => {
+                return Err(PolicyViolation::EmailSan(e.clone()));
+            }
             _ => {}
         }
     }
@@ -234,7 +263,10 @@ fn check_sans(policy: &SanPolicy, sans: &[SanEntry]) -> Result<(), PolicyViolati
         } else {
             format!("{}-{}", policy.min_uris, policy.max_uris)
         };
-        return Err(PolicyViolation::UriSanCount { expected, found: uris });
+        return Err(PolicyViolation::UriSanCount {
+            expected,
+            found: uris,
+        });
     }
     Ok(())
 }
@@ -385,7 +417,11 @@ pub fn self_signed_root(req: &CaCertRequest<'_>, now: OffsetDateTime) -> Result<
 }
 
 /// An intermediate CA signed by `issuer`, valid no longer than the issuer.
-pub fn intermediate_ca(req: &CaCertRequest<'_>, issuer: &CaBundle, now: OffsetDateTime) -> Result<Vec<u8>, Error> {
+pub fn intermediate_ca(
+    req: &CaCertRequest<'_>,
+    issuer: &CaBundle,
+    now: OffsetDateTime,
+) -> Result<Vec<u8>, Error> {
     check_signer_validity(issuer, now)?;
     let mut extensions = Extensions::default();
     extensions

@@ -85,7 +85,11 @@ pub struct SpiffeId {
 
 impl SpiffeId {
     /// Istio's workload identity `spiffe://<td>/ns/<ns>/sa/<sa>`.
-    pub fn workload(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, String> {
+    pub fn workload(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, String> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -100,7 +104,13 @@ impl SpiffeId {
     /// `(namespace, service account)` when the path is Istio's `/ns/<ns>/sa/<sa>`.
     pub fn namespace_and_service_account(&self) -> Option<(&str, &str)> {
         let mut parts = self.path.strip_prefix('/')?.split('/');
-        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
             _ => None,
         }
@@ -164,8 +174,14 @@ mod tests {
             SanEntry::from_identity("spiffe://cluster.local/ns/a/sa/b"),
             SanEntry::Uri("spiffe://cluster.local/ns/a/sa/b".into())
         );
-        assert_eq!(SanEntry::from_identity("10.1.2.3"), SanEntry::Ip("10.1.2.3".parse().unwrap()));
-        assert_eq!(SanEntry::from_identity("::1"), SanEntry::Ip("::1".parse().unwrap()));
+        assert_eq!(
+            SanEntry::from_identity("10.1.2.3"),
+            SanEntry::Ip("10.1.2.3".parse().unwrap())
+        );
+        assert_eq!(
+            SanEntry::from_identity("::1"),
+            SanEntry::Ip("::1".parse().unwrap())
+        );
         assert_eq!(
             SanEntry::from_identity("istiod.istio-system.svc"),
             SanEntry::Dns("istiod.istio-system.svc".into())
@@ -174,21 +190,32 @@ mod tests {
 
     #[test]
     fn ipv4_sans_are_four_bytes() {
-        let der = SanEntry::from_identity("10.1.2.3").general_name_der().unwrap();
+        let der = SanEntry::from_identity("10.1.2.3")
+            .general_name_der()
+            .unwrap();
         assert_eq!(der, vec![0x87, 4, 10, 1, 2, 3]);
     }
 
     #[test]
     fn non_ascii_sans_are_refused() {
-        assert!(SanEntry::Dns("bücher.example".into()).general_name_der().is_err());
+        assert!(
+            SanEntry::Dns("bücher.example".into())
+                .general_name_der()
+                .is_err()
+        );
         assert!(SanEntry::Dns(String::new()).general_name_der().is_err());
     }
 
     #[test]
     fn spiffe_ids_follow_the_spec() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/bookinfo".parse().unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/bookinfo"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
-        assert_eq!(id.namespace_and_service_account(), Some(("default", "bookinfo")));
+        assert_eq!(
+            id.namespace_and_service_account(),
+            Some(("default", "bookinfo"))
+        );
         for bad in [
             "http://cluster.local/ns/a/sa/b",
             "spiffe://",
