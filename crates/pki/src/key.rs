@@ -154,7 +154,12 @@ impl SigningKey {
 
     /// PKCS#8 PEM, for writing key files.
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
-        let der: Zeroizing<Vec<u8>> = Zeroizing::new(match &self.inner {
+        Ok(Zeroizing::new(pem::encode("PRIVATE KEY", &self.to_pkcs8_der()?)))
+    }
+
+    /// PKCS#8 DER (for handing the key to rustls).
+    pub fn to_pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        Ok(Zeroizing::new(match &self.inner {
             Inner::Rsa(k) => k
                 .as_der()
                 .map_err(|_| KeyError::Generate)?
@@ -170,8 +175,7 @@ impl SigningKey {
                 .map_err(|_| KeyError::Generate)?
                 .as_ref()
                 .to_vec(),
-        });
-        Ok(Zeroizing::new(pem::encode("PRIVATE KEY", &der)))
+        }))
     }
 
     /// The public key as it appears inside a SubjectPublicKeyInfo BIT STRING
