@@ -545,6 +545,45 @@ impl TestNamespace {
         })
     }
 
+    /// An identity for ServiceAccount `sa` with exactly the RBAC of a component's
+    /// manifest (YAML, one or more documents): every `ClusterRole` in it is applied
+    /// under its own name (see [`TestNamespace::apply_cluster_role`]) and bound to
+    /// `sa` cluster-wide; every `Role` gets its rules in its `metadata.namespace`
+    /// (default: the test namespace), bound there. Other kinds (the manifest's own
+    /// ServiceAccounts and bindings) are ignored: the bindings made here name `sa`.
+    pub async fn identity_from_manifest(&self, sa: &str, manifest_yaml: &str) -> Result<Identity> {
+        let grants = self.grants_from_manifest(manifest_yaml).await?;
+        if grants.is_empty() {
+            bail!("the manifest has no ClusterRole or Role");
+        }
+        self.identity(sa, &grants).await
+    }
+
+    async fn grants_from_manifest(&self, manifest_yaml: &str) -> Result<Vec<RbacSpec>> {
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(manifest_yaml).context("parsing the YAML manifest")?;
+        let mut grants = Vec::new();
+        for doc in docs {
+            match doc.get("kind").and_then(|k| k.as_str()) {
+                Some("ClusterRole") => {
+                    let role: ClusterRole =
+                        serde_json::from_value(doc).context("a ClusterRole in the manifest")?;
+                    grants.push(RbacSpec::Existing(self.apply_cluster_role(&role).await?));
+                }
+                Some("Role") => {
+                    let role: Role =
+                        serde_json::from_value(doc).context("a Role in the manifest")?;
+                    grants.push(RbacSpec::NamespacedRules {
+                        namespace: role.metadata.namespace.clone(),
+                        rules: role.rules.unwrap_or_default(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(grants)
+    }
+
     /// Deletes CertificateSigningRequest `name` on cleanup (CSRs are cluster-scoped).
     pub fn delete_csr_on_cleanup(&self, name: &str) {
         self.own(Owned::Csr(name.to_string()));

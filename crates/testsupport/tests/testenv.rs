@@ -306,3 +306,63 @@ async fn zlint_lints_a_certificate_and_prints_json() {
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn identity_from_manifest_has_exactly_the_manifest_rbac() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let env = TestEnv::get().await;
+    let ns = env.namespace("manifest").await.unwrap();
+    let manifest = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: component
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: meshca-testsupport-proof-reviewer
+rules:
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
+  verbs: ["create"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: component-configmaps
+rules:
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list"]
+"#;
+    let id = ns
+        .identity_from_manifest("component", manifest)
+        .await
+        .unwrap();
+    let client = id.client().await.unwrap();
+
+    ns.create_service_account("workload").await.unwrap();
+    let token = ns.token("workload").await.unwrap();
+    let review = token_review(&client, &token, &[ISTIO_CA_AUDIENCE])
+        .await
+        .unwrap();
+    assert_eq!(review.authenticated, Some(true));
+
+    Api::<ConfigMap>::namespaced(client.clone(), ns.name())
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let err = Api::<Secret>::namespaced(client.clone(), ns.name())
+        .list(&Default::default())
+        .await
+        .expect_err("secrets are not in the manifest");
+    assert_eq!(api_status_code(&err), Some(403), "{err}");
+    let err = Api::<ConfigMap>::namespaced(client, "kube-system")
+        .list(&Default::default())
+        .await
+        .expect_err("the Role is bound in the test namespace only");
+    assert_eq!(api_status_code(&err), Some(403), "{err}");
+
+    ns.cleanup().await.unwrap();
+}
