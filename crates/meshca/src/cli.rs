@@ -27,6 +27,12 @@ enum Command {
     Inspect(InspectArgs),
     /// Check that a workload's chain verifies to a root, and that its trusted CA is that root.
     Verify(VerifyArgs),
+    /// Run the Istio CA server (istiod's CreateCertificate on :15012).
+    Server(Box<crate::cmd_server::ServerArgs>),
+    /// Mint a token with the standalone server's local key.
+    Token(crate::cmd_server::TokenArgs),
+    /// Request a certificate from an Istio-compatible CA, as istio-agent does.
+    Request(crate::cmd_request::RequestArgs),
 }
 
 #[derive(Subcommand)]
@@ -111,6 +117,9 @@ pub fn parse_and_run() -> ExitCode {
         Command::Ca(CaCommand::Sign(a)) => crate::cmd_ca::sign(&a),
         Command::Inspect(a) => crate::inspect::run(&a),
         Command::Verify(a) => crate::verify::run(&a),
+        Command::Server(a) => crate::cmd_server::server(*a),
+        Command::Token(a) => crate::cmd_server::token(&a),
+        Command::Request(a) => crate::cmd_request::request(&a),
     };
     match result {
         Ok(code) => code,

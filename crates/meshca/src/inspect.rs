@@ -60,12 +60,15 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&items)?);
     } else {
+        let mut text = String::new();
         for (i, item) in items.iter().enumerate() {
             if i > 0 {
-                println!();
+                text.push('\n');
             }
-            print_text(i, item);
+            print_text(&mut text, i, item)?;
         }
+        // A closed pipe (`| head`) is not an error worth a panic.
+        let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -258,7 +261,8 @@ pub fn fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
-fn print_text(index: usize, item: &Item) {
+fn print_text(out: &mut String, index: usize, item: &Item) -> std::fmt::Result {
+    use std::fmt::Write;
     let list = |v: &[String]| {
         if v.is_empty() {
             "(none)".to_owned()
@@ -277,56 +281,60 @@ fn print_text(index: usize, item: &Item) {
             } else {
                 "certificate"
             };
-            println!("Certificate #{} ({role})", index + 1);
-            println!(
+            writeln!(out, "Certificate #{} ({role})", index + 1)?;
+            writeln!(
+                out,
                 "  Subject:      {}",
                 if c.subject.is_empty() {
                     "(empty)"
                 } else {
                     &c.subject
                 }
-            );
-            println!("  Issuer:       {}", c.issuer);
-            println!("  SANs:         {}", list(&c.sans));
+            )?;
+            writeln!(out, "  Issuer:       {}", c.issuer)?;
+            writeln!(out, "  SANs:         {}", list(&c.sans))?;
             for id in &c.spiffe_ids {
-                println!("  SPIFFE ID:    {id}");
+                writeln!(out, "  SPIFFE ID:    {id}")?;
             }
-            println!("  Key:          {}", c.key);
-            println!("  Not before:   {}", c.not_before);
-            println!(
+            writeln!(out, "  Key:          {}", c.key)?;
+            writeln!(out, "  Not before:   {}", c.not_before)?;
+            writeln!(
+                out,
                 "  Not after:    {} ({})",
                 c.not_after,
                 time_left(c.seconds_left)
-            );
+            )?;
             let path_len = c
                 .path_len
                 .map(|p| format!(", pathlen {p}"))
                 .unwrap_or_default();
-            println!("  CA:           {}{path_len}", c.is_ca);
-            println!("  Key usage:    {}", list(&c.key_usage));
-            println!("  Ext usage:    {}", list(&c.ext_key_usage));
-            println!("  Serial:       {}", c.serial);
-            println!("  SHA-256:      {}", c.sha256_fingerprint);
+            writeln!(out, "  CA:           {}{path_len}", c.is_ca)?;
+            writeln!(out, "  Key usage:    {}", list(&c.key_usage))?;
+            writeln!(out, "  Ext usage:    {}", list(&c.ext_key_usage))?;
+            writeln!(out, "  Serial:       {}", c.serial)?;
+            writeln!(out, "  SHA-256:      {}", c.sha256_fingerprint)?;
         }
         Item::CertificateRequest(r) => {
-            println!("Certificate request #{}", index + 1);
-            println!(
+            writeln!(out, "Certificate request #{}", index + 1)?;
+            writeln!(
+                out,
                 "  Subject:      {}",
                 if r.subject.is_empty() {
                     "(empty)"
                 } else {
                     &r.subject
                 }
-            );
-            println!("  SANs:         {}", list(&r.sans));
+            )?;
+            writeln!(out, "  SANs:         {}", list(&r.sans))?;
             for id in &r.spiffe_ids {
-                println!("  SPIFFE ID:    {id}");
+                writeln!(out, "  SPIFFE ID:    {id}")?;
             }
-            println!("  Key:          {}", r.key);
-            println!("  Signature:    {}", r.signature_algorithm);
-            println!("  SHA-256:      {}", r.sha256_fingerprint);
+            writeln!(out, "  Key:          {}", r.key)?;
+            writeln!(out, "  Signature:    {}", r.signature_algorithm)?;
+            writeln!(out, "  SHA-256:      {}", r.sha256_fingerprint)?;
         }
     }
+    Ok(())
 }
 
 fn time_left(seconds: i64) -> String {

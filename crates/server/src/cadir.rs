@@ -18,6 +18,16 @@ const TLS_CERT: &str = "tls.crt";
 const TLS_KEY: &str = "tls.key";
 const TLS_CA: &str = "ca.crt";
 
+/// The files whose change means the CA must be reloaded.
+pub const WATCHED: [&str; 7] = [
+    CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, TLS_CERT, TLS_KEY, TLS_CA,
+];
+
+/// Whether `dir` holds CA material in either layout.
+pub fn has_ca(dir: &Path) -> bool {
+    dir.join(CA_CERT).exists() || dir.join(TLS_CERT).exists()
+}
+
 /// Loads and verifies the CA in `dir`. Errors name the file at fault.
 pub fn load(dir: &Path, now: OffsetDateTime) -> Result<CaBundle> {
     let read = |name: &str| -> Result<Option<Zeroizing<Vec<u8>>>> {
@@ -92,6 +102,18 @@ pub fn load(dir: &Path, now: OffsetDateTime) -> Result<CaBundle> {
     )
 }
 
+/// A fingerprint of the CA files' metadata, to notice changes by polling.
+pub fn fingerprint(dir: &Path) -> Vec<(String, Option<(std::time::SystemTime, u64)>)> {
+    WATCHED
+        .iter()
+        .map(|name| {
+            let meta = fs::metadata(dir.join(name)).ok();
+            let stamp = meta.and_then(|m| Some((m.modified().ok()?, m.len())));
+            ((*name).to_owned(), stamp)
+        })
+        .collect()
+}
+
 /// A file to write: name, contents, whether it holds a private key.
 pub struct OutFile<'a> {
     pub name: &'a str,
@@ -99,9 +121,10 @@ pub struct OutFile<'a> {
     pub secret: bool,
 }
 
-/// Writes all files or none of the existing ones: refuses to overwrite
-/// without `force`, writes each through a temporary file renamed into place,
-/// and creates key files with mode 0600 from the start.
+/// Writes the files, refusing to overwrite any without `force`. Each goes
+/// through a temporary file renamed into place; key files are created with
+/// mode 0600 from the start, so a key is never readable by others, not even
+/// for a moment.
 pub fn write_all(dir: &Path, files: &[OutFile<'_>], force: bool) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if !force {
@@ -139,4 +162,101 @@ pub fn write_all(dir: &Path, files: &[OutFile<'_>], force: bool) -> Result<Vec<P
         written.push(path);
     }
     Ok(written)
+}
+
+/// What `create` makes.
+pub struct NewCa<'a> {
+    pub key_type: meshca_pki::KeyType,
+    /// O= of the subject (Istio uses the trust domain).
+    pub org: &'a str,
+    pub ttl: std::time::Duration,
+    /// Sign with this CA (an intermediate) instead of self-signing (a root).
+    pub issuer: Option<&'a CaBundle>,
+}
+
+/// Creates a CA in the cacerts layout: a root shaped like Istio's
+/// self-signed CA (`O=<org>`, no CN, empty cert-chain.pem) or an intermediate
+/// (cert-chain.pem = its certificate, its issuers and the root, as Istio's
+/// plug-in CA tooling writes it). Returns the verified bundle.
+pub fn create(dir: &Path, spec: &NewCa<'_>, force: bool) -> Result<(CaBundle, Vec<PathBuf>)> {
+    use meshca_pki::profile::{CaCertRequest, intermediate_ca, self_signed_root};
+    use meshca_pki::{SigningKey, bundle::certificates, cert, pem};
+
+    let now = OffsetDateTime::now_utc();
+    let key = SigningKey::generate(spec.key_type)?;
+    let key_pem = key.to_pkcs8_pem()?;
+    let (cert_der, chain_pem, roots_pem, chain_der, roots_der) = match spec.issuer {
+        None => {
+            let subject = cert::organization_name(spec.org);
+            let request = CaCertRequest {
+                subject_der: &subject,
+                key: &key,
+                ttl: spec.ttl,
+            };
+            let der = self_signed_root(&request, now)?;
+            let roots = pem::encode("CERTIFICATE", &der);
+            (der.clone(), String::new(), roots, vec![], vec![der])
+        }
+        Some(issuer) => {
+            // A distinct CN keeps the intermediate's name apart from a root with the same O=.
+            let subject = cert::organization_and_common_name(spec.org, "Intermediate CA");
+            let request = CaCertRequest {
+                subject_der: &subject,
+                key: &key,
+                ttl: spec.ttl,
+            };
+            let der = intermediate_ca(&request, issuer, now)?;
+            let chain = format!(
+                "{}{}{}",
+                pem::encode("CERTIFICATE", &der),
+                issuer.cert_chain_pem(),
+                issuer.roots_pem()
+            );
+            let issuer_chain = issuer.cert_chain_pem();
+            let mut chain_der = certificates(Source {
+                name: "issuer chain",
+                bytes: issuer_chain.as_bytes(),
+            })?;
+            if chain_der.is_empty() {
+                chain_der.push(issuer.signing_cert_der().to_vec());
+            }
+            (
+                der,
+                chain,
+                issuer.roots_pem().to_owned(),
+                chain_der,
+                issuer.roots_der().to_vec(),
+            )
+        }
+    };
+    let cert_pem = pem::encode("CERTIFICATE", &cert_der);
+    // Verify before writing anything.
+    let bundle = CaBundle::from_parts(key, cert_der, chain_der, roots_der, now)?;
+    let written = write_all(
+        dir,
+        &[
+            OutFile {
+                name: CA_CERT,
+                contents: cert_pem.as_bytes(),
+                secret: false,
+            },
+            OutFile {
+                name: CA_KEY,
+                contents: key_pem.as_bytes(),
+                secret: true,
+            },
+            OutFile {
+                name: CERT_CHAIN,
+                contents: chain_pem.as_bytes(),
+                secret: false,
+            },
+            OutFile {
+                name: ROOT_CERT,
+                contents: roots_pem.as_bytes(),
+                secret: false,
+            },
+        ],
+        force,
+    )?;
+    Ok((bundle, written))
 }

@@ -1,0 +1,231 @@
+//! `meshca server`, `meshca token` and `meshca request`: the Istio CA server,
+//! a local token minter for standalone mode, and a client to get a first
+//! certificate from any Istio-compatible CA.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use meshca_pki::{KeyType, WorkloadProfile};
+use meshca_server::tls::ServingNames;
+use meshca_server::{ServerConfig, Started};
+
+use crate::duration::parse_duration;
+
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// gRPC address (istio-agent's CA_ADDR points here).
+    #[arg(long, env = "MESHCA_LISTEN", default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+    /// /healthz, /readyz and /metrics; `none` turns it off.
+    #[arg(
+        long,
+        env = "MESHCA_MONITORING_LISTEN",
+        default_value = "127.0.0.1:15014"
+    )]
+    pub monitoring_listen: String,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime for requests asking for none (Go or human durations: 24h, 24h0m0s).
+    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
+    pub default_workload_cert_ttl: Duration,
+    /// Longer requests are refused with InvalidArgument, as istiod does.
+    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", value_parser = parse_duration, default_value = "2160h")]
+    pub max_workload_cert_ttl: Duration,
+    /// Plugged-in CA in Istio's cacerts layout; watched and reloaded.
+    #[arg(long, env = "ROOT_CA_DIR", default_value = "./etc/cacerts")]
+    pub root_ca_dir: PathBuf,
+    /// State directory: the self-signed CA and the local token key.
+    #[arg(long, env = "MESHCA_STATE_DIR", default_value = "./meshca-data")]
+    pub state_dir: PathBuf,
+    /// Key type of a self-signed root created on first start.
+    #[arg(long, env = "MESHCA_SELF_SIGNED_KEY_TYPE", default_value = "rsa-2048")]
+    pub self_signed_key_type: KeyType,
+    #[arg(long, env = "CITADEL_SELF_SIGNED_CA_CERT_TTL", value_parser = parse_duration, default_value = "87600h")]
+    pub self_signed_ca_cert_ttl: Duration,
+    /// Audiences a Kubernetes token must carry (comma separated).
+    #[arg(
+        long,
+        env = "TOKEN_AUDIENCES",
+        default_value = "istio-ca",
+        value_delimiter = ','
+    )]
+    pub token_audiences: Vec<String>,
+    /// This cluster's ID; a `clusterid` header naming another cluster is refused.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    #[arg(long, env = "MESHCA_CLUSTER_ALIASES", value_delimiter = ',')]
+    pub cluster_aliases: Vec<String>,
+    /// Kubeconfig for TokenReview; without it (and outside a pod) meshca runs standalone.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Run without Kubernetes even if a kubeconfig is around.
+    #[arg(long)]
+    pub standalone: bool,
+    /// Trusted JWT issuer public keys (PEM or JWKS) for running without a cluster.
+    #[arg(long, env = "MESHCA_JWT_KEYS")]
+    pub jwt_keys: Option<PathBuf>,
+    /// Required `iss` of tokens verified with --jwt-keys.
+    #[arg(long, env = "MESHCA_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// DNS names in the serving certificate.
+    #[arg(
+        long,
+        env = "MESHCA_SERVER_DNS",
+        value_delimiter = ',',
+        default_value = "istiod.istio-system.svc,istiod.istio-system.svc.cluster.local,localhost"
+    )]
+    pub server_dns: Vec<String>,
+    /// IP addresses in the serving certificate.
+    #[arg(
+        long,
+        env = "MESHCA_SERVER_IPS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1"
+    )]
+    pub server_ips: Vec<IpAddr>,
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    pub serving_cert_ttl: Duration,
+    /// How long a TokenReview answer may be reused (never beyond the token's exp).
+    #[arg(long, env = "MESHCA_TOKEN_CACHE_TTL", value_parser = parse_duration, default_value = "60s")]
+    pub token_cache_ttl: Duration,
+    #[arg(long, default_value_t = 100_000)]
+    pub token_cache_size: usize,
+    /// Largest accepted gRPC message.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// How often the CA files are checked for changes.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub reload_interval: Duration,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub json_logs: bool,
+}
+
+pub fn server(args: ServerArgs) -> Result<ExitCode> {
+    crate::logging::init(args.json_logs);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let kube = if args.standalone {
+            None
+        } else {
+            kube_client(args.kubeconfig.as_deref()).await?
+        };
+        let standalone = kube.is_none();
+        let monitoring_listen = match args.monitoring_listen.as_str() {
+            "none" | "" => None,
+            addr => Some(addr.parse().context("--monitoring-listen")?),
+        };
+        let config = ServerConfig {
+            listen: args.listen,
+            monitoring_listen,
+            trust_domain: args.trust_domain,
+            workload: WorkloadProfile {
+                default_ttl: args.default_workload_cert_ttl,
+                max_ttl: args.max_workload_cert_ttl,
+            },
+            ca_dir: Some(args.root_ca_dir),
+            state_dir: args.state_dir.clone(),
+            self_signed_key_type: args.self_signed_key_type,
+            self_signed_ttl: args.self_signed_ca_cert_ttl,
+            token_audiences: args.token_audiences,
+            cluster_id: args.cluster_id,
+            cluster_aliases: args.cluster_aliases,
+            kube,
+            jwt_keys: args.jwt_keys,
+            jwt_issuer: args.jwt_issuer,
+            local_token_issuer: standalone,
+            serving: ServingNames {
+                dns: args.server_dns,
+                ips: args.server_ips,
+                ttl: args.serving_cert_ttl,
+            },
+            token_cache_ttl: args.token_cache_ttl,
+            token_cache_size: args.token_cache_size,
+            max_message_bytes: args.max_message_bytes,
+            reload_interval: args.reload_interval,
+        };
+        let listen = config.listen;
+        let state_dir = args.state_dir;
+        meshca_server::run(config, shutdown_signal(), |started: &Started| {
+            print_banner(listen, &state_dir, started)
+        })
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Option<kube::Client>> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => kube::Config::incluster()?,
+        None => return Ok(None),
+    };
+    Ok(Some(kube::Client::try_from(config)?))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn print_banner(listen: SocketAddr, state_dir: &std::path::Path, started: &Started) {
+    println!("meshca CA server listening on {listen}");
+    println!("  root certificate: {}", started.root_cert.display());
+    if started.local_token_issuer {
+        println!(
+            "  standalone: tokens from `meshca token` (key in {}/jwt) or client certificates",
+            state_dir.display()
+        );
+        println!("  get a first certificate:");
+        println!("    meshca token --namespace default --service-account demo > demo.token");
+        println!(
+            "    meshca request --addr {listen} --root {} --token-file demo.token --out demo-certs",
+            started.root_cert.display()
+        );
+    }
+}
+
+#[derive(clap::Args)]
+pub struct TokenArgs {
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    #[arg(long, default_value = "istio-ca")]
+    pub audience: String,
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub ttl: Duration,
+    /// The server's state directory (holds jwt/jwt-signing-key.pem).
+    #[arg(long, env = "MESHCA_STATE_DIR", default_value = "./meshca-data")]
+    pub state_dir: PathBuf,
+}
+
+pub fn token(args: &TokenArgs) -> Result<ExitCode> {
+    let issuer = meshca_server::local_issuer(&args.state_dir, false)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let ttl = i64::try_from(args.ttl.as_secs()).unwrap_or(i64::MAX);
+    println!(
+        "{}",
+        issuer.mint(
+            &args.namespace,
+            &args.service_account,
+            &args.audience,
+            ttl,
+            now
+        )?
+    );
+    Ok(ExitCode::SUCCESS)
+}

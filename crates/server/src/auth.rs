@@ -1,0 +1,283 @@
+//! Who is calling: Istio's authenticators in Istio's order. The identity
+//! that goes into a certificate comes from here and nowhere else.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::PostParams;
+use meshca_pki::SpiffeId;
+use sha2::{Digest, Sha256};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+use crate::jwt::{self, JwtVerifier};
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub identities: Vec<String>,
+    /// `client_cert`, `token_review` or `jwt` (a metrics label).
+    pub authenticator: &'static str,
+}
+
+/// What a request carries that can prove who sent it.
+pub struct Credentials<'a> {
+    /// The verified client certificate (rustls checked it against the CA roots).
+    pub peer_cert: Option<&'a [u8]>,
+    /// The `authorization: Bearer` token.
+    pub bearer: Option<&'a str>,
+    /// The `clusterid` header.
+    pub cluster_id: Option<&'a str>,
+}
+
+pub struct Authenticator {
+    pub trust_domain: String,
+    pub cluster_id: String,
+    pub cluster_aliases: Vec<String>,
+    pub token_review: Option<TokenReviewer>,
+    pub jwt: Option<JwtVerifier>,
+    pub cache: TokenCache,
+}
+
+/// Why authentication failed; logged, never sent to the caller (who gets
+/// Istio's "request authenticate failure"). Never contains the token.
+pub type AuthError = anyhow::Error;
+
+impl Authenticator {
+    /// Client certificate first (renewals, VMs), then the bearer token.
+    pub async fn authenticate(
+        &self,
+        creds: &Credentials<'_>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Caller, AuthError> {
+        if let Some(cert) = creds.peer_cert {
+            let identities = certificate_identities(cert)?;
+            if !identities.is_empty() {
+                return Ok(Caller {
+                    identities,
+                    authenticator: "client_cert",
+                });
+            }
+        }
+        let token = creds
+            .bearer
+            .context("no client certificate and no bearer token")?;
+        if let Some(claimed) = creds.cluster_id
+            && !claimed.is_empty()
+            && claimed != self.cluster_id
+            && !self.cluster_aliases.iter().any(|a| a == claimed)
+        {
+            bail!(
+                "client claims to be in cluster {claimed:?}, this CA serves {:?}",
+                self.cluster_id
+            );
+        }
+        let mut errors = Vec::new();
+        if let Some(reviewer) = &self.token_review {
+            let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            if let Some((ns, sa)) = self.cache.get(&key) {
+                metrics.token_cache_hits.inc();
+                return self.caller(&ns, &sa, "token_review");
+            }
+            match reviewer.review(token).await {
+                Ok((ns, sa)) => {
+                    self.cache
+                        .insert(key, &ns, &sa, jwt::unverified_expiry(token));
+                    return self.caller(&ns, &sa, "token_review");
+                }
+                Err(e) => errors.push(format!("TokenReview: {e:#}")),
+            }
+        }
+        if let Some(verifier) = &self.jwt {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            match verifier.verify(token, now) {
+                Ok((ns, sa)) => return self.caller(&ns, &sa, "jwt"),
+                Err(e) => errors.push(format!("JWT: {e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            bail!("a bearer token was sent but no token authenticator is configured");
+        }
+        bail!("{}", errors.join("; "))
+    }
+
+    fn caller(&self, ns: &str, sa: &str, authenticator: &'static str) -> Result<Caller> {
+        let id = SpiffeId::workload(&self.trust_domain, ns, sa).map_err(anyhow::Error::msg)?;
+        Ok(Caller {
+            identities: vec![id.to_string()],
+            authenticator,
+        })
+    }
+}
+
+/// Every SAN of a verified client certificate, as Istio reads them.
+pub fn certificate_identities(der: &[u8]) -> Result<Vec<String>> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| anyhow::anyhow!("client certificate: {e}"))?;
+    let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| anyhow::anyhow!("client certificate SAN: {e}"))?
+    else {
+        return Ok(vec![]);
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            GeneralName::DNSName(d) => Some((*d).to_owned()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::Ipv4Addr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::Ipv6Addr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
+}
+
+/// Kubernetes TokenReview with the configured audiences.
+pub struct TokenReviewer {
+    api: kube::Api<TokenReview>,
+    audiences: Vec<String>,
+}
+
+impl TokenReviewer {
+    pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
+        TokenReviewer {
+            api: kube::Api::all(client),
+            audiences,
+        }
+    }
+
+    pub async fn review(&self, token: &str) -> Result<(String, String)> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(self.audiences.clone()),
+            },
+            ..Default::default()
+        };
+        let answer = self
+            .api
+            .create(&PostParams::default(), &review)
+            .await
+            .context("TokenReview request")?;
+        let status = answer.status.context("TokenReview without status")?;
+        if status.authenticated != Some(true) {
+            bail!("not authenticated: {}", status.error.unwrap_or_default());
+        }
+        let user = status.user.context("TokenReview without user")?;
+        let groups = user.groups.unwrap_or_default();
+        if !groups.iter().any(|g| g == "system:serviceaccounts") {
+            bail!("not a service account (groups {groups:?})");
+        }
+        let username = user.username.unwrap_or_default();
+        jwt::parse_service_account(&username)
+            .with_context(|| format!("username {username:?} is not a service account"))
+    }
+}
+
+/// TokenReview answers, keyed by a hash of the token. An entry never
+/// outlives the token's own `exp` nor the configured TTL; only successes are
+/// cached, so a revoked token is refused as soon as its entry ends.
+pub struct TokenCache {
+    ttl: Duration,
+    max_entries: usize,
+    entries: Mutex<HashMap<[u8; 32], Entry>>,
+}
+
+struct Entry {
+    namespace: String,
+    service_account: String,
+    expires: Instant,
+}
+
+impl TokenCache {
+    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        TokenCache {
+            ttl,
+            max_entries,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<(String, String)> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = entries.get(key)?;
+        (entry.expires > Instant::now())
+            .then(|| (entry.namespace.clone(), entry.service_account.clone()))
+    }
+
+    fn insert(
+        &self,
+        key: [u8; 32],
+        namespace: &str,
+        service_account: &str,
+        token_exp: Option<i64>,
+    ) {
+        if self.ttl.is_zero() || self.max_entries == 0 {
+            return;
+        }
+        // Without a readable exp the token's lifetime is unknown: don't cache.
+        let Some(exp) = token_exp else { return };
+        let left = exp - time::OffsetDateTime::now_utc().unix_timestamp();
+        if left <= 0 {
+            return;
+        }
+        let life = self.ttl.min(Duration::from_secs(left as u64));
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= self.max_entries {
+            entries.retain(|_, e| e.expires > now);
+            if entries.len() >= self.max_entries {
+                return;
+            }
+        }
+        entries.insert(
+            key,
+            Entry {
+                namespace: namespace.to_owned(),
+                service_account: service_account.to_owned(),
+                expires: now + life,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_entries_never_outlive_the_token() {
+        let cache = TokenCache::new(Duration::from_secs(60), 10);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        cache.insert([1; 32], "ns", "sa", Some(now + 3600));
+        assert_eq!(cache.get(&[1; 32]), Some(("ns".into(), "sa".into())));
+        cache.insert([2; 32], "ns", "sa", Some(now - 1));
+        assert_eq!(cache.get(&[2; 32]), None, "expired token cached");
+        cache.insert([3; 32], "ns", "sa", None);
+        assert_eq!(cache.get(&[3; 32]), None, "token without exp cached");
+        let short = cache.entries.lock().unwrap();
+        assert!(short[&[1; 32]].expires <= Instant::now() + Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_full_cache_stops_caching_instead_of_growing() {
+        let cache = TokenCache::new(Duration::from_secs(60), 2);
+        let exp = Some(time::OffsetDateTime::now_utc().unix_timestamp() + 600);
+        for i in 0..5u8 {
+            cache.insert([i; 32], "ns", "sa", exp);
+        }
+        assert_eq!(cache.entries.lock().unwrap().len(), 2);
+    }
+}

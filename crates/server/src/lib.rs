@@ -1,0 +1,358 @@
+//! meshca's Istio CA server: istiod's `CreateCertificate` on :15012.
+//!
+//! Request flow: TLS accept ([`tls`]) -> [`service::CaService`] ->
+//! [`auth::Authenticator`] (client certificate, TokenReview with a bounded
+//! cache, or local JWT keys) -> `meshca_pki::LocalCa` -> Istio's chain
+//! layout. A reload loop watches the CA files and renews the serving
+//! certificate; [`metrics`] serves Istio's `citadel_server_*` metrics.
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod cadir;
+pub mod jwt;
+pub mod metrics;
+pub mod service;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use meshca_pki::{CaBundle, CsrPolicy, KeyType, LocalCa, WorkloadProfile};
+use meshca_proto::istio_certificate_service_server::IstioCertificateServiceServer;
+use prometheus_client::registry::Registry;
+use time::OffsetDateTime;
+
+use crate::auth::{Authenticator, TokenCache, TokenReviewer};
+use crate::service::{CaService, Shared};
+use crate::tls::{ServingNames, TlsState};
+
+/// Everything `meshca server` can be told.
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub monitoring_listen: Option<SocketAddr>,
+    pub trust_domain: String,
+    pub workload: WorkloadProfile,
+    /// A plugged-in CA (Istio's cacerts layout); used when it holds files.
+    pub ca_dir: Option<PathBuf>,
+    /// Where a self-signed CA (and the local JWT key) live when no CA is plugged in.
+    pub state_dir: PathBuf,
+    pub self_signed_key_type: KeyType,
+    pub self_signed_ttl: Duration,
+    pub token_audiences: Vec<String>,
+    pub cluster_id: String,
+    pub cluster_aliases: Vec<String>,
+    pub kube: Option<kube::Client>,
+    pub jwt_keys: Option<PathBuf>,
+    pub jwt_issuer: Option<String>,
+    /// Create and trust a local token issuer key in the state directory.
+    pub local_token_issuer: bool,
+    pub serving: ServingNames,
+    pub token_cache_ttl: Duration,
+    pub token_cache_size: usize,
+    pub max_message_bytes: usize,
+    pub reload_interval: Duration,
+}
+
+/// The issuer name of locally minted tokens.
+pub const LOCAL_ISSUER: &str = "meshca-local";
+const JWT_KEY: &str = "jwt-signing-key.pem";
+const JWT_PUBLIC: &str = "jwt-public-key.pem";
+
+/// Where the CA comes from, and so whether it is watched.
+enum CaSource {
+    Plugged(PathBuf),
+    SelfSigned(PathBuf),
+}
+
+impl CaSource {
+    fn dir(&self) -> &Path {
+        match self {
+            CaSource::Plugged(d) | CaSource::SelfSigned(d) => d,
+        }
+    }
+}
+
+/// Loads the plugged-in CA, or the self-signed one (creating it on first start).
+fn open_ca(config: &ServerConfig) -> Result<(CaSource, CaBundle)> {
+    if let Some(dir) = &config.ca_dir
+        && cadir::has_ca(dir)
+    {
+        let bundle = cadir::load(dir, OffsetDateTime::now_utc())?;
+        return Ok((CaSource::Plugged(dir.clone()), bundle));
+    }
+    let dir = config.state_dir.join("ca");
+    if cadir::has_ca(&dir) {
+        let bundle = cadir::load(&dir, OffsetDateTime::now_utc())?;
+        return Ok((CaSource::SelfSigned(dir), bundle));
+    }
+    let spec = cadir::NewCa {
+        key_type: config.self_signed_key_type,
+        org: &config.trust_domain,
+        ttl: config.self_signed_ttl,
+        issuer: None,
+    };
+    let (bundle, _) = cadir::create(&dir, &spec, false).context("creating the self-signed CA")?;
+    tracing::info!(dir = %dir.display(), "created a self-signed root CA");
+    Ok((CaSource::SelfSigned(dir), bundle))
+}
+
+/// The local token issuer of standalone mode: its key is created once and
+/// its public key is trusted for JWT authentication.
+pub fn local_issuer(state_dir: &Path, create: bool) -> Result<jwt::JwtIssuer> {
+    let dir = state_dir.join("jwt");
+    let key_path = dir.join(JWT_KEY);
+    if !key_path.exists() {
+        anyhow::ensure!(
+            create,
+            "{}: missing (start `meshca server` once to create it)",
+            key_path.display()
+        );
+        let der = jwt::JwtIssuer::generate_pkcs8()?;
+        let pem_text = zeroize::Zeroizing::new(meshca_pki::pem::encode("PRIVATE KEY", &der));
+        let issuer = jwt::JwtIssuer::from_pkcs8(&der, LOCAL_ISSUER)?;
+        cadir::write_all(
+            &dir,
+            &[
+                cadir::OutFile {
+                    name: JWT_KEY,
+                    contents: pem_text.as_bytes(),
+                    secret: true,
+                },
+                cadir::OutFile {
+                    name: JWT_PUBLIC,
+                    contents: issuer.public_key_pem().as_bytes(),
+                    secret: false,
+                },
+            ],
+            false,
+        )?;
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read(&key_path).with_context(|| format!("reading {}", key_path.display()))?,
+    );
+    let blocks = meshca_pki::pem::parse_all(&text)?;
+    let block = blocks.first().context("empty JWT key file")?;
+    jwt::JwtIssuer::from_pkcs8(&block.der, LOCAL_ISSUER)
+}
+
+/// Paths a standalone user needs.
+pub struct Started {
+    pub root_cert: PathBuf,
+    pub local_token_issuer: bool,
+}
+
+/// Runs the server until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_started: impl FnOnce(&Started),
+) -> Result<()> {
+    let (source, bundle) = open_ca(&config)?;
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    metrics.observe_ca(&bundle);
+    let make_ca = |bundle: CaBundle| {
+        Arc::new(LocalCa::new(
+            Arc::new(bundle),
+            CsrPolicy::default(),
+            config.workload.clone(),
+        ))
+    };
+    let ca = make_ca(bundle);
+
+    let mut verifiers_pem = Vec::new();
+    if let Some(path) = &config.jwt_keys {
+        verifiers_pem
+            .push(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    if config.local_token_issuer {
+        verifiers_pem.push(
+            local_issuer(&config.state_dir, true)?
+                .public_key_pem()
+                .into_bytes(),
+        );
+    }
+    let jwt = if verifiers_pem.is_empty() {
+        None
+    } else {
+        // Local tokens carry our issuer; a configured issuer applies to the key file.
+        let issuer = if config.jwt_keys.is_some() {
+            config.jwt_issuer.clone()
+        } else {
+            Some(LOCAL_ISSUER.into())
+        };
+        Some(jwt::JwtVerifier::new(
+            &verifiers_pem.concat(),
+            issuer,
+            &config.token_audiences,
+        )?)
+    };
+    let auth = Authenticator {
+        trust_domain: config.trust_domain.clone(),
+        cluster_id: config.cluster_id.clone(),
+        cluster_aliases: config.cluster_aliases.clone(),
+        token_review: config
+            .kube
+            .clone()
+            .map(|c| TokenReviewer::new(c, config.token_audiences.clone())),
+        jwt,
+        cache: TokenCache::new(config.token_cache_ttl, config.token_cache_size),
+    };
+
+    let tls = Arc::new(TlsState::new(&ca, &config.serving)?);
+    let shared = Arc::new(Shared {
+        ca: RwLock::new(ca),
+        auth,
+        metrics,
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+
+    if let Some(addr) = config.monitoring_listen {
+        let app = monitoring_router(Arc::new(registry), ready.clone());
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "monitoring server stopped");
+            }
+        });
+    }
+
+    let watched = matches!(source, CaSource::Plugged(_)).then(|| source.dir().to_owned());
+    tokio::spawn(reload_loop(
+        shared.clone(),
+        tls.clone(),
+        watched,
+        config.serving.clone(),
+        config.reload_interval,
+        {
+            let workload = config.workload.clone();
+            move |b| {
+                Arc::new(LocalCa::new(
+                    Arc::new(b),
+                    CsrPolicy::default(),
+                    workload.clone(),
+                ))
+            }
+        },
+    ));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let service = IstioCertificateServiceServer::new(CaService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(config.max_message_bytes);
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(listen = %config.listen, ca = %source.dir().display(), "meshca CA server ready");
+    on_started(&Started {
+        root_cert: source.dir().join(cadir::ROOT_CERT),
+        local_token_issuer: config.local_token_issuer,
+    });
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+        .await
+        .context("gRPC server")?;
+    ready.store(false, Ordering::SeqCst);
+    tracing::info!("meshca CA server stopped");
+    Ok(())
+}
+
+/// Polls the plugged-in CA files and swaps the CA when they change and
+/// verify; renews the serving certificate at half its life.
+async fn reload_loop(
+    shared: Arc<Shared>,
+    tls: Arc<TlsState>,
+    watched: Option<PathBuf>,
+    serving: ServingNames,
+    interval: Duration,
+    make_ca: impl Fn(CaBundle) -> Arc<LocalCa>,
+) {
+    let mut last = watched.as_deref().map(cadir::fingerprint);
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let mut renew = tls.needs_renewal(&serving);
+        if let Some(dir) = &watched {
+            let now = cadir::fingerprint(dir);
+            if last.as_ref() != Some(&now) {
+                match cadir::load(dir, OffsetDateTime::now_utc()) {
+                    Ok(bundle) => {
+                        shared.metrics.observe_ca(&bundle);
+                        *shared.ca.write().unwrap_or_else(|p| p.into_inner()) = make_ca(bundle);
+                        tracing::info!(dir = %dir.display(), "reloaded the CA");
+                        last = Some(now);
+                        renew = true;
+                    }
+                    // Keep serving with the CA we have; a half-written update
+                    // usually completes by the next poll.
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "CA files changed but do not load; keeping the current CA")
+                    }
+                }
+            }
+        }
+        if renew {
+            match tls.renew(&shared.ca(), &serving) {
+                Ok(()) => tracing::info!("serving certificate renewed"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "serving certificate renewal failed")
+                }
+            }
+        }
+    }
+}
+
+fn monitoring_router(registry: Arc<Registry>, ready: Arc<AtomicBool>) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::SeqCst);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            text,
+                        ),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [(header::CONTENT_TYPE, "text/plain")],
+                            String::new(),
+                        ),
+                    }
+                }
+            }),
+        )
+}
