@@ -18,23 +18,37 @@ fn local_ca(key_type: KeyType) -> LocalCa {
     let key = SigningKey::generate(key_type).unwrap();
     let subject = cert::organization_name("cluster.local");
     let root = self_signed_root(
-        &CaCertRequest { subject_der: &subject, key: &key, ttl: Duration::from_secs(10 * 365 * 86400) },
+        &CaCertRequest {
+            subject_der: &subject,
+            key: &key,
+            ttl: Duration::from_secs(10 * 365 * 86400),
+        },
         now,
     )
     .unwrap();
     let bundle = CaBundle::from_parts(key, root.clone(), vec![], vec![root], now).unwrap();
-    LocalCa::new(Arc::new(bundle), CsrPolicy::default(), WorkloadProfile::default())
+    LocalCa::new(
+        Arc::new(bundle),
+        CsrPolicy::default(),
+        WorkloadProfile::default(),
+    )
 }
 
 fn workload_csr(key_type: KeyType) -> String {
     let key = SigningKey::generate(key_type).unwrap();
-    let sans = [SanEntry::Uri("spiffe://cluster.local/ns/default/sa/bench".into())];
+    let sans = [SanEntry::Uri(
+        "spiffe://cluster.local/ns/default/sa/bench".into(),
+    )];
     build_csr(&key, cert::EMPTY_NAME, &sans).unwrap()
 }
 
 fn issue(c: &mut Criterion) {
     let identities = vec!["spiffe://cluster.local/ns/default/sa/bench".to_owned()];
-    let options = CertOptions { subject_ids: &identities, ttl_seconds: 3600, for_ca: false };
+    let options = CertOptions {
+        subject_ids: &identities,
+        ttl_seconds: 3600,
+        for_ca: false,
+    };
     let mut group = c.benchmark_group("issue");
     group.throughput(Throughput::Elements(1));
     for ca_type in [KeyType::Rsa2048, KeyType::EcdsaP256] {

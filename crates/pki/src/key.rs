@@ -154,7 +154,10 @@ impl SigningKey {
 
     /// PKCS#8 PEM, for writing key files.
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
-        Ok(Zeroizing::new(pem::encode("PRIVATE KEY", &self.to_pkcs8_der()?)))
+        Ok(Zeroizing::new(pem::encode(
+            "PRIVATE KEY",
+            &self.to_pkcs8_der()?,
+        )))
     }
 
     /// PKCS#8 DER (for handing the key to rustls).
