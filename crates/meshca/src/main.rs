@@ -6,6 +6,7 @@ mod cli;
 mod cmd_ca;
 mod cmd_request;
 mod cmd_server;
+mod cmd_signer;
 mod duration;
 mod inspect;
 mod logging;
