@@ -798,3 +798,360 @@ fn tls_layout_with_chain_in_tls_crt_and_roots_in_ca_crt_loads_and_signs() {
         verify_everywhere(&ca, &der, now);
     }
 }
+
+#[test]
+fn multi_valued_rdn_subject_is_copied_byte_exact_by_kubernetes_profile() {
+    let now = now();
+    let pem = openssl_csr(
+        openssl_key(Key::P256),
+        "/DC=org/O=team-a+OU=mesh/O=team-b/CN=svc",
+        &["-multivalue-rdn", "-addext", SAN_ID],
+    );
+    let (subject, _) = csr_subject_and_spki(&pem);
+    let csr = validate_csr(&pem, &CsrPolicy::default()).unwrap();
+    for kind in ALL_CAS {
+        let ca = test_ca(kind);
+        let der = profile::issue_kubernetes(
+            &KubernetesProfile::default(),
+            &ca.bundle,
+            &csr,
+            &usages(),
+            None,
+            now,
+        )
+        .unwrap();
+        let cert = parse_cert(&der);
+        assert_eq!(cert.subject().as_raw(), &subject[..]);
+        assert_eq!(
+            cert.subject()
+                .iter_rdn()
+                .map(|r| r.iter().count())
+                .collect::<Vec<_>>(),
+            [1, 2, 1, 1]
+        );
+        verify_everywhere(ca, &der, now);
+    }
+}
+
+#[test]
+fn kubernetes_profile_copies_allowed_sans_in_csr_order() {
+    let now = now();
+    let profile = KubernetesProfile {
+        sans: meshca_pki::SanPolicy {
+            min_uris: 0,
+            max_uris: 2,
+            spiffe_only: false,
+            trust_domains: meshca_pki::TrustDomains::Any,
+            allow_dns: true,
+            allow_ip: true,
+            allow_email: true,
+        },
+        ..KubernetesProfile::default()
+    };
+    let sans_ext = "subjectAltName=DNS:b.example.com,URI:spiffe://other.td/x,IP:10.1.2.3,email:ops@example.com,\
+                    DNS:a.example.com,IP:fd00::1,URI:https://example.com/y";
+    let pem = openssl_csr(
+        openssl_key(Key::Rsa2048),
+        "/O=meshca-interop",
+        &["-addext", sans_ext],
+    );
+    let csr = validate_csr(&pem, &CsrPolicy::default()).unwrap();
+    let ca = test_ca(CaKind::Rsa2048RootP256Intermediate);
+    let der =
+        profile::issue_kubernetes(&profile, &ca.bundle, &csr, &usages(), Some(3600), now).unwrap();
+    let cert = parse_cert(&der);
+    let expected = [
+        "DNS:b.example.com",
+        "URI:spiffe://other.td/x",
+        "IP:10.1.2.3",
+        "email:ops@example.com",
+        "DNS:a.example.com",
+        "IP:fd00::1",
+        "URI:https://example.com/y",
+    ];
+    assert_eq!(
+        sans(&cert),
+        Some((false, expected.map(String::from).to_vec()))
+    );
+    let text = openssl_text(&der);
+    assert!(
+        text.contains(
+            "DNS:b.example.com, URI:spiffe://other.td/x, IP Address:10.1.2.3, email:ops@example.com, \
+             DNS:a.example.com, IP Address:FD00:0:0:0:0:0:0:1, URI:https://example.com/y"
+        ),
+        "{text}"
+    );
+    verify_everywhere(ca, &der, now);
+}
+
+#[test]
+fn workload_for_ca_certificate_is_a_working_intermediate() {
+    let now = now();
+    let root = test_ca(CaKind::P384Root);
+    let key_pem = openssl_key(Key::P256);
+    let pem = openssl_csr(key_pem, "/CN=istiod", &[]);
+    let ca_csr = validate_csr(&pem, &CsrPolicy::default()).unwrap();
+    let ids = ["spiffe://cluster.local/ns/istio-system/sa/istiod".to_owned()];
+    let der = profile::issue_workload(
+        &WorkloadProfile::default(),
+        &root.bundle,
+        &ca_csr,
+        &ids,
+        30 * DAY,
+        true,
+        now,
+    )
+    .unwrap();
+    let cert = parse_cert(&der);
+    let bc = cert.basic_constraints().unwrap().unwrap();
+    assert!(bc.critical && bc.value.ca);
+    let ku = cert.key_usage().unwrap().unwrap();
+    assert!(
+        ku.critical
+            && ku.value.key_cert_sign()
+            && ku.value.crl_sign()
+            && ku.value.digital_signature()
+    );
+    assert!(
+        cert.extended_key_usage().unwrap().is_none(),
+        "CA certificate without EKU"
+    );
+    assert_eq!(
+        subject_key_id(&cert),
+        Some(cert::key_identifier(&ca_csr.public_key_bits))
+    );
+    assert_eq!(
+        authority_key_id(&cert).as_deref(),
+        Some(root.bundle.key_id())
+    );
+    assert_eq!(cert.subject().as_raw(), &cert::common_name(&ids[0])[..]);
+
+    // Load it as a CA with the openssl key and issue a leaf under it.
+    let bundle = CaBundle::from_parts(
+        meshca_pki::SigningKey::from_pem(key_pem).unwrap(),
+        der.clone(),
+        vec![],
+        root.roots.clone(),
+        now,
+    )
+    .unwrap();
+    let ca = TestCa {
+        name: "for_ca intermediate",
+        bundle: Arc::new(bundle),
+        roots: root.roots.clone(),
+        intermediates: vec![der],
+    };
+    let leaf_pem = csr(Key::Rsa2048, "/O=meshca-interop", Some("-sha256"));
+    let leaf_csr = validate_csr(&leaf_pem, &CsrPolicy::default()).unwrap();
+    let leaf = profile::issue_workload(
+        &WorkloadProfile::default(),
+        &ca.bundle,
+        &leaf_csr,
+        &[ID.to_owned()],
+        3600,
+        false,
+        now,
+    )
+    .unwrap();
+    assert_common_leaf_fields(&ca, &leaf_pem, &leaf);
+    verify_everywhere(&ca, &leaf, now);
+}
+
+#[test]
+fn multi_root_bundle_loads_and_leaves_verify_against_the_root_set() {
+    let now = now();
+    let ca = test_ca(CaKind::Rsa2048RootP256Intermediate);
+    let other = test_ca(CaKind::P384Root);
+    let roots: Vec<Vec<u8>> = vec![other.roots[0].clone(), ca.roots[0].clone()];
+    let roots_pem: String = roots.iter().map(|r| to_pem(r)).collect();
+    let key = ca.bundle.key().to_pkcs8_pem().unwrap();
+    let bundle = CaBundle::load(
+        &BundleSources {
+            cert: Source {
+                name: "ca-cert.pem",
+                bytes: ca.bundle.signing_cert_pem().as_bytes(),
+            },
+            key: Source {
+                name: "ca-key.pem",
+                bytes: key.as_bytes(),
+            },
+            chain: Some(Source {
+                name: "cert-chain.pem",
+                bytes: ca.bundle.signing_cert_pem().as_bytes(),
+            }),
+            roots: Some(Source {
+                name: "root-cert.pem",
+                bytes: roots_pem.as_bytes(),
+            }),
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(bundle.roots_der(), &roots[..]);
+    assert_eq!(bundle.roots_pem(), roots_pem);
+    let chain_after = bundle.chain_after_leaf();
+    assert_eq!(
+        chain_after.last(),
+        Some(&roots_pem),
+        "all roots in the last element"
+    );
+    let multi = TestCa {
+        name: "multi-root",
+        bundle: Arc::new(bundle),
+        roots,
+        intermediates: ca.intermediates.clone(),
+    };
+    let pem = csr(Key::P256, "/O=meshca-interop", Some("-sha256"));
+    let csr = validate_csr(&pem, &CsrPolicy::default()).unwrap();
+    let der = profile::issue_workload(
+        &WorkloadProfile::default(),
+        &multi.bundle,
+        &csr,
+        &[ID.to_owned()],
+        3600,
+        false,
+        now,
+    )
+    .unwrap();
+    verify_everywhere(&multi, &der, now);
+}
+
+#[test]
+fn two_level_intermediate_chain_in_any_order_loads_and_verifies() {
+    let now = now();
+    let mid = test_ca(CaKind::Rsa2048RootP256Intermediate);
+    let lower = intermediate_ca(
+        "second-level intermediate",
+        mid,
+        KeyType::EcdsaP384,
+        &repeated_attribute_name("second level"),
+        Duration::from_secs(365 * DAY as u64),
+        now,
+    );
+    // cert-chain.pem: root first, then the upper intermediate, then the signing cert.
+    let chain_pem: String = [
+        &mid.roots[0],
+        &mid.intermediates[0],
+        &lower.intermediates[0],
+    ]
+    .iter()
+    .map(|c| to_pem(c))
+    .collect();
+    let key = lower.bundle.key().to_pkcs8_pem().unwrap();
+    let bundle = CaBundle::load(
+        &BundleSources {
+            cert: Source {
+                name: "ca-cert.pem",
+                bytes: to_pem(&lower.intermediates[0]).as_bytes(),
+            },
+            key: Source {
+                name: "ca-key.pem",
+                bytes: key.as_bytes(),
+            },
+            chain: Some(Source {
+                name: "cert-chain.pem",
+                bytes: chain_pem.as_bytes(),
+            }),
+            roots: Some(Source {
+                name: "root-cert.pem",
+                bytes: to_pem(&mid.roots[0]).as_bytes(),
+            }),
+        },
+        now,
+    )
+    .unwrap();
+    let expected_chain = vec![
+        to_pem(&lower.intermediates[0]),
+        to_pem(&mid.intermediates[0]),
+        to_pem(&mid.roots[0]),
+    ];
+    assert_eq!(bundle.chain_after_leaf(), expected_chain);
+    assert_eq!(
+        bundle.cert_chain_pem(),
+        format!("{}{}", expected_chain[0], expected_chain[1])
+    );
+    let ca = TestCa {
+        name: "two-level",
+        bundle: Arc::new(bundle),
+        roots: mid.roots.clone(),
+        intermediates: vec![lower.intermediates[0].clone(), mid.intermediates[0].clone()],
+    };
+    for (key, subject, digest) in [
+        (Key::Rsa2048, "/O=meshca-interop", Some("-sha256")),
+        (Key::Ed25519, "/", None),
+    ] {
+        let pem = csr(key, subject, digest);
+        check_workload(&ca, &pem, now);
+        check_kubernetes(&ca, &pem, now);
+    }
+}
+
+#[test]
+fn ca_valid_beyond_2049_writes_generalized_time_and_chains_verify() {
+    let now = now();
+    let forty_years = Duration::from_secs(40 * 365 * DAY as u64);
+    let ca = root_ca(
+        "40-year root",
+        KeyType::EcdsaP256,
+        &cert::organization_name("cluster.local"),
+        forty_years,
+        now,
+    );
+    assert!(ca.bundle.not_after().year() >= 2050);
+    let root = parse_cert(&ca.roots[0]);
+    assert_eq!(root.validity().not_after.to_datetime(), now + forty_years);
+    // GeneralizedTime (tag 0x18) for the NotAfter, UTCTime (0x17) for the NotBefore.
+    let not_after_text = format!(
+        "{}Z",
+        (now + forty_years)
+            .format(&time::macros::format_description!(
+                "[year][month][day][hour][minute][second]"
+            ))
+            .unwrap()
+    );
+    let mut generalized = vec![0x18, not_after_text.len() as u8];
+    generalized.extend_from_slice(not_after_text.as_bytes());
+    assert!(
+        ca.roots[0]
+            .windows(generalized.len())
+            .any(|w| w == generalized),
+        "GeneralizedTime NotAfter"
+    );
+    let text = openssl_text(&ca.roots[0]);
+    let not_after_line = text.lines().find(|l| l.contains("Not After :")).unwrap();
+    assert!(
+        not_after_line.ends_with(&format!("{} GMT", (now + forty_years).year())),
+        "{not_after_line}"
+    );
+
+    let pem = csr(Key::P256, "/O=meshca-interop", Some("-sha256"));
+    let csr = validate_csr(&pem, &CsrPolicy::default()).unwrap();
+    // A leaf signed an hour before the CA ends is clamped to the CA's NotAfter.
+    let late = ca.bundle.not_after() - Duration::from_secs(3600);
+    let der = profile::issue_workload(
+        &WorkloadProfile::default(),
+        &ca.bundle,
+        &csr,
+        &[ID.to_owned()],
+        DAY,
+        false,
+        late,
+    )
+    .unwrap();
+    assert_eq!(
+        parse_cert(&der).validity().not_after.to_datetime(),
+        ca.bundle.not_after()
+    );
+    webpki_verify(&der, &ca.intermediates, &ca.roots, late);
+    let der = profile::issue_workload(
+        &WorkloadProfile::default(),
+        &ca.bundle,
+        &csr,
+        &[ID.to_owned()],
+        DAY,
+        false,
+        now,
+    )
+    .unwrap();
+    verify_everywhere(&ca, &der, now);
+}

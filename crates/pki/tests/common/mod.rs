@@ -291,12 +291,22 @@ pub fn intermediate_ca(
         now,
     )
     .unwrap();
-    let bundle = CaBundle::from_parts(key, inter.clone(), vec![], root.roots.clone(), now).unwrap();
+    // The issuer's own intermediates (if it is not a root) complete the chain.
+    let bundle = CaBundle::from_parts(
+        key,
+        inter.clone(),
+        root.intermediates.clone(),
+        root.roots.clone(),
+        now,
+    )
+    .unwrap();
+    let mut intermediates = vec![inter];
+    intermediates.extend(root.intermediates.iter().cloned());
     TestCa {
         name,
         bundle: Arc::new(bundle),
         roots: root.roots.clone(),
-        intermediates: vec![inter],
+        intermediates,
     }
 }
 
