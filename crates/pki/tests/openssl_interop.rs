@@ -504,6 +504,10 @@ enum KeyForm {
     RsaPkcs8,
     P256Sec1,
     P384Sec1,
+    /// SEC1 without the optional public key (`openssl ec -no_public`).
+    P256Sec1NoPublic,
+    P256Pkcs8,
+    Ed25519Pkcs8,
 }
 
 /// Makes an intermediate under the openssl root; returns (cert PEM, key PEM in `form`).
@@ -518,6 +522,9 @@ fn openssl_intermediate(form: KeyForm) -> (Vec<u8>, Vec<u8>) {
         KeyForm::RsaPkcs8 => (Key::Rsa2048, "-----BEGIN PRIVATE KEY-----"),
         KeyForm::P256Sec1 => (Key::P256, "-----BEGIN EC PRIVATE KEY-----"),
         KeyForm::P384Sec1 => (Key::P384, "-----BEGIN EC PRIVATE KEY-----"),
+        KeyForm::P256Sec1NoPublic => (Key::P256, "-----BEGIN EC PRIVATE KEY-----"),
+        KeyForm::P256Pkcs8 => (Key::P256, "-----BEGIN PRIVATE KEY-----"),
+        KeyForm::Ed25519Pkcs8 => (Key::Ed25519, "-----BEGIN PRIVATE KEY-----"),
     };
     std::fs::write(d.join("pkcs8.key"), openssl_key(base)).unwrap();
     match form {
@@ -534,9 +541,17 @@ fn openssl_intermediate(form: KeyForm) -> (Vec<u8>, Vec<u8>) {
                 ],
             );
         }
-        KeyForm::RsaPkcs8 => std::fs::copy(d.join("pkcs8.key"), d.join("inter.key"))
-            .map(|_| ())
-            .unwrap(),
+        KeyForm::RsaPkcs8 | KeyForm::P256Pkcs8 | KeyForm::Ed25519Pkcs8 => {
+            std::fs::copy(d.join("pkcs8.key"), d.join("inter.key"))
+                .map(|_| ())
+                .unwrap()
+        }
+        KeyForm::P256Sec1NoPublic => {
+            openssl(
+                d,
+                &["ec", "-in", "pkcs8.key", "-no_public", "-out", "inter.key"],
+            );
+        }
         KeyForm::P256Sec1 | KeyForm::P384Sec1 => {
             openssl(d, &["ec", "-in", "pkcs8.key", "-out", "inter.key"]);
         }
@@ -683,6 +698,21 @@ fn openssl_made_bundle_with_sec1_p256_key_loads_and_signs() {
 #[test]
 fn openssl_made_bundle_with_sec1_p384_key_loads_and_signs() {
     cacerts_from_openssl(KeyForm::P384Sec1);
+}
+
+#[test]
+fn openssl_made_bundle_with_sec1_key_without_public_key_loads_and_signs() {
+    cacerts_from_openssl(KeyForm::P256Sec1NoPublic);
+}
+
+#[test]
+fn openssl_made_bundle_with_pkcs8_p256_key_loads_and_signs() {
+    cacerts_from_openssl(KeyForm::P256Pkcs8);
+}
+
+#[test]
+fn openssl_made_bundle_with_pkcs8_ed25519_key_loads_and_signs() {
+    cacerts_from_openssl(KeyForm::Ed25519Pkcs8);
 }
 
 #[test]

@@ -1047,3 +1047,65 @@ fn workload_identity_longer_than_64_chars_is_san_only_even_with_cn() {
         &cert::common_name(ID)[..]
     );
 }
+
+#[test]
+fn unusable_ca_key_files_are_refused_naming_the_key_file() {
+    let dir = tempdir();
+    let d = dir.path();
+    // A P-521 CA: the curve is not supported for signing.
+    std::fs::write(d.join("k.pem"), openssl_key(Key::P521)).unwrap();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "k.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/O=p521",
+            "-extensions",
+            "root_ca",
+            "-out",
+            "c.pem",
+        ],
+    );
+    let files = Files {
+        cert: std::fs::read(d.join("c.pem")).unwrap(),
+        key: openssl_key(Key::P521).to_vec(),
+        chain: None,
+        roots: None,
+    };
+    let err = load(&files, now()).unwrap_err();
+    assert_eq!(err.file, "ca-key.pem", "{err}");
+
+    // An encrypted PKCS#8 key.
+    std::fs::write(d.join("p256.pem"), openssl_key(Key::P256)).unwrap();
+    openssl(
+        d,
+        &[
+            "pkcs8",
+            "-topk8",
+            "-in",
+            "p256.pem",
+            "-passout",
+            "pass:secret",
+            "-v2",
+            "aes-256-cbc",
+            "-out",
+            "enc.pem",
+        ],
+    );
+    let (cert, _) = openssl_self_signed("root_ca");
+    let files = Files {
+        cert,
+        key: std::fs::read(d.join("enc.pem")).unwrap(),
+        chain: None,
+        roots: None,
+    };
+    let err = load(&files, now()).unwrap_err();
+    assert_eq!(err.file, "ca-key.pem", "{err}");
+    assert!(!err.problem.contains("secret"));
+}
