@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use crate::bundle::CaBundle;
 use crate::cert::{self, Extensions, TbsFields, ext_key_usage, key_usage};
-use crate::csr::ValidatedCsr;
+use crate::csr::{CsrKey, ValidatedCsr};
 use crate::error::{Error, PolicyViolation};
 use crate::key::SigningKey;
 use crate::san::{SanEntry, SpiffeId};
@@ -84,10 +84,12 @@ pub fn issue_workload(
             .basic_constraints(true)
             .subject_key_id(&cert::key_identifier(&csr.public_key_bits));
     } else {
+        let usage = key_usage::DIGITAL_SIGNATURE | key_usage::KEY_ENCIPHERMENT;
         extensions
-            .key_usage(key_usage::DIGITAL_SIGNATURE | key_usage::KEY_ENCIPHERMENT)
+            .key_usage(usage_for_key(usage, csr.key))
             .ext_key_usage(&[ext_key_usage::SERVER_AUTH, ext_key_usage::CLIENT_AUTH])
-            .basic_constraints(false);
+            .basic_constraints(false)
+            .subject_key_id(&cert::key_identifier(&csr.public_key_bits));
     }
     extensions.authority_key_id(bundle.key_id());
     extensions
@@ -331,9 +333,10 @@ pub fn issue_kubernetes(
     let subject_is_empty = subject == cert::EMPTY_NAME;
     let mut extensions = Extensions::default();
     extensions
-        .key_usage(ku)
+        .key_usage(usage_for_key(ku, csr.key))
         .ext_key_usage(&eku)
         .basic_constraints(false)
+        .subject_key_id(&cert::key_identifier(&csr.public_key_bits))
         .authority_key_id(bundle.key_id());
     // RFC 5280: with an empty subject the SAN extension must be critical.
     extensions
@@ -347,6 +350,27 @@ pub fn issue_kubernetes(
         not_after.min(bundle.not_after()),
         extensions,
     )
+}
+
+/// Key usages the certified key can actually have. istiod and kubelets ask
+/// for keyEncipherment whatever the key; it only means something for RSA
+/// (RFC 8813 forbids it for ECDSA keys, RFC 8410 for Ed25519), and no TLS
+/// stack needs it for an EC key, so it is dropped there instead of issuing
+/// a certificate that linters reject.
+fn usage_for_key(bits: u16, key: CsrKey) -> u16 {
+    match key {
+        CsrKey::Rsa { .. } => bits,
+        CsrKey::EcdsaP256 | CsrKey::EcdsaP384 => {
+            bits & !(key_usage::KEY_ENCIPHERMENT | key_usage::DATA_ENCIPHERMENT)
+        }
+        CsrKey::Ed25519 => {
+            bits & !(key_usage::KEY_ENCIPHERMENT
+                | key_usage::DATA_ENCIPHERMENT
+                | key_usage::KEY_AGREEMENT
+                | key_usage::ENCIPHER_ONLY
+                | key_usage::DECIPHER_ONLY)
+        }
+    }
 }
 
 fn check_signer_validity(bundle: &CaBundle, now: OffsetDateTime) -> Result<(), Error> {

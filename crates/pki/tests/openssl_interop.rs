@@ -58,7 +58,9 @@ fn assert_common_leaf_fields(ca: &TestCa, csr_pem: &[u8], der: &[u8]) {
     );
     assert_eq!(ca.bundle.key_id(), &ca_ski[..]);
     assert_serial_ok(&cert);
-    assert_key_usage(&cert, 0b101);
+    // keyEncipherment only for RSA keys (RFC 8813 / RFC 8410).
+    let rsa = cert.public_key().algorithm.algorithm.to_id_string() == "1.2.840.113549.1.1.1";
+    assert_key_usage(&cert, if rsa { 0b101 } else { 0b001 });
     assert_server_and_client_auth(&cert);
     assert_not_ca(&cert);
     assert_eq!(cert.version().0, 2, "X.509 v3");
@@ -81,10 +83,16 @@ fn openssl_text_has_leaf_profile(der: &[u8], san_critical: bool) {
         "SAN criticality wrong in:\n{text}"
     );
     assert!(text.contains(&format!("URI:{ID}\n")), "{text}");
+    // keyEncipherment only for RSA keys (RFC 8813 / RFC 8410).
+    let usages = if text.contains("Public Key Algorithm: rsaEncryption") {
+        "Digital Signature, Key Encipherment"
+    } else {
+        "Digital Signature"
+    };
     assert!(
-        text.contains(
-            "X509v3 Key Usage: critical\n                Digital Signature, Key Encipherment\n"
-        ),
+        text.contains(&format!(
+            "X509v3 Key Usage: critical\n                {usages}\n"
+        )),
         "{text}"
     );
     assert!(

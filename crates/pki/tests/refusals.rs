@@ -924,7 +924,8 @@ fn workload_csr_requesting_ca_true_gets_ca_false() {
     let der = issue_workload_for(&csr);
     let cert = parse_cert(&der);
     assert_not_ca(&cert);
-    assert_key_usage(&cert, 0b101);
+    // A P-256 key: digitalSignature only (keyEncipherment is RSA-only).
+    assert_key_usage(&cert, 0b001);
     // Through LocalCa too.
     let local = LocalCa::new(
         Arc::clone(&test_ca(CaKind::P256Root).bundle),
@@ -975,6 +976,7 @@ fn unknown_csr_extensions_are_tolerated_but_not_copied() {
     assert_eq!(
         sorted,
         [
+            "2.5.29.14",
             "2.5.29.15",
             "2.5.29.17",
             "2.5.29.19",
