@@ -1,0 +1,279 @@
+//! The signer config file (YAML or JSON): several signers, each with its own
+//! CA and policy. The single-signer command-line flags build the same thing.
+//!
+//! ```yaml
+//! signers:
+//!   - name: example.com/foo
+//!     caSecret: signer-ca-system/signer-ca-keypair   # or caDir: /etc/signer-ca
+//!     defaultTTL: 24h
+//!     maxTTL: 8760h
+//!     trustDomains: [cluster.local]                  # ["*"]: any
+//!     subject: copy                                  # copy | empty
+//!   - name: example.com/tenant-a
+//!     caDir: /etc/tenant-a
+//!     trustDomains: [tenant-a.example]
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meshca_pki::{CsrPolicy, KubernetesProfile, SanPolicy, SubjectRule, TrustDomains, profile};
+use serde::Deserialize;
+
+use crate::{CaSource, SignerConfig, SignerPolicy};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub signers: Vec<SignerSpec>,
+}
+
+/// One signer in the config file; every policy field has the istiod default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SignerSpec {
+    pub name: String,
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// `NAMESPACE/NAME` of a kubernetes.io/tls Secret.
+    #[serde(default)]
+    pub ca_secret: Option<String>,
+    #[serde(default, rename = "defaultTTL")]
+    pub default_ttl: Option<String>,
+    #[serde(default, rename = "maxTTL")]
+    pub max_ttl: Option<String>,
+    #[serde(default)]
+    pub include_root: bool,
+    #[serde(default = "default_trust_domains")]
+    pub trust_domains: Vec<String>,
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    #[serde(default = "one", rename = "minURIs")]
+    pub min_uris: usize,
+    #[serde(default = "one", rename = "maxURIs")]
+    pub max_uris: usize,
+    #[serde(default = "yes")]
+    pub spiffe_only: bool,
+    #[serde(default, rename = "allowDNS")]
+    pub allow_dns: bool,
+    #[serde(default, rename = "allowIP")]
+    pub allow_ip: bool,
+    #[serde(default)]
+    pub allow_email: bool,
+    #[serde(default = "default_usages")]
+    pub allowed_usages: Vec<String>,
+}
+
+fn default_trust_domains() -> Vec<String> {
+    vec!["cluster.local".into()]
+}
+fn default_subject() -> String {
+    "copy".into()
+}
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_usages() -> Vec<String> {
+    profile::ISTIOD_USAGES
+        .iter()
+        .map(|u| u.to_string())
+        .collect()
+}
+
+impl SignerSpec {
+    /// A spec with every default, for signer `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        SignerSpec {
+            name: name.into(),
+            ca_dir: None,
+            ca_secret: None,
+            default_ttl: None,
+            max_ttl: None,
+            include_root: false,
+            trust_domains: default_trust_domains(),
+            subject: default_subject(),
+            min_uris: 1,
+            max_uris: 1,
+            spiffe_only: true,
+            allow_dns: false,
+            allow_ip: false,
+            allow_email: false,
+            allowed_usages: default_usages(),
+        }
+    }
+
+    pub fn build(&self) -> Result<SignerConfig> {
+        let ctx = || format!("signer {}", self.name);
+        validate_signer_name(&self.name).with_context(ctx)?;
+        let ca = match (&self.ca_dir, &self.ca_secret) {
+            (Some(d), None) => CaSource::Dir(d.clone()),
+            (None, Some(s)) => s.parse().map_err(anyhow::Error::msg).with_context(ctx)?,
+            _ => bail!(
+                "signer {}: give exactly one of caDir and caSecret",
+                self.name
+            ),
+        };
+        let parse = |s: &Option<String>, default: Duration| -> Result<Duration> {
+            match s {
+                None => Ok(default),
+                Some(t) => humantime::parse_duration(t)
+                    .with_context(|| format!("signer {}: duration {t:?}", self.name)),
+            }
+        };
+        let defaults = KubernetesProfile::default();
+        let default_ttl = parse(&self.default_ttl, defaults.default_ttl)?;
+        let max_ttl = parse(&self.max_ttl, defaults.max_ttl)?;
+        let subject = match self.subject.as_str() {
+            "copy" => SubjectRule::CopyFromCsr,
+            "empty" => SubjectRule::RequireEmpty,
+            other => bail!(
+                "signer {}: subject must be copy or empty, not {other:?}",
+                self.name
+            ),
+        };
+        let trust_domains = if self.trust_domains.iter().any(|t| t == "*") {
+            TrustDomains::Any
+        } else {
+            TrustDomains::Only(self.trust_domains.clone())
+        };
+        if self.min_uris > self.max_uris {
+            bail!("signer {}: minURIs > maxURIs", self.name);
+        }
+        Ok(SignerConfig {
+            policy: SignerPolicy {
+                name: self.name.clone(),
+                profile: KubernetesProfile {
+                    default_ttl,
+                    max_ttl,
+                    subject,
+                    sans: SanPolicy {
+                        min_uris: self.min_uris,
+                        max_uris: self.max_uris,
+                        spiffe_only: self.spiffe_only,
+                        trust_domains,
+                        allow_dns: self.allow_dns,
+                        allow_ip: self.allow_ip,
+                        allow_email: self.allow_email,
+                    },
+                    allowed_usages: self.allowed_usages.clone(),
+                },
+                csr_policy: CsrPolicy::default(),
+                include_root: self.include_root,
+            },
+            ca,
+        })
+    }
+}
+
+/// `<domain>/<path>`; the `kubernetes.io` domain belongs to the built-in signers.
+pub fn validate_signer_name(name: &str) -> Result<()> {
+    let Some((domain, path)) = name.split_once('/') else {
+        bail!("signer name {name:?} must be <domain>/<path>");
+    };
+    if domain.is_empty() || path.is_empty() || !domain.contains('.') {
+        bail!("signer name {name:?} must be <domain>/<path> with a DNS domain");
+    }
+    if domain == "kubernetes.io" || domain.ends_with(".kubernetes.io") {
+        bail!("signer name {name:?}: kubernetes.io signers are kube-controller-manager's");
+    }
+    Ok(())
+}
+
+/// Reads a config file (YAML, or JSON which is YAML).
+pub fn load(path: &std::path::Path) -> Result<Vec<SignerConfig>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text).with_context(|| format!("in {}", path.display()))
+}
+
+pub fn parse(text: &str) -> Result<Vec<SignerConfig>> {
+    let file: ConfigFile = serde_saphyr::from_str(text).context("parsing the signer config")?;
+    if file.signers.is_empty() {
+        bail!("no signers");
+    }
+    let mut names = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for s in &file.signers {
+        if !names.insert(s.name.clone()) {
+            bail!("signer {} is configured twice", s.name);
+        }
+        out.push(s.build()?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_several_signers_with_defaults() {
+        let signers = parse(
+            "signers:\n\
+             - name: example.com/foo\n  caSecret: ns/secret\n\
+             - name: example.com/bar\n  caDir: /etc/bar\n  maxTTL: 2h\n  trustDomains: ['*']\n  subject: empty\n  includeRoot: true\n",
+        )
+        .unwrap();
+        assert_eq!(signers.len(), 2);
+        assert_eq!(signers[0].policy, SignerPolicy::istiod("example.com/foo"));
+        assert_eq!(
+            signers[0].ca,
+            CaSource::Secret {
+                namespace: "ns".into(),
+                name: "secret".into()
+            }
+        );
+        let bar = &signers[1].policy;
+        assert_eq!(bar.profile.max_ttl, Duration::from_secs(7200));
+        assert_eq!(bar.profile.sans.trust_domains, TrustDomains::Any);
+        assert_eq!(bar.profile.subject, SubjectRule::RequireEmpty);
+        assert!(bar.include_root);
+    }
+
+    #[test]
+    fn refuses_bad_configs() {
+        for (text, needle) in [
+            ("signers: []", "no signers"),
+            (
+                "signers:\n- name: example.com/foo\n",
+                "exactly one of caDir",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caDir: /a\n  caSecret: a/b\n",
+                "exactly one",
+            ),
+            ("signers:\n- name: foo\n  caDir: /a\n", "<domain>/<path>"),
+            (
+                "signers:\n- name: kubernetes.io/kubelet-serving\n  caDir: /a\n",
+                "kube-controller-manager",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caSecret: nons\n",
+                "NAMESPACE/NAME",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caDir: /a\n  subject: keep\n",
+                "copy or empty",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caDir: /a\n  maxTTL: forever\n",
+                "duration",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caDir: /a\n  colour: red\n",
+                "colour",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caDir: /a\n- name: example.com/foo\n  caDir: /b\n",
+                "twice",
+            ),
+        ] {
+            let e = format!("{:#}", parse(text).unwrap_err());
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! meshca's Kubernetes CSR signer controller (`meshca signer`).
+//!
+//! It replaces the seed's "custom CA controller" (signer-ca): istiod in RA
+//! mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`, `K8S_SIGNER=example.com/foo`)
+//! creates `certificates.k8s.io/v1` CSRs, approves them itself, and waits for
+//! `status.certificate`; this controller writes it.
+//!
+//! Data flow, per configured signer name:
+//!
+//! ```text
+//! apiserver --watch (fieldSelector spec.signerName=<name>)--> reflector store
+//!   -> kube::runtime::Controller queue (deduplicated, concurrent)
+//!   -> controller::reconcile
+//!        -> decide::decide(csr, policy, CA, now)          (pure)
+//!             skip: other signer / not Approved=True / Denied / Failed / issued
+//!             validate_csr (encoding, key, proof of possession)
+//!             profile::issue_kubernetes (SAN/subject/usage/TTL policy, CA validity)
+//!        -> Issue: status.certificate = leaf + intermediates [+ roots]
+//!           Fail:  append condition Failed (reason, message "<code>: <rule>")
+//!        -> PUT .../status with the resourceVersion read; 409 -> re-read, decide again
+//!        -> Event (Normal CertificateIssued / Warning <reason>), metrics
+//! CA source (dir polled / Secret watched) -> ca::CaHandle -> every CSR re-examined
+//! ca::CaHandle(s) -> trust::keep_published -> Secret external-ca-cert/root-cert.pem
+//! ```
+//!
+//! Correctness never depends on being the only replica: every write carries
+//! the resourceVersion it was decided on, and the apiserver itself refuses to
+//! change a certificate once set.
+//!
+//! Client-side rate limiting: kube-rs has no client-side limiter (unlike
+//! client-go's QPS 5 / burst 10 defaults), so the only throttle is the
+//! reconcile concurrency ([`Config::concurrency`]) and the apiserver's own
+//! priority and fairness.
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod config;
+pub mod controller;
+pub mod decide;
+pub mod manifests;
+pub mod metrics;
+pub mod trust;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::future::{FutureExt, Shared};
+use futures::{StreamExt, channel::oneshot};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+
+pub use ca::{CaHandle, CaSource};
+pub use decide::{Action, SignerPolicy, Skip, decide};
+pub use trust::TrustBundleTarget;
+
+/// One signer: a name, its policy and its CA.
+#[derive(Debug, Clone)]
+pub struct SignerConfig {
+    pub policy: SignerPolicy,
+    pub ca: CaSource,
+}
+
+/// Everything the controller runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub signers: Vec<SignerConfig>,
+    /// CSRs reconciled at once, per signer.
+    pub concurrency: u16,
+    /// How often a CA directory is checked for changes.
+    pub ca_poll_interval: Duration,
+    /// Publish the roots to this Secret (istiod's `external-ca-cert`).
+    pub trust_bundle: Option<TrustBundleTarget>,
+    /// `/healthz`, `/readyz`, `/metrics`; `None` serves nothing.
+    pub monitoring_listen: Option<SocketAddr>,
+    /// Publish a Kubernetes Event per issued or failed CSR.
+    pub events: bool,
+    /// `reportingInstance` of Events (the pod name).
+    pub instance: Option<String>,
+}
+
+impl Config {
+    pub fn new(signers: Vec<SignerConfig>) -> Self {
+        Config {
+            signers,
+            concurrency: 32,
+            ca_poll_interval: Duration::from_secs(5),
+            trust_bundle: None,
+            monitoring_listen: None,
+            events: true,
+            instance: None,
+        }
+    }
+}
+
+type ShutdownSignal =
+    Shared<futures::future::Map<oneshot::Receiver<()>, fn(Result<(), oneshot::Canceled>)>>;
+
+/// A running controller.
+pub struct Running {
+    /// Where `/metrics` & co. listen (the actual port if 0 was asked for).
+    pub monitoring_addr: Option<SocketAddr>,
+    handles: Vec<Arc<CaHandle>>,
+    registry: Arc<Registry>,
+    shutdown: Option<oneshot::Sender<()>>,
+    main: JoinHandle<()>,
+    helpers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Whether every signer has a CA.
+    pub fn ready(&self) -> bool {
+        self.handles.iter().all(|h| h.get().is_some())
+    }
+
+    /// The metrics, in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Stops taking new work, lets reconciles in flight finish, stops.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.main).await;
+        for h in &self.helpers {
+            h.abort();
+        }
+    }
+
+    /// Stops at once, as a crash would (in-flight writes may or may not land).
+    pub fn abort(self) {
+        self.main.abort();
+        for h in &self.helpers {
+            h.abort();
+        }
+    }
+
+    /// Waits until the controller stops (after [`Running::shutdown`] or if
+    /// every watch ends).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.main).await;
+        for h in &self.helpers {
+            h.abort();
+        }
+    }
+}
+
+/// Starts the controller on `client`. A CA that does not load at start is
+/// logged and retried; its signer signs nothing until it loads.
+pub async fn start(client: Client, config: Config) -> Result<Running> {
+    anyhow::ensure!(!config.signers.is_empty(), "no signer configured");
+    let mut registry = Registry::default();
+    let metrics = Arc::new(metrics::Metrics::new(&mut registry));
+    let registry = Arc::new(registry);
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let drop_result: fn(Result<(), oneshot::Canceled>) = drop;
+    let shutdown: ShutdownSignal = shutdown_rx.map(drop_result).shared();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "meshca-signer".into(),
+            instance: config.instance.clone(),
+        },
+    );
+
+    let mut helpers = Vec::new();
+    let mut handles = Vec::new();
+    let mut controllers = Vec::new();
+    for signer in &config.signers {
+        let name = signer.policy.name.clone();
+        let handle = Arc::new(CaHandle::default());
+        match ca::load_once(&client, &signer.ca).await {
+            Ok(bundle) => {
+                tracing::info!(signer = %name, source = %signer.ca, not_after = %bundle.not_after(), "CA loaded");
+                ca::install(&handle, &metrics, &name, bundle);
+            }
+            Err(e) => {
+                metrics
+                    .ca_load_errors
+                    .get_or_create(&metrics::Metrics::label(&name))
+                    .inc();
+                tracing::error!(signer = %name, error = %format!("{e:#}"), "CA does not load; this signer signs nothing until it does");
+            }
+        }
+        helpers.push(tokio::spawn(ca::keep_current(
+            client.clone(),
+            signer.ca.clone(),
+            handle.clone(),
+            metrics.clone(),
+            name.clone(),
+            config.ca_poll_interval,
+        )));
+
+        let api = Api::<CertificateSigningRequest>::all(client.clone());
+        let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));
+        let controller = Controller::new(api.clone(), wc)
+            .with_config(
+                kube::runtime::controller::Config::default().concurrency(config.concurrency),
+            )
+            .reconcile_all_on(handle.subscribe())
+            .graceful_shutdown_on(shutdown.clone());
+        let store = controller.store();
+        let gauge = metrics
+            .queue_depth
+            .get_or_create(&metrics::Metrics::label(&name))
+            .clone();
+        let depth_name = name.clone();
+        helpers.push(tokio::spawn(async move {
+            loop {
+                gauge.set(controller::pending(&store, &depth_name));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+        let ctx = Arc::new(controller::SignerContext {
+            api,
+            policy: signer.policy.clone(),
+            ca: handle.clone(),
+            recorder: recorder.clone(),
+            metrics: metrics.clone(),
+            events: config.events,
+        });
+        let signer_name = name.clone();
+        controllers.push(
+            controller
+                .run(controller::reconcile, controller::error_policy, ctx)
+                .for_each(move |res| {
+                    if let Err(e) = res {
+                        tracing::debug!(signer = %signer_name, error = %e, "controller");
+                    }
+                    futures::future::ready(())
+                })
+                .boxed(),
+        );
+        handles.push(handle);
+    }
+
+    if let Some(target) = config.trust_bundle.clone() {
+        helpers.push(tokio::spawn(trust::keep_published(
+            client.clone(),
+            target,
+            handles.clone(),
+            Duration::from_secs(30),
+        )));
+    }
+
+    let mut monitoring_addr = None;
+    if let Some(addr) = config.monitoring_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        monitoring_addr = Some(listener.local_addr()?);
+        let app = monitoring_router(registry.clone(), handles.clone());
+        helpers.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "monitoring server");
+            }
+        }));
+    }
+
+    let main = tokio::spawn(async move {
+        futures::future::join_all(controllers).await;
+    });
+    Ok(Running {
+        monitoring_addr,
+        handles,
+        registry,
+        shutdown: Some(shutdown_tx),
+        main,
+        helpers,
+    })
+}
+
+fn monitoring_router(registry: Arc<Registry>, handles: Vec<Arc<CaHandle>>) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = handles.iter().all(|h| h.get().is_some());
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: a signer has no CA",
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            text,
+                        ),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [(header::CONTENT_TYPE, "text/plain")],
+                            String::new(),
+                        ),
+                    }
+                }
+            }),
+        )
+}
