@@ -57,6 +57,19 @@ fn assert_common_leaf_fields(ca: &TestCa, csr_pem: &[u8], der: &[u8]) {
         "AKI == CA SKI"
     );
     assert_eq!(ca.bundle.key_id(), &ca_ski[..]);
+    // SKI: RFC 5280 method 1, SHA-1 of the CSR's subjectPublicKey bits.
+    let csr_der = pem_der(csr_pem);
+    let (_, parsed_csr) = X509CertificationRequest::from_der(&csr_der).unwrap();
+    let key_bits = &parsed_csr
+        .certification_request_info
+        .subject_pki
+        .subject_public_key
+        .data;
+    assert_eq!(
+        subject_key_id(&cert),
+        Some(cert::key_identifier(key_bits)),
+        "leaf SKI"
+    );
     assert_serial_ok(&cert);
     // keyEncipherment only for RSA keys (RFC 8813 / RFC 8410).
     let rsa = cert.public_key().algorithm.algorithm.to_id_string() == "1.2.840.113549.1.1.1";
