@@ -35,6 +35,9 @@ enum Command {
     Request(crate::cmd_request::RequestArgs),
     /// Run the Kubernetes CSR signer controller (the seed's custom CA controller).
     Signer(Box<crate::cmd_signer::SignerArgs>),
+    /// Print deployment manifests.
+    #[command(subcommand)]
+    Manifests(crate::cmd_manifests::ManifestsCommand),
 }
 
 #[derive(Subcommand)]
@@ -123,6 +126,7 @@ pub fn parse_and_run() -> ExitCode {
         Command::Token(a) => crate::cmd_server::token(&a),
         Command::Request(a) => crate::cmd_request::request(&a),
         Command::Signer(a) => crate::cmd_signer::signer(*a),
+        Command::Manifests(c) => crate::cmd_manifests::run(c),
     };
     match result {
         Ok(code) => code,

@@ -35,9 +35,11 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod cleaner;
 pub mod config;
 pub mod controller;
 pub mod decide;
+pub mod lease;
 pub mod manifests;
 pub mod metrics;
 pub mod trust;
@@ -58,7 +60,9 @@ use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
 pub use ca::{CaHandle, CaSource};
+pub use cleaner::CleanerConfig;
 pub use decide::{Action, SignerPolicy, Skip, decide};
+pub use lease::LeaderElection;
 pub use trust::TrustBundleTarget;
 
 /// One signer: a name, its policy and its CA.
@@ -84,6 +88,10 @@ pub struct Config {
     pub events: bool,
     /// `reportingInstance` of Events (the pod name).
     pub instance: Option<String>,
+    /// Sign only while holding this Lease (`None`: always).
+    pub leader_election: Option<LeaderElection>,
+    /// Delete this signer's old CSRs (while leading).
+    pub cleaner: Option<CleanerConfig>,
 }
 
 impl Config {
@@ -96,6 +104,8 @@ impl Config {
             monitoring_listen: None,
             events: true,
             instance: None,
+            leader_election: None,
+            cleaner: None,
         }
     }
 }
@@ -110,7 +120,7 @@ pub struct Running {
     handles: Vec<Arc<CaHandle>>,
     registry: Arc<Registry>,
     shutdown: Option<oneshot::Sender<()>>,
-    main: JoinHandle<()>,
+    main: JoinHandle<Result<()>>,
     helpers: Vec<JoinHandle<()>>,
 }
 
@@ -127,15 +137,17 @@ impl Running {
         text
     }
 
-    /// Stops taking new work, lets reconciles in flight finish, stops.
-    pub async fn shutdown(mut self) {
+    /// Stops taking new work, lets reconciles in flight finish, releases
+    /// the lease, stops.
+    pub async fn shutdown(mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.main).await;
+        let result = (&mut self.main).await;
         for h in &self.helpers {
             h.abort();
         }
+        result.context("controller task")?
     }
 
     /// Stops at once, as a crash would (in-flight writes may or may not land).
@@ -146,12 +158,28 @@ impl Running {
         }
     }
 
-    /// Waits until the controller stops (after [`Running::shutdown`] or if
-    /// every watch ends).
-    pub async fn wait(mut self) {
-        let _ = (&mut self.main).await;
+    /// Waits until the controller stops: after a shutdown signal, or with an
+    /// error when the leader lease is lost.
+    pub async fn wait(mut self) -> Result<()> {
+        let result = (&mut self.main).await;
         for h in &self.helpers {
             h.abort();
+        }
+        result.context("controller task")?
+    }
+
+    /// Resolves when the controller stops by itself (lease lost: error).
+    /// Afterwards [`Running::shutdown`] returns at once.
+    pub async fn stopped(&mut self) -> Result<()> {
+        let result = (&mut self.main).await;
+        self.main = tokio::spawn(async { Ok(()) });
+        result.context("controller task")?
+    }
+
+    /// Sends the shutdown signal without waiting (see [`Running::wait`]).
+    pub fn signal_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
         }
     }
 }
@@ -176,7 +204,7 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
 
     let mut helpers = Vec::new();
     let mut handles = Vec::new();
-    let mut controllers = Vec::new();
+    let mut parts = Vec::new();
     for signer in &config.signers {
         let name = signer.policy.name.clone();
         let handle = Arc::new(CaHandle::default());
@@ -202,46 +230,18 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
             config.ca_poll_interval,
         )));
 
-        let api = Api::<CertificateSigningRequest>::all(client.clone());
-        let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));
-        let controller = Controller::new(api.clone(), wc)
-            .with_config(
-                kube::runtime::controller::Config::default().concurrency(config.concurrency),
-            )
-            .reconcile_all_on(handle.subscribe())
-            .graceful_shutdown_on(shutdown.clone());
-        let store = controller.store();
-        let gauge = metrics
-            .queue_depth
-            .get_or_create(&metrics::Metrics::label(&name))
-            .clone();
-        let depth_name = name.clone();
-        helpers.push(tokio::spawn(async move {
-            loop {
-                gauge.set(controller::pending(&store, &depth_name));
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }));
-        let ctx = Arc::new(controller::SignerContext {
-            api,
-            policy: signer.policy.clone(),
-            ca: handle.clone(),
-            recorder: recorder.clone(),
-            metrics: metrics.clone(),
-            events: config.events,
+        parts.push(Part {
+            api: Api::<CertificateSigningRequest>::all(client.clone()),
+            ctx: Arc::new(controller::SignerContext {
+                api: Api::<CertificateSigningRequest>::all(client.clone()),
+                policy: signer.policy.clone(),
+                ca: handle.clone(),
+                recorder: recorder.clone(),
+                metrics: metrics.clone(),
+                events: config.events,
+            }),
+            changes: handle.subscribe(),
         });
-        let signer_name = name.clone();
-        controllers.push(
-            controller
-                .run(controller::reconcile, controller::error_policy, ctx)
-                .for_each(move |res| {
-                    if let Err(e) = res {
-                        tracing::debug!(signer = %signer_name, error = %e, "controller");
-                    }
-                    futures::future::ready(())
-                })
-                .boxed(),
-        );
         handles.push(handle);
     }
 
@@ -268,9 +268,15 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
         }));
     }
 
-    let main = tokio::spawn(async move {
-        futures::future::join_all(controllers).await;
-    });
+    let main = tokio::spawn(lead_and_run(
+        client,
+        parts,
+        config.concurrency,
+        config.leader_election.clone(),
+        config.cleaner.clone(),
+        metrics,
+        shutdown,
+    ));
     Ok(Running {
         monitoring_addr,
         handles,
@@ -279,6 +285,95 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
         main,
         helpers,
     })
+}
+
+/// One signer's controller inputs, built before leadership.
+struct Part {
+    api: Api<CertificateSigningRequest>,
+    ctx: Arc<controller::SignerContext>,
+    changes: futures::channel::mpsc::UnboundedReceiver<()>,
+}
+
+/// Waits for the lease (if any), then runs the controllers and the cleaner
+/// until shutdown (releasing the lease) or until the lease is lost (error).
+async fn lead_and_run(
+    client: Client,
+    parts: Vec<Part>,
+    concurrency: u16,
+    election: Option<LeaderElection>,
+    cleaner: Option<CleanerConfig>,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: ShutdownSignal,
+) -> Result<()> {
+    let mut elector = election.map(|e| lease::Elector::new(client.clone(), e));
+    if let Some(el) = elector.as_mut() {
+        tokio::select! {
+            _ = el.acquire() => {}
+            _ = shutdown.clone() => return Ok(()),
+        }
+    }
+    metrics.leader.set(1);
+    let names: Vec<String> = parts.iter().map(|p| p.ctx.policy.name.clone()).collect();
+    let mut leader_tasks = Vec::new();
+    if let Some(cfg) = cleaner {
+        leader_tasks.push(tokio::spawn(cleaner::run(
+            client.clone(),
+            names.clone(),
+            cfg,
+        )));
+    }
+    let mut controllers = Vec::new();
+    for part in parts {
+        let name = part.ctx.policy.name.clone();
+        let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));
+        let controller = Controller::new(part.api, wc)
+            .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+            .reconcile_all_on(part.changes)
+            .graceful_shutdown_on(shutdown.clone());
+        let store = controller.store();
+        let gauge = metrics
+            .queue_depth
+            .get_or_create(&metrics::Metrics::label(&name))
+            .clone();
+        let depth_name = name.clone();
+        leader_tasks.push(tokio::spawn(async move {
+            loop {
+                gauge.set(controller::pending(&store, &depth_name));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+        controllers.push(
+            controller
+                .run(controller::reconcile, controller::error_policy, part.ctx)
+                .for_each(move |res| {
+                    if let Err(e) = res {
+                        tracing::debug!(signer = %name, error = %e, "controller");
+                    }
+                    futures::future::ready(())
+                })
+                .boxed(),
+        );
+    }
+    let lost = async {
+        match elector.as_mut() {
+            Some(el) => el.hold().await,
+            None => futures::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = futures::future::join_all(controllers) => Ok(()),
+        _ = lost => Err(anyhow::anyhow!("lost the leader lease; stopping so a new leader takes over")),
+    };
+    metrics.leader.set(0);
+    for t in leader_tasks {
+        t.abort();
+    }
+    if result.is_ok()
+        && let Some(el) = elector.as_mut()
+    {
+        el.release().await;
+    }
+    result
 }
 
 fn monitoring_router(registry: Arc<Registry>, handles: Vec<Arc<CaHandle>>) -> axum::Router {

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub ca_load_errors: Family<SignerLabel, Counter>,
     /// Status writes that hit a conflict (re-read and decided again).
     pub conflicts: Family<SignerLabel, Counter>,
+    /// 1 while this replica leads (always 1 without leader election).
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -54,6 +56,7 @@ impl Metrics {
             root_expiry_timestamp: Family::default(),
             ca_load_errors: Family::default(),
             conflicts: Family::default(),
+            leader: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("meshca_signer");
         r.register("signed", "Certificates issued, by signer", m.signed.clone());
@@ -92,6 +95,7 @@ impl Metrics {
             "Status writes that conflicted and were decided again",
             m.conflicts.clone(),
         );
+        r.register("leader", "1 while this replica signs", m.leader.clone());
         m
     }
 

@@ -204,7 +204,7 @@ async fn istiod_shaped_csrs_are_signed_and_nothing_else_is() {
         let chain = wait_issued(&istiod, &unapproved).await.unwrap();
         openssl_verify(&dir, &chain, &ca.root_pem).unwrap();
 
-        running.shutdown().await;
+        running.shutdown().await.unwrap();
         ns.cleanup().await.unwrap();
     })
     .await
@@ -353,7 +353,7 @@ async fn each_policy_violation_fails_with_its_reason() {
             "nothing signed: {text}"
         );
 
-        running.shutdown().await;
+        running.shutdown().await.unwrap();
         ns.cleanup().await.unwrap();
     })
     .await
@@ -423,7 +423,7 @@ async fn expired_ca_fails_csrs_and_a_new_ca_in_the_dir_is_picked_up() {
         openssl_verify(&dir, &chain, &fresh.root_pem).unwrap();
         assert!(openssl_verify(&dir, &chain, &ca.root_pem).is_err());
 
-        running.shutdown().await;
+        running.shutdown().await.unwrap();
         ns.cleanup().await.unwrap();
     })
     .await
@@ -566,7 +566,7 @@ async fn ca_secret_rotation_under_load_and_trust_bundle_publication() {
         assert_eq!(split_pem(&chain)[1], ca2.intermediate_pem);
         openssl_verify(&dir, &chain, &ca2.root_pem).unwrap();
 
-        running.shutdown().await;
+        running.shutdown().await.unwrap();
         ns.cleanup().await.unwrap();
     })
     .await
