@@ -365,7 +365,7 @@ pub fn certificates(source: Source<'_>) -> Result<Vec<Vec<u8>>, BundleError> {
 
 fn parse<'a>(der: &'a [u8], file: &str) -> Result<X509Certificate<'a>, BundleError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(BundleError::new(
             file,
             "trailing bytes after the certificate",
@@ -376,6 +376,9 @@ fn parse<'a>(der: &'a [u8], file: &str) -> Result<X509Certificate<'a>, BundleErr
         )),
     }
 }
+
+/// How far in the future a CA's NotBefore may lie and still load.
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn check_ca(
     cert: &X509Certificate<'_>,
@@ -396,7 +399,8 @@ fn check_ca(
         Err(e) => return Err(fail(format!("malformed KeyUsage: {e}"))),
     }
     let validity = cert.validity();
-    if now < validity.not_before.to_datetime() {
+    // Tolerate a CA minted moments ago by a host whose clock runs a little ahead.
+    if now + CLOCK_SKEW < validity.not_before.to_datetime() {
         return Err(fail(format!("is not valid before {}", validity.not_before)));
     }
     if now > validity.not_after.to_datetime() {

@@ -84,10 +84,10 @@ pub fn validate_csr(input: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, Cs
     if block.label != "CERTIFICATE REQUEST" {
         return Err(CsrError::WrongBlockType(block.label.clone()));
     }
-    validate_csr_der(&block.der).and_then(|csr| check_key(&csr, policy).map(|()| csr))
+    validate_csr_der(&block.der, policy)
 }
 
-fn validate_csr_der(der: &[u8]) -> Result<ValidatedCsr, CsrError> {
+fn validate_csr_der(der: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, CsrError> {
     let (rest, csr) =
         X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
@@ -97,6 +97,9 @@ fn validate_csr_der(der: &[u8]) -> Result<ValidatedCsr, CsrError> {
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
     let key = classify_key(spki)?;
+    // Key policy before the signature: a too-small key must be refused for
+    // its size, not misreported as a bad signature by the verifier's limits.
+    check_key(key, policy)?;
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
 
     let mut requested_sans = Vec::new();
@@ -192,9 +195,9 @@ fn classify_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<Cs
     }
 }
 
-fn check_key(csr: &ValidatedCsr, policy: &CsrPolicy) -> Result<(), CsrError> {
+fn check_key(key: CsrKey, policy: &CsrPolicy) -> Result<(), CsrError> {
     let refused = |name: &str| Err(CsrError::KeyAlgorithm(name.to_owned()));
-    match csr.key {
+    match key {
         CsrKey::Rsa { bits } => {
             if !policy.allow_rsa {
                 return refused("RSA");
@@ -233,11 +236,9 @@ fn san_entry(name: &GeneralName<'_>) -> Result<SanEntry, CsrError> {
             16 => SanEntry::Ip(<[u8; 16]>::try_from(*bytes).map_err(|_| bad_ip())?.into()),
             _ => return Err(bad_ip()),
         },
-        _ => {
-            return Err(CsrError::MalformedExtension(
-                "subjectAltName (unsupported name type)",
-            ));
-        }
+        // otherName, registeredID, directoryName...: well-formed but never
+        // certified; a profile that copies SANs refuses them by policy.
+        other => SanEntry::Other(other.to_string()),
     })
 }
 

@@ -110,6 +110,10 @@ pub enum PolicyViolation {
     IpSan(String),
     #[error("email SANs are not allowed ({0})")]
     EmailSan(String),
+    #[error("SAN {0} is of a type this signer never certifies")]
+    OtherSan(String),
+    #[error("the certificate would name nobody: empty subject and no SANs")]
+    NoName,
     #[error("the subject must be empty, the CSR has {0}")]
     SubjectNotEmpty(String),
     #[error("usage {0:?} is not allowed for this signer")]
@@ -129,6 +133,8 @@ impl PolicyViolation {
             PolicyViolation::DnsSan(_) => "policy_dns_san",
             PolicyViolation::IpSan(_) => "policy_ip_san",
             PolicyViolation::EmailSan(_) => "policy_email_san",
+            PolicyViolation::OtherSan(_) => "policy_other_san",
+            PolicyViolation::NoName => "policy_no_name",
             PolicyViolation::SubjectNotEmpty(_) => "policy_subject_not_empty",
             PolicyViolation::UsageNotAllowed(_) => "policy_usage_not_allowed",
             PolicyViolation::UnknownUsage(_) => "policy_usage_unknown",

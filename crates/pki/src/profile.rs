@@ -211,6 +211,10 @@ pub fn check_kubernetes_policy(
         return Err(PolicyViolation::SubjectNotEmpty(csr.subject_text.clone()));
     }
     check_sans(&profile.sans, &csr.requested_sans)?;
+    let subject_is_empty = profile.subject == SubjectRule::RequireEmpty || csr.subject_is_empty;
+    if subject_is_empty && csr.requested_sans.is_empty() {
+        return Err(PolicyViolation::NoName);
+    }
     let mut ku = 0u16;
     let mut eku = Vec::new();
     for usage in usages {
@@ -256,6 +260,7 @@ fn check_sans(policy: &SanPolicy, sans: &[SanEntry]) -> Result<(), PolicyViolati
             SanEntry::Email(e) if !policy.allow_email => {
                 return Err(PolicyViolation::EmailSan(e.clone()));
             }
+            SanEntry::Other(o) => return Err(PolicyViolation::OtherSan(o.clone())),
             _ => {}
         }
     }

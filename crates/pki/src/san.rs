@@ -13,6 +13,8 @@ pub enum SanEntry {
     Dns(String),
     Ip(IpAddr),
     Email(String),
+    /// A SAN type meshca never certifies (otherName, registeredID, ...), as text.
+    Other(String),
 }
 
 impl SanEntry {
@@ -37,6 +39,7 @@ impl SanEntry {
             SanEntry::Uri(s) => (6, ia5(s)?.to_vec()),
             SanEntry::Ip(IpAddr::V4(ip)) => (7, ip.octets().to_vec()),
             SanEntry::Ip(IpAddr::V6(ip)) => (7, ip.octets().to_vec()),
+            SanEntry::Other(s) => return Err(format!("SAN {s} cannot be certified")),
         };
         Ok(der::tlv(der::context(tag, false), &[&bytes]))
     }
@@ -49,6 +52,7 @@ impl fmt::Display for SanEntry {
             SanEntry::Dns(s) => write!(f, "DNS:{s}"),
             SanEntry::Ip(ip) => write!(f, "IP:{ip}"),
             SanEntry::Email(s) => write!(f, "email:{s}"),
+            SanEntry::Other(s) => write!(f, "other:{s}"),
         }
     }
 }

@@ -143,9 +143,56 @@ fn truncated_der_is_refused_as_csr_malformed() {
 #[test]
 fn rsa_1024_key_is_never_accepted() {
     let csr = openssl_csr(openssl_key(Key::Rsa1024), "/O=x", &["-addext", SAN_ID]);
-    // Only refusal is asserted: it should be csr_key_size but is currently
-    // csr_signature_invalid (the signature check runs before the key-size check).
-    refuse(&csr);
+    // The key policy runs before the signature check, so the reason names the size.
+    let err = refuse(&csr);
+    assert_eq!(
+        err,
+        CsrError::RsaKeySize {
+            bits: 1024,
+            min: 2048,
+            max: 8192
+        }
+    );
+    assert_eq!(err.reason(), "csr_key_size");
+}
+
+#[test]
+fn other_name_sans_are_ignored_by_the_workload_profile_and_refused_by_the_kubernetes_one() {
+    let csr = openssl_csr(
+        openssl_key(Key::P256),
+        "/O=x",
+        &[
+            "-addext",
+            "subjectAltName=URI:spiffe://cluster.local/ns/default/sa/bookinfo,otherName:1.3.6.1.4.1.311.20.2.3;UTF8:foo@bar",
+        ],
+    );
+    let der = issue_workload_for(&csr);
+    let cert = parse_cert(&der);
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(san.value.general_names.len(), 1, "only the identity");
+    let validated = validate_csr(&csr, &CsrPolicy::default()).unwrap();
+    let err = meshca_pki::profile::check_kubernetes_policy(
+        &meshca_pki::KubernetesProfile::default(),
+        &validated,
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "policy_other_san");
+}
+
+#[test]
+fn kubernetes_certificate_that_would_name_nobody_is_refused() {
+    let csr = openssl_csr(openssl_key(Key::P256), "/", &[]);
+    let validated = validate_csr(&csr, &CsrPolicy::default()).unwrap();
+    let profile = meshca_pki::KubernetesProfile {
+        sans: meshca_pki::SanPolicy {
+            min_uris: 0,
+            ..meshca_pki::SanPolicy::default()
+        },
+        ..meshca_pki::KubernetesProfile::default()
+    };
+    let err = meshca_pki::profile::check_kubernetes_policy(&profile, &validated, &[]).unwrap_err();
+    assert_eq!(err.reason(), "policy_no_name");
 }
 
 #[test]
@@ -503,7 +550,8 @@ fn expired_or_not_yet_valid_ca_is_refused() {
     assert!(err.problem.contains("expired"), "{err}");
     let far = now() + Duration::from_secs(100 * 365 * DAY as u64);
     assert!(load(&files, far).unwrap_err().problem.contains("expired"));
-    let past = ca.bundle.not_before() - Duration::from_secs(1);
+    // NotBefore may be up to 5 minutes ahead (clock skew); beyond that, refused.
+    let past = ca.bundle.not_before() - Duration::from_secs(301);
     let err = load(&files, past).unwrap_err();
     assert_eq!(err.file, "ca-cert.pem");
     assert!(err.problem.contains("not valid before"), "{err}");
