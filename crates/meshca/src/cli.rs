@@ -33,6 +33,8 @@ enum Command {
     Token(crate::cmd_server::TokenArgs),
     /// Request a certificate from an Istio-compatible CA, as istio-agent does.
     Request(crate::cmd_request::RequestArgs),
+    /// Load-test an Istio CA (meshca or istiod) with concurrent clients.
+    Loadgen(Box<crate::cmd_loadgen::LoadgenArgs>),
     /// Run the Kubernetes CSR signer controller (the seed's custom CA controller).
     Signer(Box<crate::cmd_signer::SignerArgs>),
     /// Print deployment manifests.
@@ -125,6 +127,7 @@ pub fn parse_and_run() -> ExitCode {
         Command::Server(a) => crate::cmd_server::server(*a),
         Command::Token(a) => crate::cmd_server::token(&a),
         Command::Request(a) => crate::cmd_request::request(&a),
+        Command::Loadgen(a) => crate::cmd_loadgen::loadgen(&a),
         Command::Signer(a) => crate::cmd_signer::signer(*a),
         Command::Manifests(c) => crate::cmd_manifests::run(c),
     };

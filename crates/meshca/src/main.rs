@@ -4,6 +4,7 @@
 
 mod cli;
 mod cmd_ca;
+mod cmd_loadgen;
 mod cmd_manifests;
 mod cmd_request;
 mod cmd_server;

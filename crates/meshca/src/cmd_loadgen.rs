@@ -1,0 +1,178 @@
+//! `meshca loadgen`: many concurrent istio-agent-like clients on long-lived
+//! TLS connections against any Istio CA (meshca or istiod), reporting
+//! certificates per second and latency percentiles. Bounded in requests and
+//! time; it stops by itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use meshca_pki::csr::build_csr;
+use meshca_pki::{KeyType, SigningKey, cert};
+use meshca_proto::IstioCertificateRequest;
+use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::cli::read_input;
+use crate::duration::parse_duration;
+
+#[derive(clap::Args)]
+pub struct LoadgenArgs {
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    pub addr: String,
+    /// Root that verifies the CA's serving certificate.
+    #[arg(long)]
+    pub root: PathBuf,
+    #[arg(long, default_value = "istiod.istio-system.svc")]
+    pub server_name: String,
+    /// Token files; client i uses file i mod N (one token per simulated workload).
+    #[arg(long = "token-file", required = true)]
+    pub token_files: Vec<PathBuf>,
+    /// Concurrent clients (each keeps requests in flight one at a time).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// TLS connections shared by the clients (HTTP/2 multiplexes the rest).
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Total requests to send.
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: usize,
+    /// Stop after this long even if requests remain.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    pub max_duration: Duration,
+    /// Key type of the pre-made CSRs (client key generation is not measured).
+    #[arg(long, default_value = "ecdsa-p256")]
+    pub key_type: KeyType,
+    /// Requested certificate lifetime.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub ttl: Duration,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn loadgen(args: &LoadgenArgs) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
+    let tokens: Vec<String> = args
+        .token_files
+        .iter()
+        .map(|p| Ok(String::from_utf8(read_input(p)?)?.trim().to_owned()))
+        .collect::<Result<_>>()?;
+    // A pool of CSRs made up front, so the figures measure the CA.
+    let csrs: Vec<String> = (0..32.min(args.requests.max(1)))
+        .map(|_| {
+            let key = SigningKey::generate(args.key_type)?;
+            build_csr(&key, cert::EMPTY_NAME, &[]).map_err(anyhow::Error::msg)
+        })
+        .collect::<Result<_>>()?;
+    let root = read_input(&args.root)?;
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&root))
+            .domain_name(args.server_name.clone());
+        let channel = Endpoint::from_shared(format!("https://{}", args.addr))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", args.addr))?;
+        channels.push(channel);
+    }
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + args.max_duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..args.concurrency.max(1) {
+        let channel: Channel = channels[client % channels.len()].clone();
+        let token = tokens[client % tokens.len()].clone();
+        let csrs = csrs.clone();
+        let next = next.clone();
+        let (ttl, total) = (args.ttl.as_secs() as i64, args.requests);
+        tasks.push(tokio::spawn(async move {
+            let mut grpc = IstioCertificateServiceClient::new(channel);
+            let mut latencies = Vec::new();
+            let mut errors: HashMap<String, usize> = HashMap::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total || Instant::now() >= deadline {
+                    break;
+                }
+                let metadata = prost_types::Struct {
+                    fields: BTreeMap::from([(
+                        "CertSigner".to_owned(),
+                        prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(String::new())) },
+                    )]),
+                };
+                let mut req = tonic::Request::new(IstioCertificateRequest {
+                    csr: csrs[n % csrs.len()].clone(),
+                    validity_duration: ttl,
+                    metadata: Some(metadata),
+                });
+                if let Ok(v) = format!("Bearer {token}").parse() {
+                    req.metadata_mut().insert("authorization", v);
+                }
+                let sent = Instant::now();
+                match grpc.create_certificate(req).await {
+                    Ok(resp) if resp.get_ref().cert_chain.len() >= 2 => latencies.push(sent.elapsed()),
+                    Ok(_) => *errors.entry("short chain".into()).or_default() += 1,
+                    Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors: HashMap<String, usize> = HashMap::new();
+    for task in tasks {
+        let (l, e) = task.await?;
+        latencies.extend(l);
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i].as_secs_f64() * 1000.0
+    };
+    let ok = latencies.len();
+    let report = serde_json::json!({
+        "addr": args.addr,
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "tokens": tokens.len(),
+        "ok": ok,
+        "errors": errors,
+        "seconds": elapsed,
+        "certs_per_second": ok as f64 / elapsed,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "p999_ms": pct(0.999),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{ok} certificates in {elapsed:.2}s = {:.0}/s; p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; errors {errors:?}",
+            ok as f64 / elapsed,
+            pct(0.50),
+            pct(0.99),
+            pct(0.999)
+        );
+    }
+    Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
