@@ -572,3 +572,64 @@ async fn ca_secret_rotation_under_load_and_trust_bundle_publication() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_apply_with_server_side_dry_run() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let env = TestEnv::get().await;
+        let admin = env.client();
+        let ns = env.namespace("signer-manifests").await.unwrap();
+        // Namespaces rendered as the test namespace (the dry run needs them to exist).
+        let o = manifest_options(&ns, &[SIGNER, "example.com/bar"]);
+        let yaml = meshca_signer::manifests::render(&o);
+        let mut kinds = Vec::new();
+        for doc in yaml.split("\n---\n") {
+            let value: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+            let obj: DynamicObject = serde_json::from_value(value.clone()).unwrap();
+            let types = obj.types.clone().expect("apiVersion and kind");
+            let (group, version) = types
+                .api_version
+                .split_once('/')
+                .unwrap_or(("", &types.api_version));
+            let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+            let ar = ApiResource::from_gvk(&gvk);
+            let name = obj.metadata.name.clone().unwrap();
+            let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
+                Some(n) => Api::namespaced_with(admin.clone(), n, &ar),
+                None => Api::all_with(admin.clone(), &ar),
+            };
+            let mut pp = PatchParams::apply("meshca-signer-manifest-test").force();
+            pp.dry_run = true;
+            api.patch(&name, &pp, &Patch::Apply(&value))
+                .await
+                .unwrap_or_else(|e| panic!("{} {name}: {e}", types.kind));
+            kinds.push(types.kind.clone());
+            // Dry run: nothing cluster-scoped was created.
+            if types.kind.starts_with("ClusterRole") {
+                assert!(api.get_opt(&name).await.unwrap().is_none());
+            }
+        }
+        for k in [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Secret",
+            "Deployment",
+            "Service",
+        ] {
+            assert!(kinds.iter().any(|x| x == k), "no {k} in {kinds:?}");
+        }
+        // istiod's values are YAML too (an IstioOperator, not applied).
+        let values =
+            meshca_signer::manifests::render_text(meshca_signer::manifests::ISTIOD_VALUES, &o);
+        let v: serde_json::Value = serde_saphyr::from_str(&values).unwrap();
+        assert_eq!(v["kind"], "IstioOperator");
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
