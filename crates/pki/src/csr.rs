@@ -58,13 +58,21 @@ pub struct ValidatedCsr {
     /// DER Name of the subject, byte for byte.
     pub subject_der: Vec<u8>,
     pub subject_is_empty: bool,
-    /// OpenSSL-style one-line rendering of the subject, for messages.
-    pub subject_text: String,
     pub has_common_name: bool,
     /// SANs from the extensionRequest attribute, in order.
     pub requested_sans: Vec<SanEntry>,
     /// BasicConstraints CA:TRUE was requested.
     pub requests_ca: bool,
+}
+
+impl ValidatedCsr {
+    /// One-line rendering of the subject, for messages (computed on demand:
+    /// the issue path never needs it).
+    pub fn subject_text(&self) -> String {
+        x509_parser::x509::X509Name::from_der(&self.subject_der)
+            .map(|(_, name)| name.to_string())
+            .unwrap_or_else(|_| "(unparsable subject)".into())
+    }
 }
 
 /// Checks a PEM CSR: one `CERTIFICATE REQUEST` block, strict DER without
@@ -129,7 +137,6 @@ fn validate_csr_der(der: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, CsrE
         key,
         subject_der: subject.as_raw().to_vec(),
         subject_is_empty: subject.iter().next().is_none(),
-        subject_text: subject.to_string(),
         has_common_name: subject.iter_common_name().next().is_some(),
         requested_sans,
         requests_ca,

@@ -208,7 +208,7 @@ pub fn check_kubernetes_policy(
         return Err(PolicyViolation::CaRequested);
     }
     if profile.subject == SubjectRule::RequireEmpty && !csr.subject_is_empty {
-        return Err(PolicyViolation::SubjectNotEmpty(csr.subject_text.clone()));
+        return Err(PolicyViolation::SubjectNotEmpty(csr.subject_text()));
     }
     check_sans(&profile.sans, &csr.requested_sans)?;
     let subject_is_empty = profile.subject == SubjectRule::RequireEmpty || csr.subject_is_empty;
