@@ -402,6 +402,15 @@ impl TestNamespace {
         Ok(out.status.context("TokenRequest returned no status")?.token)
     }
 
+    /// Mints a token (see [`TestNamespace::token_with`]) and writes it to a file in
+    /// [`TestNamespace::temp_dir`], e.g. for `istio-client -token` or pilot-agent.
+    pub async fn token_file(&self, sa: &str, opts: &TokenOptions) -> Result<PathBuf> {
+        let token = self.token_with(sa, opts).await?;
+        let path = self.tmp.path().join(format!("{}.token", unique_name(sa)));
+        std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// Applies a ClusterRole object as given (e.g. parsed from a component's
     /// manifest), keeping its name. It is shared between tests and not deleted.
     pub async fn apply_cluster_role(&self, role: &ClusterRole) -> Result<String> {

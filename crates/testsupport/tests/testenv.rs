@@ -269,9 +269,12 @@ async fn istio_client_runs_and_reports_grpc_status() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let token = tmp.path().join("token");
-    std::fs::write(&token, "not-a-real-token").unwrap();
+    let ns = env.namespace("istio-client").await.unwrap();
+    ns.create_service_account("workload").await.unwrap();
+    let token = ns
+        .token_file("workload", &TokenOptions::default())
+        .await
+        .unwrap();
     let out = Command::new(&client)
         .args(["-addr", &format!("127.0.0.1:{port}")])
         .arg("-root-cert")
@@ -285,6 +288,7 @@ async fn istio_client_runs_and_reports_grpc_status() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("Unavailable: "), "{stderr}");
     assert!(out.stdout.is_empty(), "{out:?}");
+    ns.cleanup().await.unwrap();
 }
 
 #[tokio::test]
