@@ -49,18 +49,21 @@ impl Server {
         let state = tempfile::tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port());
         let monitoring = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
-            .args([
-                "server",
-                "--listen",
-                &addr,
-                "--monitoring-listen",
-                &monitoring,
-            ])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshca"));
+        cmd.args([
+            "server",
+            "--listen",
+            &addr,
+            "--monitoring-listen",
+            &monitoring,
+        ]);
+        if !extra.contains(&"--root-ca-dir") {
+            cmd.arg("--root-ca-dir")
+                .arg(state.path().join("no-plugged-ca"));
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(state.path())
-            .arg("--root-ca-dir")
-            .arg(state.path().join("no-plugged-ca"))
             .arg("--kubeconfig")
             .arg(identity.kubeconfig_path())
             .args(["--self-signed-key-type", "ecdsa-p256"])
@@ -70,7 +73,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting meshca server")?;
-        let server = Server {
+        let mut server = Server {
             child,
             addr,
             monitoring,
@@ -80,9 +83,12 @@ impl Server {
         Ok(server)
     }
 
-    async fn wait_ready(&self) -> Result<()> {
+    async fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("meshca server exited with {status} before becoming ready");
+            }
             if let Ok(out) = Command::new("curl")
                 .args(["-sf", &format!("http://{}/readyz", self.monitoring)])
                 .output()
@@ -108,8 +114,12 @@ impl Server {
     }
 
     async fn grpc(&self) -> Result<IstioCertificateServiceClient<Channel>> {
+        self.grpc_with_root(&self.root()).await
+    }
+
+    async fn grpc_with_root(&self, root: &Path) -> Result<IstioCertificateServiceClient<Channel>> {
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(std::fs::read(self.root())?))
+            .ca_certificate(Certificate::from_pem(std::fs::read(root)?))
             .domain_name("istiod.istio-system.svc");
         let channel = Endpoint::from_shared(format!("https://{}", self.addr))?
             .tls_config(tls)?
@@ -531,6 +541,128 @@ async fn bad_requests_get_istios_codes_nothing_is_issued_and_the_server_keeps_se
         "citadel_server_csr_sign_err_count_total{error=\"csr_signature_invalid\"} 1",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    ns.cleanup().await
+}
+
+fn meshca(args: &[&str]) -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("meshca {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn issuer_cn(chain: &[String]) -> String {
+    let der = pem_der(&chain[0]);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    cert.issuer().to_string()
+}
+
+#[tokio::test]
+async fn a_plugged_in_ca_is_reloaded_without_restart_and_a_broken_update_is_ignored() -> Result<()>
+{
+    let env = TestEnv::get().await;
+    let ns = env.namespace("srv-reload").await?;
+    let dir = ns.temp_dir().to_owned();
+    let (root, plugged) = (dir.join("root"), dir.join("cacerts"));
+    let (root_s, plugged_s) = (root.to_str().unwrap(), plugged.to_str().unwrap());
+    meshca(&[
+        "ca",
+        "init",
+        "--out",
+        root_s,
+        "--key-type",
+        "ecdsa-p256",
+        "--org",
+        "first",
+    ])?;
+    meshca(&[
+        "ca",
+        "init",
+        "--out",
+        plugged_s,
+        "--intermediate-of",
+        root_s,
+        "--key-type",
+        "ecdsa-p256",
+        "--org",
+        "first",
+    ])?;
+    let server = Server::start(
+        &ns,
+        &["--root-ca-dir", plugged_s, "--reload-interval", "200ms"],
+    )
+    .await?;
+    ns.create_service_account("app").await?;
+    let token = ns.token("app").await?;
+    let mut client = server.grpc_with_root(&root.join("root-cert.pem")).await?;
+    let first = client
+        .create_certificate(request(
+            csr_pem(meshca_pki::KeyType::EcdsaP256),
+            0,
+            Some(&token),
+            None,
+        ))
+        .await?;
+    assert!(issuer_cn(&first.get_ref().cert_chain).contains("O=first"));
+    assert_eq!(
+        first.get_ref().cert_chain.len(),
+        3,
+        "leaf, intermediate, root"
+    );
+
+    // A half-written update (key missing) must not replace the working CA.
+    std::fs::remove_file(plugged.join("ca-key.pem"))?;
+    std::fs::write(plugged.join("ca-cert.pem"), "garbage")?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let still = client
+        .create_certificate(request(
+            csr_pem(meshca_pki::KeyType::EcdsaP256),
+            0,
+            Some(&token),
+            None,
+        ))
+        .await?;
+    assert!(issuer_cn(&still.get_ref().cert_chain).contains("O=first"));
+
+    // Rotation to a new intermediate under the same root: picked up live.
+    meshca(&[
+        "ca",
+        "init",
+        "--out",
+        plugged_s,
+        "--intermediate-of",
+        root_s,
+        "--key-type",
+        "ecdsa-p256",
+        "--org",
+        "second",
+        "--force",
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let chain = client
+            .create_certificate(request(
+                csr_pem(meshca_pki::KeyType::EcdsaP256),
+                0,
+                Some(&token),
+                None,
+            ))
+            .await?
+            .into_inner()
+            .cert_chain;
+        if issuer_cn(&chain).contains("O=second") {
+            openssl_verify(&dir, &chain)?;
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new intermediate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ns.cleanup().await
 }

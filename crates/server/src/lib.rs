@@ -286,19 +286,22 @@ async fn reload_loop(
         if let Some(dir) = &watched {
             let now = cadir::fingerprint(dir);
             if last.as_ref() != Some(&now) {
+                // Remember this state either way: a broken update is reported
+                // once, and the next change (the fix) is tried again.
+                last = Some(now);
                 match cadir::load(dir, OffsetDateTime::now_utc()) {
                     Ok(bundle) => {
                         shared.metrics.observe_ca(&bundle);
                         *shared.ca.write().unwrap_or_else(|p| p.into_inner()) = make_ca(bundle);
                         tracing::info!(dir = %dir.display(), "reloaded the CA");
-                        last = Some(now);
                         renew = true;
                     }
                     // Keep serving with the CA we have; a half-written update
                     // usually completes by the next poll.
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "CA files changed but do not load; keeping the current CA")
-                    }
+                    Err(e) => tracing::warn!(
+                        error = %format!("{e:#}"),
+                        "CA files changed but do not load; keeping the current CA"
+                    ),
                 }
             }
         }
