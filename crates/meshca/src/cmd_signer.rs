@@ -24,14 +24,23 @@ pub struct SignerArgs {
     pub signer_names: Vec<String>,
     /// A YAML/JSON file with several signers, each with its own CA and policy
     /// (see the meshca-signer crate docs); replaces the single-signer flags.
-    #[arg(long, conflicts_with_all = ["ca_dir", "ca_secret"])]
+    #[arg(long, conflicts_with_all = ["ca_dir", "ca_secret", "ca_cert_path"])]
     pub config: Option<PathBuf>,
     /// CA directory: Istio's cacerts layout or tls.crt/tls.key[/ca.crt]; polled for changes.
     #[arg(long, env = "SIGNER_CA_DIR", conflicts_with = "ca_secret")]
     pub ca_dir: Option<PathBuf>,
     /// CA Secret NAMESPACE/NAME (kubernetes.io/tls: tls.crt, tls.key, optional ca.crt); watched.
-    #[arg(long, env = "SIGNER_CA_SECRET")]
+    #[arg(long, env = "SIGNER_CA_SECRET", conflicts_with = "ca_cert_path")]
     pub ca_secret: Option<String>,
+    /// signer-ca's flags: the signing certificate (intermediates may follow) ...
+    #[arg(long, requires = "ca_key_path", conflicts_with = "ca_dir")]
+    pub ca_cert_path: Option<PathBuf>,
+    /// ... and its key; polled for changes.
+    #[arg(long, requires = "ca_cert_path")]
+    pub ca_key_path: Option<PathBuf>,
+    /// Roots for --ca-cert-path (default: the last certificate of its chain).
+    #[arg(long, requires = "ca_cert_path")]
+    pub ca_roots_path: Option<PathBuf>,
     /// Lifetime when a CSR has no spec.expirationSeconds.
     #[arg(long, value_parser = parse_duration, default_value = "24h")]
     pub certificate_duration: Duration,
@@ -101,8 +110,10 @@ fn signers(args: &SignerArgs) -> Result<Vec<SignerConfig>> {
     if let Some(path) = &args.config {
         return meshca_signer::config::load(path);
     }
-    if args.ca_dir.is_none() && args.ca_secret.is_none() {
-        bail!("give the CA with --ca-dir or --ca-secret NAMESPACE/NAME (or use --config)");
+    if args.ca_dir.is_none() && args.ca_secret.is_none() && args.ca_cert_path.is_none() {
+        bail!(
+            "give the CA with --ca-dir, --ca-secret NAMESPACE/NAME or --ca-cert-path/--ca-key-path (or use --config)"
+        );
     }
     args.signer_names
         .iter()
@@ -110,6 +121,9 @@ fn signers(args: &SignerArgs) -> Result<Vec<SignerConfig>> {
             let mut spec = SignerSpec::new(name.clone());
             spec.ca_dir = args.ca_dir.clone();
             spec.ca_secret = args.ca_secret.clone();
+            spec.ca_cert_path = args.ca_cert_path.clone();
+            spec.ca_key_path = args.ca_key_path.clone();
+            spec.ca_roots_path = args.ca_roots_path.clone();
             spec.include_root = args.include_root;
             spec.trust_domains = args.trust_domains.clone();
             spec.subject = args.subject.clone();

@@ -19,7 +19,10 @@
 //! Options: `--n N`, `--signer meshca|kcm` (repeatable), `--concurrency C`
 //! (creations in flight, default 64), `--meshca-bin PATH` (default
 //! target/release/meshca), `--meshca-arg ARG` (extra, repeatable),
-//! `--kcm-arg ARG` (extra, repeatable).
+//! `--kcm-arg ARG` (extra, repeatable), `--backlog` (create and approve all
+//! N CSRs first, then start the signer: measures the signer's drain rate
+//! alone, without the load generator in the way; latencies then count from
+//! the signer's start).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +51,7 @@ struct Opts {
     meshca_bin: PathBuf,
     meshca_args: Vec<String>,
     kcm_args: Vec<String>,
+    backlog: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -58,6 +62,7 @@ fn parse_args() -> Result<Opts> {
         meshca_bin: PathBuf::from("target/release/meshca"),
         meshca_args: Vec::new(),
         kcm_args: Vec::new(),
+        backlog: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -69,6 +74,7 @@ fn parse_args() -> Result<Opts> {
             "--meshca-bin" => o.meshca_bin = val()?.into(),
             "--meshca-arg" => o.meshca_args.push(val()?),
             "--kcm-arg" => o.kcm_args.push(val()?),
+            "--backlog" => o.backlog = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -192,7 +198,7 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
     } else {
         "example.com/bench".to_string()
     };
-    let child = if kind == "kcm" {
+    let mut command = if kind == "kcm" {
         let bin = meshca_testsupport::bin("kube-controller-manager");
         let mut cmd = Command::new(bin);
         cmd.args([
@@ -230,16 +236,6 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
         .env("RUST_LOG", "warn");
         cmd
     };
-    let mut child = child;
-    let log = std::fs::File::create(work.join(format!("{kind}.log")))?;
-    let child = Guard(
-        child
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("starting the {kind} signer"))?,
-    );
-    let pid = child.0.id();
 
     let api = Api::<CertificateSigningRequest>::all(client.clone());
     // Pre-generate the CSRs (not timed).
@@ -287,9 +283,68 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
         }
     });
 
-    // Warm-up CSR: the signer is up and signing before the clock starts.
     let mut csrs = csrs.into_iter();
-    let warm = make(o.n, csrs.next().context("no CSR")?);
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let create_all = |objs: Vec<CertificateSigningRequest>| {
+        let api = api.clone();
+        let created = created.clone();
+        async move {
+            futures::stream::iter(objs)
+                .map(|csr| {
+                    let api = api.clone();
+                    let created = created.clone();
+                    async move {
+                        let name = csr.metadata.name.clone().unwrap();
+                        api.create(&PostParams::default(), &csr).await?;
+                        created.lock().unwrap().insert(name.clone(), Instant::now());
+                        approve(&api, &name).await
+                    }
+                })
+                .buffer_unordered(o.concurrency)
+                .collect::<Vec<Result<()>>>()
+                .await
+                .into_iter()
+                .collect::<Result<Vec<()>>>()
+        }
+    };
+    let _ = csrs.next(); // the warm-up CSR's slot
+    let objs: Vec<CertificateSigningRequest> = csrs.enumerate().map(|(i, c)| make(i, c)).collect();
+    if o.backlog {
+        let t = Instant::now();
+        create_all(objs).await?;
+        eprintln!(
+            "{kind}: backlog of {} created and approved in {:?}",
+            o.n,
+            t.elapsed()
+        );
+        let start = Instant::now();
+        let log = std::fs::File::create(work.join(format!("{kind}.log")))?;
+        let child = Guard(
+            command
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .with_context(|| format!("starting the {kind} signer"))?,
+        );
+        let pid = child.0.id();
+        return finish(
+            o, kind, &api, &run, &seen, &created, start, true, pid, child, watch,
+        )
+        .await;
+    }
+    let log = std::fs::File::create(work.join(format!("{kind}.log")))?;
+    let child = Guard(
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting the {kind} signer"))?,
+    );
+    let pid = child.0.id();
+
+    // Warm-up CSR: the signer is up and signing before the clock starts.
+    let warm_csr = csr_for(kind, &run, o.n)?;
+    let warm = make(o.n, warm_csr);
     let warm_name = warm.metadata.name.clone().unwrap();
     api.create(&PostParams::default(), &warm).await?;
     approve(&api, &warm_name).await?;
@@ -301,33 +356,37 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let start = Instant::now();
-    let objs: Vec<CertificateSigningRequest> = csrs.enumerate().map(|(i, c)| make(i, c)).collect();
-    futures::stream::iter(objs)
-        .map(|csr| {
-            let api = api.clone();
-            let created = created.clone();
-            async move {
-                let name = csr.metadata.name.clone().unwrap();
-                api.create(&PostParams::default(), &csr).await?;
-                created.lock().unwrap().insert(name.clone(), Instant::now());
-                approve(&api, &name).await
-            }
-        })
-        .buffer_unordered(o.concurrency)
-        .collect::<Vec<Result<()>>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>>>()?;
+    create_all(objs).await?;
+    finish(
+        o, kind, &api, &run, &seen, &created, start, false, pid, child, watch,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    o: &Opts,
+    kind: &str,
+    api: &Api<CertificateSigningRequest>,
+    run: &str,
+    seen: &Mutex<HashMap<String, Instant>>,
+    created: &Mutex<HashMap<String, Instant>>,
+    start: Instant,
+    backlog: bool,
+    pid: u32,
+    child: Guard,
+    watch: tokio::task::JoinHandle<()>,
+) -> Result<Report> {
+    let want = if backlog { o.n } else { o.n + 1 };
     let deadline = Duration::from_secs(600);
     loop {
         let done = seen.lock().unwrap().len();
-        if done > o.n {
+        if done >= want {
             break;
         }
         if start.elapsed() > deadline {
-            bail!("{kind}: only {done} of {} signed in {deadline:?}", o.n);
+            bail!("{kind}: only {done} of {want} signed in {deadline:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -338,7 +397,7 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
         .lock()
         .unwrap()
         .iter()
-        .map(|(n, c)| seen[n].saturating_duration_since(*c))
+        .map(|(n, c)| seen[n].saturating_duration_since(if backlog { start } else { *c }))
         .collect();
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];

@@ -26,6 +26,14 @@ pub enum CaSource {
     Dir(PathBuf),
     /// A Secret with `tls.crt`, `tls.key` and optional `ca.crt`; watched.
     Secret { namespace: String, name: String },
+    /// Two (or three) files, as signer-ca's `--ca-cert-path`/`--ca-key-path`:
+    /// the signing certificate (intermediates may follow it), its key, and
+    /// optionally the roots (default: the last certificate of the chain); polled.
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        roots: Option<PathBuf>,
+    },
 }
 
 impl std::fmt::Display for CaSource {
@@ -33,6 +41,9 @@ impl std::fmt::Display for CaSource {
         match self {
             CaSource::Dir(d) => write!(f, "directory {}", d.display()),
             CaSource::Secret { namespace, name } => write!(f, "Secret {namespace}/{name}"),
+            CaSource::Files { cert, key, .. } => {
+                write!(f, "files {} and {}", cert.display(), key.display())
+            }
         }
     }
 }
@@ -130,11 +141,86 @@ pub fn bundle_from_secret(secret: &Secret, now: OffsetDateTime) -> Result<CaBund
     Ok(CaBundle::load(&sources, now)?)
 }
 
+/// Loads a CA from separate files.
+pub fn bundle_from_files(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    roots: Option<&std::path::Path>,
+    now: OffsetDateTime,
+) -> Result<CaBundle> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p)
+            .map(Zeroizing::new)
+            .with_context(|| format!("reading {}", p.display()))
+    };
+    let (cert_bytes, key_bytes) = (read(cert)?, read(key)?);
+    let roots_bytes = roots.map(read).transpose()?;
+    let names = [
+        cert.display().to_string(),
+        key.display().to_string(),
+        roots.map(|r| r.display().to_string()).unwrap_or_default(),
+    ];
+    let sources = BundleSources {
+        cert: Source {
+            name: &names[0],
+            bytes: &cert_bytes,
+        },
+        key: Source {
+            name: &names[1],
+            bytes: &key_bytes,
+        },
+        chain: None,
+        roots: roots_bytes.as_ref().map(|r| Source {
+            name: &names[2],
+            bytes: r,
+        }),
+    };
+    Ok(CaBundle::load(&sources, now)?)
+}
+
+type Stamp = Option<(std::time::SystemTime, u64)>;
+
+fn file_stamps(paths: &[&std::path::Path]) -> Vec<Stamp> {
+    paths
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+/// A change marker for polled sources; `None` for watched ones.
+fn fingerprint(source: &CaSource) -> Option<Vec<Stamp>> {
+    match source {
+        CaSource::Dir(dir) => Some(
+            meshca_server::cadir::fingerprint(dir)
+                .into_iter()
+                .map(|(_, s)| s)
+                .collect(),
+        ),
+        CaSource::Files { cert, key, roots } => {
+            let mut paths = vec![cert.as_path(), key.as_path()];
+            paths.extend(roots.as_deref());
+            Some(file_stamps(&paths))
+        }
+        CaSource::Secret { .. } => None,
+    }
+}
+
+fn load_local(source: &CaSource, now: OffsetDateTime) -> Result<CaBundle> {
+    match source {
+        CaSource::Dir(dir) => meshca_server::cadir::load(dir, now),
+        CaSource::Files { cert, key, roots } => bundle_from_files(cert, key, roots.as_deref(), now),
+        CaSource::Secret { .. } => bail!("a Secret is not a local source"),
+    }
+}
+
 /// Loads the CA once (for the first start).
 pub async fn load_once(client: &Client, source: &CaSource) -> Result<CaBundle> {
     let now = OffsetDateTime::now_utc();
     match source {
-        CaSource::Dir(dir) => meshca_server::cadir::load(dir, now),
+        CaSource::Dir(_) | CaSource::Files { .. } => load_local(source, now),
         CaSource::Secret { namespace, name } => {
             let secret = Api::<Secret>::namespaced(client.clone(), namespace)
                 .get(name)
@@ -176,18 +262,18 @@ pub async fn keep_current(
     poll_interval: Duration,
 ) {
     match source {
-        CaSource::Dir(dir) => {
-            let mut last = meshca_server::cadir::fingerprint(&dir);
+        CaSource::Dir(_) | CaSource::Files { .. } => {
+            let mut last = fingerprint(&source);
             let mut ticker = tokio::time::interval(poll_interval);
             loop {
                 ticker.tick().await;
-                let now_fp = meshca_server::cadir::fingerprint(&dir);
+                let now_fp = fingerprint(&source);
                 if now_fp == last && handle.get().is_some() {
                     continue;
                 }
-                match meshca_server::cadir::load(&dir, OffsetDateTime::now_utc()) {
+                match load_local(&source, OffsetDateTime::now_utc()) {
                     Ok(bundle) => {
-                        tracing::info!(signer, dir = %dir.display(), not_after = %bundle.not_after(), "CA loaded");
+                        tracing::info!(signer, source = %source, not_after = %bundle.not_after(), "CA loaded");
                         install(&handle, &metrics, &signer, bundle);
                         last = now_fp;
                     }

@@ -39,6 +39,13 @@ pub struct SignerSpec {
     /// `NAMESPACE/NAME` of a kubernetes.io/tls Secret.
     #[serde(default)]
     pub ca_secret: Option<String>,
+    /// Separate files (signer-ca's `--ca-cert-path`, `--ca-key-path`).
+    #[serde(default)]
+    pub ca_cert_path: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key_path: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_roots_path: Option<PathBuf>,
     #[serde(default, rename = "defaultTTL")]
     pub default_ttl: Option<String>,
     #[serde(default, rename = "maxTTL")]
@@ -91,6 +98,9 @@ impl SignerSpec {
             name: name.into(),
             ca_dir: None,
             ca_secret: None,
+            ca_cert_path: None,
+            ca_key_path: None,
+            ca_roots_path: None,
             default_ttl: None,
             max_ttl: None,
             include_root: false,

@@ -9,14 +9,14 @@ use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Resource, ResourceExt};
 use time::OffsetDateTime;
 
 use crate::ca::CaHandle;
 use crate::decide::{Action, SignerPolicy, decide};
+use crate::events::{EventSink, Kind};
 use crate::metrics::{FailedLabel, Metrics};
 
 /// How many times a conflicting status write is re-read and decided again
@@ -28,10 +28,9 @@ pub struct SignerContext {
     pub api: Api<CertificateSigningRequest>,
     pub policy: SignerPolicy,
     pub ca: Arc<CaHandle>,
-    pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    /// Publish Events (off in benchmarks to measure the signing path alone).
-    pub events: bool,
+    /// Where Events go (`None`: no Events).
+    pub events: Option<EventSink>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +151,7 @@ async fn write_status(
 fn record(ctx: &SignerContext, csr: &CertificateSigningRequest, action: &Action) {
     let signer = &ctx.policy.name;
     let name = csr.name_any();
-    let event = match action {
+    let (kind, reason, note) = match action {
         Action::Issue { .. } => {
             ctx.metrics
                 .signed
@@ -168,13 +167,11 @@ fn record(ctx: &SignerContext, csr: &CertificateSigningRequest, action: &Action)
                     .observe(secs.max(0.0));
             }
             tracing::info!(csr = %name, signer, requester = csr.spec.username.as_deref().unwrap_or(""), "certificate issued");
-            Event {
-                type_: EventType::Normal,
-                reason: "CertificateIssued".into(),
-                note: Some(format!("certificate issued by signer {signer}")),
-                action: "Sign".into(),
-                secondary: None,
-            }
+            (
+                Kind::Normal,
+                "CertificateIssued",
+                format!("certificate issued by signer {signer}"),
+            )
         }
         Action::Fail {
             code,
@@ -189,26 +186,13 @@ fn record(ctx: &SignerContext, csr: &CertificateSigningRequest, action: &Action)
                 })
                 .inc();
             tracing::warn!(csr = %name, signer, code, message, "CSR marked Failed");
-            Event {
-                type_: EventType::Warning,
-                reason: (*reason).into(),
-                note: Some(truncate(message, 1000)),
-                action: "Sign".into(),
-                secondary: None,
-            }
+            (Kind::Warning, *reason, truncate(message, 1000))
         }
         Action::Skip(_) | Action::Retry { .. } => return,
     };
-    if !ctx.events {
-        return;
+    if let Some(sink) = &ctx.events {
+        sink.publish(csr, kind, reason, note);
     }
-    let recorder = ctx.recorder.clone();
-    let reference = csr.object_ref(&());
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(csr = ?reference.name, error = %e, "publishing Event");
-        }
-    });
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -222,6 +206,49 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
+/// Shrinks a CSR before it enters the cache: managedFields are dropped
+/// (a status PUT without them keeps the server's), and a final CSR (issued,
+/// failed, denied) keeps only what [`crate::decide::skip_reason`] looks at:
+/// its request and certificate bytes are replaced by a one-byte marker. Such
+/// an object is never written back: the decision on it is always Skip, and a
+/// conflict re-reads the full object from the apiserver.
+pub fn compact(csr: &mut CertificateSigningRequest) {
+    use crate::decide::Skip;
+    csr.metadata.managed_fields = None;
+    let final_state = matches!(
+        crate::decide::skip_reason(csr, &csr.spec.signer_name),
+        Some(Skip::AlreadyIssued | Skip::AlreadyFailed | Skip::Denied)
+    );
+    if final_state {
+        // Keep identity, signer name, condition types/statuses and a marker
+        // for the certificate: all skip_reason and the queue depth look at.
+        let meta = &mut csr.metadata;
+        meta.annotations = None;
+        meta.labels = None;
+        meta.generate_name = None;
+        let spec = &mut csr.spec;
+        spec.request = ByteString(Vec::new());
+        spec.usages = None;
+        spec.username = None;
+        spec.groups = None;
+        spec.extra = None;
+        spec.uid = None;
+        if let Some(status) = csr.status.as_mut() {
+            if let Some(cert) = status.certificate.as_mut()
+                && !cert.0.is_empty()
+            {
+                *cert = ByteString(b"-".to_vec());
+            }
+            for c in status.conditions.iter_mut().flatten() {
+                c.message = None;
+                c.reason = None;
+                c.last_update_time = None;
+                c.last_transition_time = None;
+            }
+        }
+    }
+}
+
 /// Counts the CSRs of this signer that are approved and not yet final.
 pub fn pending(
     store: &kube::runtime::reflector::Store<CertificateSigningRequest>,
@@ -232,4 +259,60 @@ pub fn pending(
         .iter()
         .filter(|c| crate::decide::skip_reason(c, name).is_none())
         .count() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::{Skip, skip_reason};
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequestSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
+    fn csr(conds: &[&str], cert: Option<&[u8]>) -> CertificateSigningRequest {
+        let mut c = CertificateSigningRequest {
+            spec: CertificateSigningRequestSpec {
+                signer_name: "example.com/foo".into(),
+                request: ByteString(b"REQUEST".to_vec()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        c.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        c.status = Some(CertificateSigningRequestStatus {
+            conditions: Some(
+                conds
+                    .iter()
+                    .map(|t| CertificateSigningRequestCondition {
+                        type_: (*t).into(),
+                        status: "True".into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            certificate: cert.map(|c| ByteString(c.to_vec())),
+        });
+        c
+    }
+
+    #[test]
+    fn compact_keeps_every_decision_and_the_request_of_open_csrs() {
+        for (c, keeps_request) in [
+            (csr(&[], None), true),
+            (csr(&["Approved"], None), true),
+            (csr(&["Approved"], Some(b"")), true),
+            (csr(&["Approved"], Some(b"CERT")), false),
+            (csr(&["Approved", "Failed"], None), false),
+            (csr(&["Denied"], None), false),
+        ] {
+            let mut small = c.clone();
+            compact(&mut small);
+            assert_eq!(small.metadata.managed_fields, None);
+            let skip = |x: &CertificateSigningRequest| skip_reason(x, "example.com/foo");
+            assert_eq!(skip(&small), skip(&c), "{c:?}");
+            assert_eq!(small.spec.request.0 == b"REQUEST", keeps_request, "{c:?}");
+            if skip(&c) == Some(Skip::AlreadyIssued) {
+                assert_eq!(small.status.unwrap().certificate.unwrap().0, b"-");
+            }
+        }
+    }
 }

@@ -39,6 +39,7 @@ pub mod cleaner;
 pub mod config;
 pub mod controller;
 pub mod decide;
+pub mod events;
 pub mod lease;
 pub mod manifests;
 pub mod metrics;
@@ -54,8 +55,7 @@ use futures::{StreamExt, channel::oneshot};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::Client;
 use kube::api::Api;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
@@ -152,10 +152,7 @@ impl Running {
 
     /// Stops at once, as a crash would (in-flight writes may or may not land).
     pub fn abort(self) {
-        self.main.abort();
-        for h in &self.helpers {
-            h.abort();
-        }
+        drop(self);
     }
 
     /// Waits until the controller stops: after a shutdown signal, or with an
@@ -184,6 +181,16 @@ impl Running {
     }
 }
 
+/// Dropping a [`Running`] stops everything at once (as [`Running::abort`]).
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.main.abort();
+        for h in &self.helpers {
+            h.abort();
+        }
+    }
+}
+
 /// Starts the controller on `client`. A CA that does not load at start is
 /// logged and retried; its signer signs nothing until it loads.
 pub async fn start(client: Client, config: Config) -> Result<Running> {
@@ -194,15 +201,21 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let drop_result: fn(Result<(), oneshot::Canceled>) = drop;
     let shutdown: ShutdownSignal = shutdown_rx.map(drop_result).shared();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "meshca-signer".into(),
-            instance: config.instance.clone(),
-        },
-    );
-
     let mut helpers = Vec::new();
+    let events = if config.events {
+        let (sink, workers) = events::EventSink::start(
+            client.clone(),
+            "meshca-signer",
+            config.instance.as_deref().unwrap_or("meshca-signer"),
+            metrics.clone(),
+            8,
+            4096,
+        );
+        helpers.extend(workers);
+        Some(sink)
+    } else {
+        None
+    };
     let mut handles = Vec::new();
     let mut parts = Vec::new();
     for signer in &config.signers {
@@ -236,9 +249,8 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
                 api: Api::<CertificateSigningRequest>::all(client.clone()),
                 policy: signer.policy.clone(),
                 ca: handle.clone(),
-                recorder: recorder.clone(),
                 metrics: metrics.clone(),
-                events: config.events,
+                events: events.clone(),
             }),
             changes: handle.subscribe(),
         });
@@ -326,7 +338,13 @@ async fn lead_and_run(
     for part in parts {
         let name = part.ctx.policy.name.clone();
         let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));
-        let controller = Controller::new(part.api, wc)
+        let (reader, writer) = reflector::store();
+        let objects = watcher(part.api, wc)
+            .default_backoff()
+            .modify(controller::compact)
+            .reflect(writer)
+            .applied_objects();
+        let controller = Controller::for_stream(objects, reader)
             .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
             .reconcile_all_on(part.changes)
             .graceful_shutdown_on(shutdown.clone());

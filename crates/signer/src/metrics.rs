@@ -43,6 +43,8 @@ pub struct Metrics {
     pub conflicts: Family<SignerLabel, Counter>,
     /// 1 while this replica leads (always 1 without leader election).
     pub leader: Gauge,
+    /// Events not published because the queue was full.
+    pub events_dropped: Counter,
 }
 
 impl Metrics {
@@ -57,6 +59,7 @@ impl Metrics {
             ca_load_errors: Family::default(),
             conflicts: Family::default(),
             leader: Gauge::default(),
+            events_dropped: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("meshca_signer");
         r.register("signed", "Certificates issued, by signer", m.signed.clone());
@@ -96,6 +99,11 @@ impl Metrics {
             m.conflicts.clone(),
         );
         r.register("leader", "1 while this replica signs", m.leader.clone());
+        r.register(
+            "events_dropped",
+            "Events dropped because the apiserver fell behind",
+            m.events_dropped.clone(),
+        );
         m
     }
 

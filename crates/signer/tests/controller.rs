@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::*;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams};
 use meshca_signer::{CaSource, Config, SignerConfig, SignerPolicy, TrustBundleTarget};
@@ -34,15 +34,14 @@ async fn start(
     meshca_signer::start(client, config).await.unwrap()
 }
 
+/// The signer's events.k8s.io/v1 Events about `csr`, read through core/v1,
+/// which can select on the object.
 async fn events_for(client: &kube::Client, csr: &str) -> Vec<Event> {
     Api::<Event>::namespaced(client.clone(), "default")
-        .list(&ListParams::default())
+        .list(&ListParams::default().fields(&format!("involvedObject.name={csr}")))
         .await
         .unwrap()
         .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(csr))
-        .collect()
 }
 
 async fn wait_event(client: &kube::Client, csr: &str, reason: &str) -> Event {
@@ -336,7 +335,7 @@ async fn each_policy_violation_fails_with_its_reason() {
             assert!(msg.contains(&signer), "{msg}");
             let ev = wait_event(&admin, name, "SignerValidationFailure").await;
             assert_eq!(ev.type_.as_deref(), Some("Warning"));
-            let note = ev.note.unwrap_or_default();
+            let note = ev.message.unwrap_or_default();
             assert!(code.split('|').any(|c| note.starts_with(c)), "{note}");
         }
         let text = running.metrics_text();
@@ -628,6 +627,77 @@ async fn manifests_apply_with_server_side_dry_run() {
             meshca_signer::manifests::render_text(meshca_signer::manifests::ISTIOD_VALUES, &o);
         let v: serde_json::Value = serde_saphyr::from_str(&values).unwrap();
         assert_eq!(v["kind"], "IstioOperator");
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_from_separate_files_as_signer_ca_flags_and_reloaded() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("signer-files").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = unique_signer(&ns);
+        let o = manifest_options(&ns, &[&signer]);
+        let controller_id = controller_identity(&ns, &o).await.unwrap();
+        let istiod = istiod_identity(&ns, &o)
+            .await
+            .unwrap()
+            .client()
+            .await
+            .unwrap();
+        let files = dir.join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        // tls.crt = intermediate + root (the roots default to the chain's end).
+        let write = |ca: &TestCa| {
+            std::fs::write(files.join("key.pem"), &ca.key_pem).unwrap();
+            std::fs::write(
+                files.join("cert.pem"),
+                format!("{}{}", ca.intermediate_pem, ca.root_pem),
+            )
+            .unwrap();
+        };
+        let ca1 = make_ca(&dir.join("ca1"), "one", Duration::from_secs(86400));
+        write(&ca1);
+        let running = start(
+            &controller_id,
+            vec![SignerConfig {
+                policy: SignerPolicy::istiod(signer.clone()),
+                ca: CaSource::Files {
+                    cert: files.join("cert.pem"),
+                    key: files.join("key.pem"),
+                    roots: None,
+                },
+            }],
+            None,
+        )
+        .await;
+        let uri = format!("spiffe://cluster.local/ns/{}/sa/x", ns.name());
+        let sign = || async {
+            let n = create_csr(
+                &ns,
+                &istiod,
+                &signer,
+                &spiffe_csr(&dir, &uri),
+                &ISTIOD_USAGES,
+                Some(3600),
+            )
+            .await
+            .unwrap();
+            set_approval(&istiod, &n, "Approved").await.unwrap();
+            wait_issued(&istiod, &n).await.unwrap()
+        };
+        let chain = sign().await;
+        openssl_verify(&dir, &chain, &ca1.root_pem).unwrap();
+
+        let ca2 = make_ca(&dir.join("ca2"), "two", Duration::from_secs(86400));
+        write(&ca2);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let chain = sign().await;
+        openssl_verify(&dir, &chain, &ca2.root_pem).unwrap();
+        running.shutdown().await.unwrap();
         ns.cleanup().await.unwrap();
     })
     .await
