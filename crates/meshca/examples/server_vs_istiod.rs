@@ -5,15 +5,21 @@
 //! testenv/build all && testenv/build istiod
 //! env="$(testenv/up)" && eval "$env"
 //! cargo build --release -p meshca
-//! cargo run --release -p meshca --example server_vs_istiod -- [ROUNDS] [REQUESTS] [CONCURRENCY] [TOKENS]
+//! cargo run --release -p meshca --example server_vs_istiod -- [ROUNDS] [REQUESTS] [CONCURRENCY]
 //! testenv/down
 //! ```
 //!
-//! Both CAs use an RSA-2048 self-signed root (istiod's default) and verify
-//! every token with TokenReview against the same API server; meshca caches
-//! TokenReview answers (bounded by the token's exp and 60 s), istiod does
-//! one TokenReview per request. Everything listens on 127.0.0.1 and stops by
-//! itself.
+//! Scenarios, each run ROUNDS times alternating the CAs (median reported):
+//! 1. renewal-like: 64 workloads' tokens reused; both CAs with an RSA-2048
+//!    self-signed root (istiod's default), TokenReview against the same API
+//!    server (meshca caches answers within the token's exp and 60 s; istiod
+//!    does one TokenReview per request);
+//! 2. mass restart: every request from a different workload (a fresh token
+//!    each, so meshca too makes one TokenReview per request);
+//! 3. meshca alone with an ECDSA P-256 CA at 256 concurrent clients;
+//! 4. meshca alone with client-certificate authentication (renewal), RSA-2048
+//!    and P-256 CAs, to compare with the PKI core's rate.
+//! Everything listens on 127.0.0.1 and stops by itself.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -75,10 +81,15 @@ async fn wait_http(url: &str, what: &str, limit: Duration) -> Result<()> {
     bail!("{what} not ready at {url} after {limit:?}")
 }
 
+enum Auth<'a> {
+    Tokens(&'a [PathBuf]),
+    ClientCert(&'a Path),
+}
+
 fn loadgen(
     addr: &str,
     root: &Path,
-    tokens: &[PathBuf],
+    auth: Auth<'_>,
     requests: usize,
     concurrency: usize,
 ) -> Result<serde_json::Value> {
@@ -89,7 +100,7 @@ fn loadgen(
         "--addr",
         addr,
         "--key-type",
-        "ecdsa-p256",
+        "rsa-2048",
     ])
     .arg("--root")
     .arg(root)
@@ -105,8 +116,18 @@ fn loadgen(
         "--max-duration",
         "300s",
     ]);
-    for t in tokens {
-        cmd.arg("--token-file").arg(t);
+    match auth {
+        Auth::Tokens(tokens) => {
+            for t in tokens {
+                cmd.arg("--token-file").arg(t);
+            }
+        }
+        Auth::ClientCert(dir) => {
+            cmd.arg("--client-cert")
+                .arg(dir.join("cert-chain.pem"))
+                .arg("--client-key")
+                .arg(dir.join("key.pem"));
+        }
     }
     let out = cmd.output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -127,23 +148,52 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let rounds = args.first().copied().unwrap_or(3);
-    let requests = args.get(1).copied().unwrap_or(3000);
-    let concurrency = args.get(2).copied().unwrap_or(64);
-    let token_count = args.get(3).copied().unwrap_or(64);
+/// A running `meshca server` with its own state directory and CA key type.
+struct Meshca {
+    proc: Proc,
+    addr: String,
+    root: PathBuf,
+}
 
-    let env = TestEnv::get().await;
-    let ns = env.namespace("bench").await?;
-    let tmp = ns.temp_dir().to_owned();
-    let mut tokens = Vec::new();
-    for i in 0..token_count {
-        let sa = format!("w{i}");
+async fn start_meshca(tmp: &Path, kubeconfig: &Path, key_type: &str) -> Result<Meshca> {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mon = format!("127.0.0.1:{}", free_port());
+    let state = tmp.join(format!("meshca-{key_type}"));
+    let proc = Proc(
+        Command::new(meshca_bin()?)
+            .args(["server", "--listen", &addr, "--monitoring-listen", &mon])
+            .args(["--self-signed-key-type", key_type])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--root-ca-dir")
+            .arg(tmp.join("none"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    wait_http(
+        &format!("http://{mon}/readyz"),
+        "meshca",
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(Meshca {
+        proc,
+        addr,
+        root: state.join("ca/root-cert.pem"),
+    })
+}
+
+async fn tokens(
+    ns: &meshca_testsupport::TestNamespace,
+    prefix: &str,
+    count: usize,
+) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let sa = format!("{prefix}{i}");
         ns.create_service_account(&sa).await?;
         let token = ns
             .token_with(
@@ -154,42 +204,51 @@ async fn main() -> Result<()> {
                 },
             )
             .await?;
-        let path = tmp.join(format!("{sa}.token"));
+        let path = ns.temp_dir().join(format!("{sa}.token"));
         std::fs::write(&path, token)?;
-        tokens.push(path);
+        out.push(path);
     }
+    Ok(out)
+}
 
-    // meshca, with exactly its manifest's RBAC.
-    let identity = ns.identity_from_manifest("meshca", SERVER_RBAC).await?;
-    let meshca_addr = format!("127.0.0.1:{}", free_port());
-    let meshca_mon = format!("127.0.0.1:{}", free_port());
-    let state = tmp.join("meshca-state");
-    let meshca = Proc(
-        Command::new(meshca_bin()?)
-            .args([
-                "server",
-                "--listen",
-                &meshca_addr,
-                "--monitoring-listen",
-                &meshca_mon,
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--root-ca-dir")
-            .arg(tmp.join("none"))
-            .arg("--kubeconfig")
-            .arg(identity.kubeconfig_path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
+fn median(v: &[serde_json::Value], key: &str) -> f64 {
+    let mut xs: Vec<f64> = v.iter().filter_map(|r| r[key].as_f64()).collect();
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn row(name: &str, runs: &[serde_json::Value], rss: f64) {
+    println!(
+        "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
+        median(runs, "certs_per_second"),
+        median(runs, "p50_ms"),
+        median(runs, "p99_ms"),
+        median(runs, "p999_ms"),
+        rss
     );
-    wait_http(
-        &format!("http://{meshca_mon}/readyz"),
-        "meshca",
-        Duration::from_secs(30),
-    )
-    .await?;
-    let meshca_root = state.join("ca/root-cert.pem");
+}
+
+const HEADER: &str =
+    "| CA | certs/s | p50 ms | p99 ms | p99.9 ms | peak RSS MiB |\n|---|---|---|---|---|---|";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let rounds = args.first().copied().unwrap_or(3);
+    let requests = args.get(1).copied().unwrap_or(3000);
+    let concurrency = args.get(2).copied().unwrap_or(64);
+
+    let env = TestEnv::get().await;
+    let ns = env.namespace("bench").await?;
+    let tmp = ns.temp_dir().to_owned();
+    let renewal_tokens = tokens(&ns, "w", 64).await?;
+
+    let identity = ns.identity_from_manifest("meshca", SERVER_RBAC).await?;
+    let rsa = start_meshca(&tmp, identity.kubeconfig_path(), "rsa-2048").await?;
+    let p256 = start_meshca(&tmp, identity.kubeconfig_path(), "ecdsa-p256").await?;
 
     // istiod (pilot-discovery) with its built-in CA, admin kubeconfig.
     let namespaces = Api::<Namespace>::all(env.client());
@@ -247,47 +306,115 @@ async fn main() -> Result<()> {
     std::fs::write(&istiod_root, &root.0)?;
 
     println!(
-        "{} rounds x {requests} requests, concurrency {concurrency}, {token_count} ServiceAccount tokens",
-        rounds
+        "## 1. renewal-like: {rounds} rounds x {requests} requests, concurrency {concurrency}, 64 workloads, RSA-2048 roots\n"
     );
-    let mut results: Vec<(&str, Vec<serde_json::Value>)> =
-        vec![("meshca", vec![]), ("istiod", vec![])];
+    let (mut m, mut i) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        m.push(loadgen(
+            &rsa.addr,
+            &rsa.root,
+            Auth::Tokens(&renewal_tokens),
+            requests,
+            concurrency,
+        )?);
+        i.push(loadgen(
+            &istiod_addr,
+            &istiod_root,
+            Auth::Tokens(&renewal_tokens),
+            requests,
+            concurrency,
+        )?);
+    }
+    println!("{HEADER}");
+    row("meshca", &m, rss_mib(rsa.proc.0.id()));
+    row("istiod", &i, rss_mib(istiod.0.id()));
+    println!(
+        "\nthroughput meshca/istiod: {:.1}x\n",
+        median(&m, "certs_per_second") / median(&i, "certs_per_second").max(1e-9)
+    );
+
+    let burst = requests.min(2000);
+    println!(
+        "## 2. mass restart: {burst} workloads, one request each with its own token, concurrency {concurrency}\n"
+    );
+    let (mut m, mut i) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        for (name, addr, root) in [
-            ("meshca", &meshca_addr, &meshca_root),
-            ("istiod", &istiod_addr, &istiod_root),
-        ] {
-            let r = loadgen(addr, root, &tokens, requests, concurrency)?;
-            println!("round {round} {name:7} {r}");
-            results
-                .iter_mut()
-                .find(|(n, _)| *n == name)
-                .unwrap()
-                .1
-                .push(r);
-        }
+        let fresh_m = tokens(&ns, &format!("m{round}x"), burst).await?;
+        let fresh_i = tokens(&ns, &format!("i{round}x"), burst).await?;
+        m.push(loadgen(
+            &rsa.addr,
+            &rsa.root,
+            Auth::Tokens(&fresh_m),
+            burst,
+            concurrency.min(burst),
+        )?);
+        i.push(loadgen(
+            &istiod_addr,
+            &istiod_root,
+            Auth::Tokens(&fresh_i),
+            burst,
+            concurrency.min(burst),
+        )?);
     }
-    let median = |v: &[serde_json::Value], key: &str| -> f64 {
-        let mut xs: Vec<f64> = v.iter().filter_map(|r| r[key].as_f64()).collect();
-        xs.sort_by(f64::total_cmp);
-        xs.get(xs.len() / 2).copied().unwrap_or(0.0)
-    };
-    println!("\nmedian of {rounds} rounds:");
-    println!("| CA | certs/s | p50 ms | p99 ms | p99.9 ms | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|");
-    for ((name, rs), pid) in results.iter().zip([meshca.0.id(), istiod.0.id()]) {
-        println!(
-            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
-            median(rs, "certs_per_second"),
-            median(rs, "p50_ms"),
-            median(rs, "p99_ms"),
-            median(rs, "p999_ms"),
-            rss_mib(pid)
-        );
+    println!("{HEADER}");
+    row("meshca", &m, rss_mib(rsa.proc.0.id()));
+    row("istiod", &i, rss_mib(istiod.0.id()));
+    println!(
+        "\nthroughput meshca/istiod: {:.1}x\n",
+        median(&m, "certs_per_second") / median(&i, "certs_per_second").max(1e-9)
+    );
+
+    println!("## 3. meshca with an ECDSA P-256 CA, 256 concurrent clients, {requests} requests\n");
+    let runs: Vec<_> = (0..rounds)
+        .map(|_| {
+            loadgen(
+                &p256.addr,
+                &p256.root,
+                Auth::Tokens(&renewal_tokens),
+                requests,
+                256,
+            )
+        })
+        .collect::<Result<_>>()?;
+    println!("{HEADER}");
+    row("meshca P-256 CA", &runs, rss_mib(p256.proc.0.id()));
+
+    println!(
+        "\n## 4. meshca, client-certificate authentication (renewal), concurrency {concurrency}\n"
+    );
+    println!("{HEADER}");
+    for (name, server) in [("meshca RSA-2048 CA", &rsa), ("meshca P-256 CA", &p256)] {
+        let dir = tmp.join(format!("client-{}", free_port()));
+        let status = Command::new(meshca_bin()?)
+            .args([
+                "request",
+                "--addr",
+                &server.addr,
+                "--key-type",
+                "ecdsa-p256",
+            ])
+            .arg("--root")
+            .arg(&server.root)
+            .arg("--token-file")
+            .arg(&renewal_tokens[0])
+            .arg("--out")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "meshca request failed");
+        let runs: Vec<_> = (0..rounds)
+            .map(|_| {
+                loadgen(
+                    &server.addr,
+                    &server.root,
+                    Auth::ClientCert(&dir),
+                    requests,
+                    concurrency,
+                )
+            })
+            .collect::<Result<_>>()?;
+        row(name, &runs, rss_mib(server.proc.0.id()));
     }
-    let ratio = median(&results[0].1, "certs_per_second")
-        / median(&results[1].1, "certs_per_second").max(1e-9);
-    println!("\nthroughput ratio meshca/istiod: {ratio:.2}x");
-    drop((meshca, istiod));
+    drop((rsa, p256, istiod));
     ns.cleanup().await
 }

@@ -30,8 +30,13 @@ pub struct LoadgenArgs {
     #[arg(long, default_value = "istiod.istio-system.svc")]
     pub server_name: String,
     /// Token files; client i uses file i mod N (one token per simulated workload).
-    #[arg(long = "token-file", required = true)]
+    #[arg(long = "token-file", required_unless_present = "client_cert")]
     pub token_files: Vec<PathBuf>,
+    /// Authenticate with this client certificate chain instead (renewals).
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
     /// Concurrent clients (each keeps requests in flight one at a time).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -74,11 +79,21 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
         })
         .collect::<Result<_>>()?;
     let root = read_input(&args.root)?;
+    let identity = match (&args.client_cert, &args.client_key) {
+        (Some(cert), Some(key)) => Some(tonic::transport::Identity::from_pem(
+            read_input(cert)?,
+            zeroize::Zeroizing::new(read_input(key)?).as_slice(),
+        )),
+        _ => None,
+    };
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        let tls = ClientTlsConfig::new()
+        let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&root))
             .domain_name(args.server_name.clone());
+        if let Some(identity) = &identity {
+            tls = tls.identity(identity.clone());
+        }
         let channel = Endpoint::from_shared(format!("https://{}", args.addr))?
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(10))
@@ -94,7 +109,7 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
     let mut tasks = Vec::new();
     for client in 0..args.concurrency.max(1) {
         let channel: Channel = channels[client % channels.len()].clone();
-        let token = tokens[client % tokens.len()].clone();
+        let token = (!tokens.is_empty()).then(|| tokens[client % tokens.len()].clone());
         let csrs = csrs.clone();
         let next = next.clone();
         let (ttl, total) = (args.ttl.as_secs() as i64, args.requests);
@@ -110,7 +125,9 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
                 let metadata = prost_types::Struct {
                     fields: BTreeMap::from([(
                         "CertSigner".to_owned(),
-                        prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(String::new())) },
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::StringValue(String::new())),
+                        },
                     )]),
                 };
                 let mut req = tonic::Request::new(IstioCertificateRequest {
@@ -118,12 +135,17 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
                     validity_duration: ttl,
                     metadata: Some(metadata),
                 });
-                if let Ok(v) = format!("Bearer {token}").parse() {
+                if let Some(v) = token
+                    .as_ref()
+                    .and_then(|t| format!("Bearer {t}").parse().ok())
+                {
                     req.metadata_mut().insert("authorization", v);
                 }
                 let sent = Instant::now();
                 match grpc.create_certificate(req).await {
-                    Ok(resp) if resp.get_ref().cert_chain.len() >= 2 => latencies.push(sent.elapsed()),
+                    Ok(resp) if resp.get_ref().cert_chain.len() >= 2 => {
+                        latencies.push(sent.elapsed())
+                    }
                     Ok(_) => *errors.entry("short chain".into()).or_default() += 1,
                     Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
                 }
@@ -174,5 +196,9 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
             pct(0.999)
         );
     }
-    Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

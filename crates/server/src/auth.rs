@@ -75,17 +75,20 @@ impl Authenticator {
                 self.cluster_id
             );
         }
+        // One cache for both token authenticators: a token proven once is
+        // not re-proven (TokenReview round trip, or a signature check) until
+        // its entry ends, which is never after the token's own exp.
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some((ns, sa, authenticator)) = self.cache.get(&key) {
+            metrics.token_cache_hits.inc();
+            return self.caller(&ns, &sa, authenticator);
+        }
         let mut errors = Vec::new();
         if let Some(reviewer) = &self.token_review {
-            let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-            if let Some((ns, sa)) = self.cache.get(&key) {
-                metrics.token_cache_hits.inc();
-                return self.caller(&ns, &sa, "token_review");
-            }
             match reviewer.review(token).await {
                 Ok((ns, sa)) => {
                     self.cache
-                        .insert(key, &ns, &sa, jwt::unverified_expiry(token));
+                        .insert(key, &ns, &sa, "token_review", jwt::unverified_expiry(token));
                     return self.caller(&ns, &sa, "token_review");
                 }
                 Err(e) => errors.push(format!("TokenReview: {e:#}")),
@@ -94,7 +97,11 @@ impl Authenticator {
         if let Some(verifier) = &self.jwt {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             match verifier.verify(token, now) {
-                Ok((ns, sa)) => return self.caller(&ns, &sa, "jwt"),
+                Ok((ns, sa)) => {
+                    self.cache
+                        .insert(key, &ns, &sa, "jwt", jwt::unverified_expiry(token));
+                    return self.caller(&ns, &sa, "jwt");
+                }
                 Err(e) => errors.push(format!("JWT: {e:#}")),
             }
         }
@@ -198,6 +205,7 @@ pub struct TokenCache {
 struct Entry {
     namespace: String,
     service_account: String,
+    authenticator: &'static str,
     expires: Instant,
 }
 
@@ -210,11 +218,16 @@ impl TokenCache {
         }
     }
 
-    fn get(&self, key: &[u8; 32]) -> Option<(String, String)> {
+    fn get(&self, key: &[u8; 32]) -> Option<(String, String, &'static str)> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let entry = entries.get(key)?;
-        (entry.expires > Instant::now())
-            .then(|| (entry.namespace.clone(), entry.service_account.clone()))
+        (entry.expires > Instant::now()).then(|| {
+            (
+                entry.namespace.clone(),
+                entry.service_account.clone(),
+                entry.authenticator,
+            )
+        })
     }
 
     fn insert(
@@ -222,6 +235,7 @@ impl TokenCache {
         key: [u8; 32],
         namespace: &str,
         service_account: &str,
+        authenticator: &'static str,
         token_exp: Option<i64>,
     ) {
         if self.ttl.is_zero() || self.max_entries == 0 {
@@ -247,6 +261,7 @@ impl TokenCache {
             Entry {
                 namespace: namespace.to_owned(),
                 service_account: service_account.to_owned(),
+                authenticator,
                 expires: now + life,
             },
         );
@@ -261,11 +276,11 @@ mod tests {
     fn cache_entries_never_outlive_the_token() {
         let cache = TokenCache::new(Duration::from_secs(60), 10);
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        cache.insert([1; 32], "ns", "sa", Some(now + 3600));
-        assert_eq!(cache.get(&[1; 32]), Some(("ns".into(), "sa".into())));
-        cache.insert([2; 32], "ns", "sa", Some(now - 1));
+        cache.insert([1; 32], "ns", "sa", "jwt", Some(now + 3600));
+        assert_eq!(cache.get(&[1; 32]), Some(("ns".into(), "sa".into(), "jwt")));
+        cache.insert([2; 32], "ns", "sa", "jwt", Some(now - 1));
         assert_eq!(cache.get(&[2; 32]), None, "expired token cached");
-        cache.insert([3; 32], "ns", "sa", None);
+        cache.insert([3; 32], "ns", "sa", "jwt", None);
         assert_eq!(cache.get(&[3; 32]), None, "token without exp cached");
         let short = cache.entries.lock().unwrap();
         assert!(short[&[1; 32]].expires <= Instant::now() + Duration::from_secs(60));
@@ -276,7 +291,7 @@ mod tests {
         let cache = TokenCache::new(Duration::from_secs(60), 2);
         let exp = Some(time::OffsetDateTime::now_utc().unix_timestamp() + 600);
         for i in 0..5u8 {
-            cache.insert([i; 32], "ns", "sa", exp);
+            cache.insert([i; 32], "ns", "sa", "jwt", exp);
         }
         assert_eq!(cache.entries.lock().unwrap().len(), 2);
     }
