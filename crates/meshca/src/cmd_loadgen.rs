@@ -3,7 +3,7 @@
 //! certificates per second and latency percentiles. Bounded in requests and
 //! time; it stops by itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -122,19 +122,11 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
                 if n >= total || Instant::now() >= deadline {
                     break;
                 }
-                let metadata = prost_types::Struct {
-                    fields: BTreeMap::from([(
-                        "CertSigner".to_owned(),
-                        prost_types::Value {
-                            kind: Some(prost_types::value::Kind::StringValue(String::new())),
-                        },
-                    )]),
-                };
-                let mut req = tonic::Request::new(IstioCertificateRequest {
-                    csr: csrs[n % csrs.len()].clone(),
-                    validity_duration: ttl,
-                    metadata: Some(metadata),
-                });
+                let mut req = tonic::Request::new(IstioCertificateRequest::from_agent(
+                    csrs[n % csrs.len()].clone(),
+                    ttl,
+                    "",
+                ));
                 if let Some(v) = token
                     .as_ref()
                     .and_then(|t| format!("Bearer {t}").parse().ok())

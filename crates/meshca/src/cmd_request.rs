@@ -1,7 +1,6 @@
 //! `meshca request`: get a certificate from an Istio-compatible CA (meshca
 //! or istiod), as istio-agent would.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -73,19 +72,11 @@ pub fn request(args: &RequestArgs) -> Result<ExitCode> {
             .await
             .with_context(|| format!("connecting to {}", args.addr))?;
         let mut client = IstioCertificateServiceClient::new(channel);
-        let metadata = prost_types::Struct {
-            fields: BTreeMap::from([(
-                "CertSigner".to_owned(),
-                prost_types::Value {
-                    kind: Some(prost_types::value::Kind::StringValue(String::new())),
-                },
-            )]),
-        };
-        let mut request = tonic::Request::new(IstioCertificateRequest {
+        let mut request = tonic::Request::new(IstioCertificateRequest::from_agent(
             csr,
-            validity_duration: i64::try_from(args.ttl.as_secs()).unwrap_or(i64::MAX),
-            metadata: Some(metadata),
-        });
+            i64::try_from(args.ttl.as_secs()).unwrap_or(i64::MAX),
+            "",
+        ));
         if let Some(path) = &args.token_file {
             let token = zeroize::Zeroizing::new(
                 String::from_utf8(read_input(path)?).context("token is not UTF-8")?,

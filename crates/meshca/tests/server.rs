@@ -2,7 +2,6 @@
 //! real TokenRequest tokens, TokenReview with the server's manifest RBAC,
 //! and every refusal with Istio's gRPC code while the server keeps serving.
 
-use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -312,19 +311,7 @@ fn request(
     token: Option<&str>,
     cluster_id: Option<&str>,
 ) -> tonic::Request<IstioCertificateRequest> {
-    let metadata = prost_types::Struct {
-        fields: BTreeMap::from([(
-            "CertSigner".to_owned(),
-            prost_types::Value {
-                kind: Some(prost_types::value::Kind::StringValue(String::new())),
-            },
-        )]),
-    };
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: ttl,
-        metadata: Some(metadata),
-    });
+    let mut req = tonic::Request::new(IstioCertificateRequest::from_agent(csr, ttl, ""));
     if let Some(t) = token {
         req.metadata_mut()
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
@@ -502,8 +489,8 @@ async fn bad_requests_get_istios_codes_nothing_is_issued_and_the_server_keeps_se
     let mut req = request(good(), 0, Some(&token), None);
     req.get_mut().metadata.as_mut().unwrap().fields.insert(
         "ImpersonatedIdentity".into(),
-        prost_types::Value {
-            kind: Some(prost_types::value::Kind::StringValue(
+        meshca_proto::prost_types::Value {
+            kind: Some(meshca_proto::prost_types::value::Kind::StringValue(
                 "spiffe://cluster.local/ns/a/sa/b".into(),
             )),
         },

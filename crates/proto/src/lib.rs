@@ -11,3 +11,23 @@ pub mod istio {
 }
 
 pub use istio::v1::auth::*;
+pub use prost_types;
+
+impl IstioCertificateRequest {
+    /// A request as istio-agent sends it: the CSR, the wanted lifetime in
+    /// seconds, and the `CertSigner` metadata key (usually empty).
+    pub fn from_agent(csr: String, validity_seconds: i64, cert_signer: &str) -> Self {
+        let value = prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(
+                cert_signer.to_owned(),
+            )),
+        };
+        IstioCertificateRequest {
+            csr,
+            validity_duration: validity_seconds,
+            metadata: Some(prost_types::Struct {
+                fields: std::collections::BTreeMap::from([("CertSigner".to_owned(), value)]),
+            }),
+        }
+    }
+}
