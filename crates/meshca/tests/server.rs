@@ -653,3 +653,63 @@ async fn a_plugged_in_ca_is_reloaded_without_restart_and_a_broken_update_is_igno
     }
     ns.cleanup().await
 }
+
+/// The serving certificate's serial, as a TLS client sees it.
+fn serving_serial(addr: &str) -> Result<String> {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            addr,
+            "-servername",
+            "istiod.istio-system.svc",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    let pem = String::from_utf8_lossy(&out.stdout);
+    let start = pem
+        .find("-----BEGIN CERTIFICATE-----")
+        .context("no server certificate")?;
+    let end = pem
+        .find("-----END CERTIFICATE-----")
+        .context("no server certificate")?
+        + 25;
+    let der = pem_der(&pem[start..end]);
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(cert.raw_serial_as_string())
+}
+
+#[tokio::test]
+async fn the_serving_certificate_is_renewed_in_place_before_it_expires() -> Result<()> {
+    let env = TestEnv::get().await;
+    let ns = env.namespace("srv-renew").await?;
+    let server = Server::start(
+        &ns,
+        &["--serving-cert-ttl", "4s", "--reload-interval", "300ms"],
+    )
+    .await?;
+    let first = serving_serial(&server.addr)?;
+    // Renewed at half its life: within about 2 s, without a restart.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serving_serial(&server.addr)? == first {
+        assert!(Instant::now() < deadline, "serving certificate not renewed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // And the new one serves requests.
+    ns.create_service_account("app").await?;
+    let token = ns.token("app").await?;
+    let mut client = server.grpc().await?;
+    client
+        .create_certificate(request(
+            csr_pem(meshca_pki::KeyType::EcdsaP256),
+            0,
+            Some(&token),
+            None,
+        ))
+        .await?;
+    ns.cleanup().await
+}
