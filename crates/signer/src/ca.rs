@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaSource {
     /// Istio's cacerts layout (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`,
-    /// `root-cert.pem`) or `tls.crt`/`tls.key`[/`ca.crt`]; polled.
+    /// `root-cert.pem`) or `tls.crt`, `tls.key` and optional `ca.crt`; polled.
     Dir(PathBuf),
     /// A Secret with `tls.crt`, `tls.key` and optional `ca.crt`; watched.
     Secret { namespace: String, name: String },

@@ -34,7 +34,8 @@ impl Default for TrustBundleTarget {
     }
 }
 
-/// The roots of all signers, each once, in signer order (PEM).
+/// The roots of all signers, each once, in signer order (PEM); `None`
+/// until every signer has a CA (never a partial bundle).
 pub fn roots_pem(handles: &[Arc<CaHandle>]) -> Option<String> {
     let mut seen: Vec<Vec<u8>> = Vec::new();
     let mut out = String::new();
