@@ -129,8 +129,20 @@ pub async fn reconcile(
 pub fn error_policy(
     csr: Arc<CertificateSigningRequest>,
     error: &ReconcileError,
-    _ctx: Arc<SignerContext>,
+    ctx: Arc<SignerContext>,
 ) -> Requeue {
+    let (ReconcileError::Write { source, .. } | ReconcileError::Read { source, .. }) = error;
+    let code = match source {
+        kube::Error::Api(s) => s.code.to_string(),
+        _ => "transport".to_string(),
+    };
+    ctx.metrics
+        .api_errors
+        .get_or_create(&crate::metrics::ErrorLabel {
+            signer: ctx.policy.name.clone(),
+            code,
+        })
+        .inc();
     tracing::warn!(csr = %csr.name_any(), error = %error, "reconcile failed; retrying");
     Requeue::requeue(Duration::from_secs(2))
 }

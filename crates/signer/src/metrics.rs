@@ -13,6 +13,14 @@ pub struct SignerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub signer: String,
+    /// HTTP status of the apiserver's answer (`403`: RBAC, e.g. no `sign`
+    /// on the signer name), or `transport`.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailedLabel {
     pub signer: String,
     /// meshca's stable snake_case reason (`policy_trust_domain`, `ca_expired`, ...).
@@ -45,6 +53,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Events not published because the queue was full.
     pub events_dropped: Counter,
+    /// Status writes or re-reads the apiserver refused (retried).
+    pub api_errors: Family<ErrorLabel, Counter>,
 }
 
 impl Metrics {
@@ -60,6 +70,7 @@ impl Metrics {
             conflicts: Family::default(),
             leader: Gauge::default(),
             events_dropped: Counter::default(),
+            api_errors: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("meshca_signer");
         r.register("signed", "Certificates issued, by signer", m.signed.clone());
@@ -99,6 +110,11 @@ impl Metrics {
             m.conflicts.clone(),
         );
         r.register("leader", "1 while this replica signs", m.leader.clone());
+        r.register(
+            "api_errors",
+            "CSR reads/writes the apiserver refused, by HTTP status (retried)",
+            m.api_errors.clone(),
+        );
         r.register(
             "events_dropped",
             "Events dropped because the apiserver fell behind",

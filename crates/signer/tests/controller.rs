@@ -703,3 +703,65 @@ async fn ca_from_separate_files_as_signer_ca_flags_and_reloaded() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_sign_permission_is_visible_and_nothing_is_signed() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("signer-rbac").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = unique_signer(&ns);
+        // The manifests rendered for another signer name: no `sign` on ours.
+        let wrong = manifest_options(&ns, &["other.example.com/x"]);
+        let controller_id = controller_identity(&ns, &wrong).await.unwrap();
+        let o = manifest_options(&ns, &[&signer]);
+        let istiod = istiod_identity(&ns, &o)
+            .await
+            .unwrap()
+            .client()
+            .await
+            .unwrap();
+        let ca = make_ca(&dir.join("ca"), "rbac", Duration::from_secs(86400));
+        let running = start(
+            &controller_id,
+            vec![SignerConfig {
+                policy: SignerPolicy::istiod(signer.clone()),
+                ca: CaSource::Dir(ca.dir.clone()),
+            }],
+            None,
+        )
+        .await;
+        let uri = format!("spiffe://cluster.local/ns/{}/sa/x", ns.name());
+        let name = create_csr(
+            &ns,
+            &istiod,
+            &signer,
+            &spiffe_csr(&dir, &uri),
+            &ISTIOD_USAGES,
+            Some(3600),
+        )
+        .await
+        .unwrap();
+        set_approval(&istiod, &name, "Approved").await.unwrap();
+        let series = format!("meshca_signer_api_errors_total{{signer=\"{signer}\",code=\"403\"}}");
+        let mut seen = false;
+        for _ in 0..100 {
+            if metric(&running.metrics_text(), &series).unwrap_or(0.0) >= 1.0 {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(seen, "{}", running.metrics_text());
+        let csr = Api::<CertificateSigningRequest>::all(env.client())
+            .get(&name)
+            .await
+            .unwrap();
+        assert_eq!(certificate(&csr), None);
+        assert_eq!(failed(&csr), None);
+        running.shutdown().await.unwrap();
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
