@@ -19,6 +19,7 @@
 //! 3. meshca alone with an ECDSA P-256 CA at 256 concurrent clients;
 //! 4. meshca alone with client-certificate authentication (renewal), RSA-2048
 //!    and P-256 CAs, to compare with the PKI core's rate.
+//!
 //! Everything listens on 127.0.0.1 and stops by itself.
 
 use std::net::TcpListener;

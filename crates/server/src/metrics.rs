@@ -51,12 +51,9 @@ impl Metrics {
             root_cert_expiry_seconds: Gauge::default(),
             cert_chain_expiry_timestamp: Gauge::default(),
             cert_chain_expiry_seconds: Gauge::default(),
-            issue_duration: Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]
-                .into_iter(),
-            ),
+            issue_duration: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
         };
         let c = "citadel_server";
         registry.register(format!("{c}_csr_count"), "CSRs received", m.csr.clone());
