@@ -195,6 +195,11 @@ fn print_banner(listen: SocketAddr, state_dir: &std::path::Path, started: &Start
             "    meshca request --addr {listen} --root {} --token-file demo.token --out demo-certs",
             started.root_cert.display()
         );
+    } else {
+        println!(
+            "  authentication: Kubernetes TokenReview (kubeconfig or in-cluster) and client certificates; \
+             --standalone ignores the cluster"
+        );
     }
 }
 
