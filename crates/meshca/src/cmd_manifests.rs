@@ -7,8 +7,8 @@ use meshca_signer::manifests;
 
 #[derive(clap::Subcommand)]
 pub enum ManifestsCommand {
-    /// The signer controller (deploy/signer): namespace, RBAC, CA Secret
-    /// template, Deployment, metrics Service, and istiod's RA-mode RBAC.
+    /// The signer controller (deploy/signer): namespace, RBAC, Deployment,
+    /// metrics Service, and istiod's RA-mode RBAC (`approve` on the signer).
     Signer(SignerManifestArgs),
 }
 
@@ -31,9 +31,14 @@ pub struct SignerManifestArgs {
     /// Prefix of cluster-scoped object names.
     #[arg(long, default_value = "signer-ca")]
     pub name: String,
-    /// Print istiod's install values (IstioOperator) instead.
-    #[arg(long)]
+    /// Print istiod's install values (IstioOperator: EXTERNAL_CA, K8S_SIGNER,
+    /// the external-ca-cert mount) instead.
+    #[arg(long, conflicts_with = "ca_secret_template")]
     pub istiod_values: bool,
+    /// Print the CA Secret template (signer-ca-keypair) instead; kept out of
+    /// the default output so re-applying it never wipes a filled Secret.
+    #[arg(long)]
+    pub ca_secret_template: bool,
 }
 
 pub fn run(cmd: ManifestsCommand) -> Result<ExitCode> {
@@ -51,6 +56,8 @@ pub fn run(cmd: ManifestsCommand) -> Result<ExitCode> {
             };
             if a.istiod_values {
                 print!("{}", manifests::render_text(manifests::ISTIOD_VALUES, &o));
+            } else if a.ca_secret_template {
+                print!("{}", manifests::render_ca_secret_template(&o));
             } else {
                 print!("{}", manifests::render(&o));
             }

@@ -81,13 +81,28 @@ pub fn render_text(template: &str, o: &Options) -> String {
         .replace("{{NAME}}", &o.name)
 }
 
-/// All Kubernetes objects as one multi-document YAML stream.
+/// The CA Secret template is kept out of [`render`]: applying an empty
+/// template over a filled Secret would wipe the CA.
+pub const CA_SECRET_TEMPLATE: &str = "ca-secret.yaml";
+
+/// All Kubernetes objects but the CA Secret template, as one multi-document
+/// YAML stream (safe to apply again over a running installation).
 pub fn render(o: &Options) -> String {
     FILES
         .iter()
+        .filter(|(file, _)| *file != CA_SECRET_TEMPLATE)
         .map(|(file, text)| format!("# deploy/signer/{file}\n{}", render_text(text, o)))
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+/// The CA Secret template (`signer-ca-keypair`, to fill with the CA).
+pub fn render_ca_secret_template(o: &Options) -> String {
+    FILES
+        .iter()
+        .find(|(file, _)| *file == CA_SECRET_TEMPLATE)
+        .map(|(_, text)| render_text(text, o))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -100,12 +115,17 @@ mod tests {
             signer_names: vec!["example.com/foo".into(), "example.com/bar".into()],
             ..Default::default()
         };
-        let out = render(&o) + &render_text(ISTIOD_VALUES, &o);
+        let out = render(&o) + &render_text(ISTIOD_VALUES, &o) + &render_ca_secret_template(&o);
         assert!(!out.contains("{{"), "{out}");
         assert!(out.contains(r#"resourceNames: ["example.com/foo", "example.com/bar"]"#));
         assert!(out.contains("- --signer-name=example.com/bar"));
         assert!(out.contains("signer-ca-controller-manager-metrics-service"));
         assert!(out.contains("namespace: signer-ca-system"));
         assert!(out.contains("value: ISTIOD_RA_KUBERNETES_API"));
+        assert!(
+            !render(&o).contains("kind: Secret"),
+            "no CA template in render()"
+        );
+        assert!(render_ca_secret_template(&o).contains("name: signer-ca-keypair"));
     }
 }

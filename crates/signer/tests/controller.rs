@@ -581,7 +581,11 @@ async fn manifests_apply_with_server_side_dry_run() {
         let ns = env.namespace("signer-manifests").await.unwrap();
         // Namespaces rendered as the test namespace (the dry run needs them to exist).
         let o = manifest_options(&ns, &[SIGNER, "example.com/bar"]);
-        let yaml = meshca_signer::manifests::render(&o);
+        let yaml = format!(
+            "{}---\n{}",
+            meshca_signer::manifests::render(&o),
+            meshca_signer::manifests::render_ca_secret_template(&o)
+        );
         let mut kinds = Vec::new();
         for doc in yaml.split("\n---\n") {
             let value: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
