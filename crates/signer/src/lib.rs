@@ -418,7 +418,7 @@ async fn lead_and_run(
 }
 
 fn monitoring_router(registry: Arc<Registry>, handles: Vec<Arc<CaHandle>>) -> axum::Router {
-    use axum::http::{StatusCode, header};
+    use axum::http::StatusCode;
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -438,28 +438,5 @@ fn monitoring_router(registry: Arc<Registry>, handles: Vec<Arc<CaHandle>>) -> ax
                 }
             }),
         )
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut text = String::new();
-                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => (
-                            StatusCode::OK,
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            text,
-                        ),
-                        Err(_) => (
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            [(header::CONTENT_TYPE, "text/plain")],
-                            String::new(),
-                        ),
-                    }
-                }
-            }),
-        )
+        .route("/metrics", meshca_server::metrics::metrics_route(registry))
 }
