@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use meshca_pki::{KeyType, WorkloadProfile};
+use meshca_server::ra::{EXTERNAL_CA_KUBERNETES, RaConfig};
 use meshca_server::tls::ServingNames;
 use meshca_server::{ServerConfig, Started};
 
@@ -99,13 +100,72 @@ pub struct ServerArgs {
     /// How often the CA files are checked for changes.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub reload_interval: Duration,
+    /// `ISTIOD_RA_KUBERNETES_API`: RA mode, workload certificates come from
+    /// the Kubernetes CSR API (a signer such as `meshca signer`), as istiod's
+    /// RA mode; empty: meshca signs itself.
+    #[arg(long, env = "EXTERNAL_CA", default_value = "")]
+    pub external_ca: String,
+    /// RA mode: the signer name of requests without `CertSigner` metadata.
+    #[arg(long, env = "K8S_SIGNER")]
+    pub k8s_signer: Option<String>,
+    /// RA mode: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`.
+    #[arg(long, env = "CERT_SIGNER_DOMAIN")]
+    pub cert_signer_domain: Option<String>,
+    /// RA mode: the signer's roots; returned chains must verify to them.
+    #[arg(
+        long,
+        env = "MESHCA_EXTERNAL_CA_ROOT",
+        default_value = "./etc/external-ca-cert/root-cert.pem"
+    )]
+    pub external_ca_root: PathBuf,
+    /// RA mode: how long to wait for the signer (Denied/Failed end it at once).
+    #[arg(long, env = "MESHCA_RA_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub ra_timeout: Duration,
     /// Log as JSON lines.
     #[arg(long)]
     pub json_logs: bool,
 }
 
+/// The RA settings, or `None` when meshca signs itself.
+fn ra_config(args: &ServerArgs, workload: &WorkloadProfile) -> Result<Option<RaConfig>> {
+    match args.external_ca.as_str() {
+        "" => Ok(None),
+        EXTERNAL_CA_KUBERNETES => {
+            let path = &args.external_ca_root;
+            let roots_pem = std::fs::read(path).with_context(|| {
+                format!("RA mode: reading the signer's roots {}", path.display())
+            })?;
+            let none = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
+            if none(&args.k8s_signer) && none(&args.cert_signer_domain) {
+                bail!(
+                    "RA mode needs K8S_SIGNER (--k8s-signer) or CERT_SIGNER_DOMAIN (--cert-signer-domain)"
+                );
+            }
+            Ok(Some(RaConfig {
+                signer: args.k8s_signer.clone(),
+                signer_domain: args.cert_signer_domain.clone(),
+                roots_pem,
+                roots_name: path.display().to_string(),
+                timeout: args.ra_timeout,
+                workload: workload.clone(),
+            }))
+        }
+        other => bail!(
+            "EXTERNAL_CA={other:?} is not supported (use {EXTERNAL_CA_KUBERNETES} or leave it empty)"
+        ),
+    }
+}
+
 pub fn server(args: ServerArgs) -> Result<ExitCode> {
     crate::logging::init(args.json_logs);
+    let workload = WorkloadProfile {
+        default_ttl: args.default_workload_cert_ttl,
+        max_ttl: args.max_workload_cert_ttl,
+    };
+    let ra = ra_config(&args, &workload)?;
+    if ra.is_some() && args.standalone {
+        bail!("RA mode (EXTERNAL_CA) needs Kubernetes; it cannot run --standalone");
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let kube = if args.standalone {
@@ -113,6 +173,9 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         } else {
             kube_client(args.kubeconfig.as_deref()).await?
         };
+        if ra.is_some() && kube.is_none() {
+            bail!("RA mode (EXTERNAL_CA) needs a kubeconfig or an in-cluster config");
+        }
         let standalone = kube.is_none();
         let monitoring_listen = match args.monitoring_listen.as_str() {
             "none" | "" => None,
@@ -122,10 +185,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             listen: args.listen,
             monitoring_listen,
             trust_domain: args.trust_domain,
-            workload: WorkloadProfile {
-                default_ttl: args.default_workload_cert_ttl,
-                max_ttl: args.max_workload_cert_ttl,
-            },
+            workload,
             ca_dir: Some(args.root_ca_dir),
             state_dir: args.state_dir.clone(),
             self_signed_key_type: args.self_signed_key_type,
@@ -146,6 +206,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             token_cache_size: args.token_cache_size,
             max_message_bytes: args.max_message_bytes,
             reload_interval: args.reload_interval,
+            ra,
         };
         let listen = config.listen;
         let state_dir = args.state_dir;

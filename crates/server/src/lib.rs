@@ -2,9 +2,10 @@
 //!
 //! Request flow: TLS accept ([`tls`]) -> [`service::CaService`] ->
 //! [`auth::Authenticator`] (client certificate, TokenReview with a bounded
-//! cache, or local JWT keys) -> `meshca_pki::LocalCa` -> Istio's chain
-//! layout. A reload loop watches the CA files and renews the serving
-//! certificate; [`metrics`] serves Istio's `citadel_server_*` metrics.
+//! cache, or local JWT keys) -> a [`service::Backend`]: `meshca_pki::LocalCa`,
+//! or in RA mode the Kubernetes CSR API ([`ra`]) -> Istio's chain layout.
+//! A reload loop watches the CA files and renews the serving certificate;
+//! [`metrics`] serves Istio's `citadel_server_*` metrics.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod cadir;
 pub mod jwt;
 pub mod metrics;
+pub mod ra;
 pub mod service;
 pub mod tls;
 
@@ -29,7 +31,7 @@ use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 
 use crate::auth::{Authenticator, TokenCache, TokenReviewer};
-use crate::service::{CaService, Shared};
+use crate::service::{Backend, CaService, Shared};
 use crate::tls::{ServingNames, TlsState};
 
 /// Everything `meshca server` can be told.
@@ -57,6 +59,9 @@ pub struct ServerConfig {
     pub token_cache_size: usize,
     pub max_message_bytes: usize,
     pub reload_interval: Duration,
+    /// RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`): workload
+    /// certificates come from the Kubernetes CSR API; needs `kube`.
+    pub ra: Option<ra::RaConfig>,
 }
 
 /// The issuer name of locally minted tokens.
@@ -205,9 +210,28 @@ pub async fn run(
         cache: TokenCache::new(config.token_cache_ttl, config.token_cache_size),
     };
 
+    let backend = match &config.ra {
+        None => Backend::Local,
+        Some(ra_config) => {
+            let client = config.kube.clone().context(
+                "RA mode (EXTERNAL_CA) needs a Kubernetes client (kubeconfig or in-cluster)",
+            )?;
+            let ra = ra::KubernetesRa::new(client, ra_config.clone())
+                .with_context(|| format!("RA mode: roots from {}", ra_config.roots_name))?;
+            tracing::info!(
+                signer = ?ra_config.signer,
+                signer_domain = ?ra_config.signer_domain,
+                roots = %ra_config.roots_name,
+                timeout = ?ra_config.timeout,
+                "RA mode: workload certificates come from the Kubernetes CSR API"
+            );
+            Backend::KubernetesRa(Box::new(ra))
+        }
+    };
     let tls = Arc::new(TlsState::new(&ca, &config.serving)?);
     let shared = Arc::new(Shared {
         ca: RwLock::new(ca),
+        backend,
         auth,
         metrics,
     });

@@ -13,16 +13,90 @@ use crate::auth::{Authenticator, Credentials};
 use crate::metrics::{AuthLabel, ErrorLabel, Metrics};
 use crate::tls::ConnInfo;
 
+/// Who signs workload certificates.
+pub enum Backend {
+    /// The local CA in [`Shared::ca`].
+    Local,
+    /// The Kubernetes CSR API (RA mode); the local CA then only signs the
+    /// serving certificate, as istiod's does in RA mode.
+    KubernetesRa(Box<crate::ra::KubernetesRa>),
+}
+
 /// State shared by the handlers and the reload loop.
 pub struct Shared {
+    /// The local CA: signs workloads in [`Backend::Local`] mode and always
+    /// the serving certificate.
     pub ca: RwLock<Arc<LocalCa>>,
+    pub backend: Backend,
     pub auth: Authenticator,
     pub metrics: Metrics,
+}
+
+/// Why a backend did not sign: Istio's error kind, a stable reason, a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignFailure {
+    pub kind: ErrorKind,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl From<meshca_pki::Error> for SignFailure {
+    fn from(e: meshca_pki::Error) -> Self {
+        SignFailure {
+            kind: e.kind(),
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::ra::RaError> for SignFailure {
+    fn from(e: crate::ra::RaError) -> Self {
+        SignFailure {
+            kind: e.kind(),
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// One signing request of an authenticated caller.
+pub struct SignRequest<'a> {
+    pub csr_pem: &'a [u8],
+    pub identities: &'a [String],
+    pub ttl_seconds: i64,
+    /// The `CertSigner` metadata (RA mode's per-request signer).
+    pub cert_signer: Option<&'a str>,
 }
 
 impl Shared {
     pub fn ca(&self) -> Arc<LocalCa> {
         self.ca.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The chain in Istio's response layout, from the configured backend.
+    pub async fn sign(&self, req: &SignRequest<'_>) -> Result<Vec<String>, SignFailure> {
+        match &self.backend {
+            Backend::Local => {
+                let options = CertOptions {
+                    subject_ids: req.identities,
+                    ttl_seconds: req.ttl_seconds,
+                    for_ca: false,
+                };
+                // Signing is CPU-bound and short (one signature); doing it
+                // inline avoids a thread hop per request.
+                Ok(self.ca().sign_with_cert_chain(req.csr_pem, &options)?)
+            }
+            Backend::KubernetesRa(ra) => Ok(ra
+                .sign(
+                    req.csr_pem,
+                    req.identities,
+                    req.ttl_seconds,
+                    false,
+                    req.cert_signer,
+                )
+                .await?),
+        }
     }
 }
 
@@ -97,15 +171,15 @@ impl IstioCertificateService for CaService {
             ));
         }
 
-        let ca = self.shared.ca();
-        let options = CertOptions {
-            subject_ids: &caller.identities,
-            ttl_seconds: body.validity_duration,
-            for_ca: false,
-        };
-        // Signing is CPU-bound and short (one signature); doing it inline
-        // avoids a thread hop per request.
-        let result = ca.sign_with_cert_chain(body.csr.as_bytes(), &options);
+        let result = self
+            .shared
+            .sign(&SignRequest {
+                csr_pem: body.csr.as_bytes(),
+                identities: &caller.identities,
+                ttl_seconds: body.validity_duration,
+                cert_signer: metadata_string(&body, "CertSigner"),
+            })
+            .await;
         m.issue_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(cert_chain) => {
@@ -114,23 +188,23 @@ impl IstioCertificateService for CaService {
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(e) => {
-                if e.kind() == ErrorKind::CsrError {
+                if e.kind == ErrorKind::CsrError {
                     m.csr_parsing_err.inc();
                 }
                 m.csr_sign_err
                     .get_or_create(&ErrorLabel {
-                        error: e.reason().into(),
+                        error: e.reason.into(),
                     })
                     .inc();
-                tracing::info!(identities = ?caller.identities, reason = e.reason(), error = %e, "CSR signing error");
-                let code = match e.grpc_code() {
+                tracing::info!(identities = ?caller.identities, reason = e.reason, error = %e.message, "CSR signing error");
+                let code = match e.kind.grpc_code() {
                     GrpcCode::InvalidArgument => tonic::Code::InvalidArgument,
                     GrpcCode::Internal => tonic::Code::Internal,
                 };
                 Err(refuse(
                     code,
-                    &format!("CSR signing error ({e})"),
-                    e.reason(),
+                    &format!("CSR signing error ({})", e.message),
+                    e.reason,
                 ))
             }
         }

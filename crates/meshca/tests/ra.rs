@@ -1,0 +1,474 @@
+//! `meshca server` in RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`)
+//! against a real kube-apiserver and the real `meshca signer`: the server
+//! runs with exactly deploy/server/rbac.yaml + rbac-ra.yaml, the signer with
+//! exactly deploy/signer/rbac.yaml. Each test has its own signer name
+//! (`<namespace>.example.com/foo`, substituted for the manifest's
+//! `example.com/foo`) so tests running at once never sign each other's CSRs.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use kube::api::{Api, ListParams};
+use meshca_proto::IstioCertificateRequest;
+use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use meshca_testsupport::{TestEnv, TestNamespace};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use x509_parser::prelude::*;
+
+const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
+const SERVER_RA_RBAC: &str = include_str!("../../../deploy/server/rbac-ra.yaml");
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn meshca(args: &[&str]) -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "meshca {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The signer's CA: a root and an intermediate (Istio's cacerts layout).
+struct SignerCa {
+    dir: PathBuf,
+    root_pem: String,
+}
+
+fn signer_ca(base: &Path) -> Result<SignerCa> {
+    let root = base.join("signer-root");
+    let dir = base.join("signer-ca");
+    let (root_s, dir_s) = (root.to_str().unwrap(), dir.to_str().unwrap());
+    meshca(&[
+        "ca",
+        "init",
+        "--out",
+        root_s,
+        "--key-type",
+        "ecdsa-p256",
+        "--org",
+        "ra-signer",
+    ])?;
+    meshca(&[
+        "ca",
+        "init",
+        "--out",
+        dir_s,
+        "--intermediate-of",
+        root_s,
+        "--key-type",
+        "ecdsa-p256",
+        "--org",
+        "ra-signer",
+    ])?;
+    let root_pem = std::fs::read_to_string(root.join("root-cert.pem"))?;
+    Ok(SignerCa { dir, root_pem })
+}
+
+/// `meshca signer` for `signer` with deploy/signer/rbac.yaml's RBAC.
+async fn start_signer(
+    ns: &TestNamespace,
+    signer: &str,
+    ca: &SignerCa,
+    trust_domains: &str,
+) -> Result<Proc> {
+    let o = meshca_signer::manifests::Options {
+        name: ns.unique_name("m"),
+        namespace: ns.name().to_string(),
+        istio_namespace: ns.name().to_string(),
+        signer_names: vec![signer.to_string()],
+        image: "meshca:test".into(),
+    };
+    let rbac = meshca_signer::manifests::render_text(meshca_signer::manifests::FILES[1].1, &o);
+    let identity = ns
+        .identity_from_manifest("signer-ca-controller-manager", &rbac)
+        .await?;
+    let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args(["signer", "--signer-name", signer, "--ca-dir"])
+        .arg(&ca.dir)
+        .arg("--kubeconfig")
+        .arg(identity.kubeconfig_path())
+        .args(["--trust-domains", trust_domains])
+        .args(["--no-trust-bundle", "--monitoring-listen", "none"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting meshca signer")?;
+    Ok(Proc(child))
+}
+
+/// `meshca server` in RA mode with exactly its manifests' RBAC.
+struct Server {
+    _child: Proc,
+    addr: String,
+    state: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(
+        ns: &TestNamespace,
+        signer: &str,
+        root_pem: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let ra_rbac = SERVER_RA_RBAC
+            .replace("example.com/foo", signer)
+            .replace("meshca-server-ra", &ns.unique_name("meshca-server-ra"));
+        let identity = ns
+            .identity_from_manifest("meshca", &format!("{SERVER_RBAC}\n---\n{ra_rbac}"))
+            .await?;
+        let state = tempfile::tempdir()?;
+        let root_file = state.path().join("external-ca-cert/root-cert.pem");
+        std::fs::create_dir_all(root_file.parent().unwrap())?;
+        std::fs::write(&root_file, root_pem)?;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let monitoring = format!("127.0.0.1:{}", free_port());
+        let mut child = Proc(
+            Command::new(env!("CARGO_BIN_EXE_meshca"))
+                .args(["server", "--listen", &addr])
+                .args(["--monitoring-listen", &monitoring])
+                .arg("--root-ca-dir")
+                .arg(state.path().join("no-plugged-ca"))
+                .arg("--state-dir")
+                .arg(state.path())
+                .arg("--kubeconfig")
+                .arg(identity.kubeconfig_path())
+                .args(["--self-signed-key-type", "ecdsa-p256"])
+                .arg("--external-ca-root")
+                .arg(&root_file)
+                .args(extra)
+                .env("EXTERNAL_CA", "ISTIOD_RA_KUBERNETES_API")
+                .env("K8S_SIGNER", signer)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting meshca server")?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.0.try_wait()? {
+                bail!("meshca server exited with {status} before becoming ready");
+            }
+            let ready = Command::new("curl")
+                .args(["-sf", &format!("http://{monitoring}/readyz")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("meshca server did not become ready within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Server {
+            _child: child,
+            addr,
+            state,
+        })
+    }
+
+    /// The root of the server's own serving certificate (its local CA).
+    fn serving_root(&self) -> PathBuf {
+        self.state.path().join("ca/root-cert.pem")
+    }
+
+    async fn grpc(&self) -> Result<IstioCertificateServiceClient<Channel>> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(self.serving_root())?))
+            .domain_name("istiod.istio-system.svc");
+        let channel = Endpoint::from_shared(format!("https://{}", self.addr))?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok(IstioCertificateServiceClient::new(channel))
+    }
+}
+
+fn request(
+    csr: String,
+    ttl: i64,
+    cert_signer: &str,
+    token: &str,
+) -> tonic::Request<IstioCertificateRequest> {
+    let mut req = tonic::Request::new(IstioCertificateRequest::from_agent(csr, ttl, cert_signer));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// A CSR as Istio's agent makes it: P-256, empty subject, one URI SAN.
+fn workload_csr(spiffe: &str) -> String {
+    let key = meshca_pki::SigningKey::generate(meshca_pki::KeyType::EcdsaP256).unwrap();
+    meshca_pki::csr::build_csr(
+        &key,
+        meshca_pki::cert::EMPTY_NAME,
+        &[meshca_pki::SanEntry::Uri(spiffe.into())],
+    )
+    .unwrap()
+}
+
+fn pem_ders(pem: &str) -> Vec<Vec<u8>> {
+    meshca_pki::pem::parse_all(pem.as_bytes())
+        .unwrap()
+        .into_iter()
+        .map(|b| b.der.to_vec())
+        .collect()
+}
+
+fn leaf_uris(chain: &[String]) -> Vec<String> {
+    let der = &pem_ders(&chain[0])[0];
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn leaf_lifetime(chain: &[String]) -> i64 {
+    let der = &pem_ders(&chain[0])[0];
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    cert.validity().not_after.timestamp() - ::time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// `openssl verify` of the leaf against `root_pem` only, the rest untrusted.
+fn openssl_verify(dir: &Path, chain: &[String], root_pem: &str) -> Result<()> {
+    let id = meshca_testsupport::unique_name("v");
+    let (leaf, inter, root) = (
+        dir.join(format!("{id}-leaf.pem")),
+        dir.join(format!("{id}-inter.pem")),
+        dir.join(format!("{id}-root.pem")),
+    );
+    std::fs::write(&leaf, &chain[0])?;
+    std::fs::write(&inter, chain[1..].concat())?;
+    std::fs::write(&root, root_pem)?;
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&root)
+        .arg("-untrusted")
+        .arg(&inter)
+        .arg(&leaf)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "openssl verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Waits (briefly) until no CSR of `signer` is left: the server deletes
+/// its CSRs right after answering.
+async fn assert_csrs_gone(signer: &str) {
+    let env = TestEnv::get().await;
+    let csrs = Api::<CertificateSigningRequest>::all(env.client());
+    let lp = ListParams::default().fields(&format!("spec.signerName={signer}"));
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        left = csrs
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("CSRs of {signer} left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_client_gets_a_chain_from_the_signer_through_the_kubernetes_csr_api() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("srv-ra-ok").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let domain = format!("{}.example.com", ns.name());
+        let signer = format!("{domain}/foo");
+        let ca = signer_ca(&dir).unwrap();
+        let _signer = start_signer(&ns, &signer, &ca, "cluster.local")
+            .await
+            .unwrap();
+        let server = Server::start(
+            &ns,
+            &signer,
+            &ca.root_pem,
+            &["--cert-signer-domain", &domain, "--ra-timeout", "30s"],
+        )
+        .await
+        .unwrap();
+
+        ns.create_service_account("workload").await.unwrap();
+        let token = ns.token("workload").await.unwrap();
+        let token_file = dir.join("workload.token");
+        std::fs::write(&token_file, &token).unwrap();
+        let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+
+        // Istio's own Go client, as istio-agent asks.
+        let out = Command::new(meshca_testsupport::bin("istio-client"))
+            .args([
+                "-addr",
+                &server.addr,
+                "-json",
+                "-timeout",
+                "30s",
+                "-ttl",
+                "1h",
+            ])
+            .arg("-root-cert")
+            .arg(server.serving_root())
+            .arg("-token")
+            .arg(&token_file)
+            .args(["-host", &spiffe])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "istio-client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let chain: Vec<String> = json["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            chain.len(),
+            3,
+            "leaf, the signer's intermediate, root: {chain:?}"
+        );
+        assert_eq!(
+            pem_ders(chain.last().unwrap()),
+            pem_ders(&ca.root_pem),
+            "the signer's root is the last element"
+        );
+        openssl_verify(&dir, &chain, &ca.root_pem).unwrap();
+        assert_eq!(leaf_uris(&chain), vec![spiffe.clone()]);
+        // expirationSeconds carried the requested TTL to the signer.
+        let life = leaf_lifetime(&chain);
+        assert!(
+            (3500..=3600).contains(&life),
+            "lifetime {life}s for a 1h request"
+        );
+
+        // The per-request signer: CERT_SIGNER_DOMAIN/<CertSigner>, and a TTL
+        // below the API's minimum raised to 600 s.
+        let mut client = server.grpc().await.unwrap();
+        let answer = client
+            .create_certificate(request(workload_csr(&spiffe), 60, "foo", &token))
+            .await
+            .unwrap()
+            .into_inner()
+            .cert_chain;
+        openssl_verify(&dir, &answer, &ca.root_pem).unwrap();
+        assert_eq!(leaf_uris(&answer), vec![spiffe.clone()]);
+        let life = leaf_lifetime(&answer);
+        assert!(
+            (500..=600).contains(&life),
+            "lifetime {life}s for a 60 s request"
+        );
+
+        // istiod's checks happen before anything is submitted.
+        let other = format!("spiffe://cluster.local/ns/{}/sa/admin", ns.name());
+        let refused = client
+            .create_certificate(request(workload_csr(&other), 0, "", &token))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+        assert_csrs_gone(&signer).await;
+        drop(server);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signer_failure_comes_back_at_once_with_the_signers_reason() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("srv-ra-deny").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let ca = signer_ca(&dir).unwrap();
+        // The signer only certifies another trust domain.
+        let _signer = start_signer(&ns, &signer, &ca, "other.example")
+            .await
+            .unwrap();
+        // A 60 s timeout: only noticing Failed makes the answer fast.
+        let server = Server::start(&ns, &signer, &ca.root_pem, &[])
+            .await
+            .unwrap();
+        ns.create_service_account("workload").await.unwrap();
+        let token = ns.token("workload").await.unwrap();
+        let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+        let mut client = server.grpc().await.unwrap();
+
+        // The first request also waits for the signer's initial list; time the second.
+        for attempt in 0..2 {
+            let started = Instant::now();
+            let e = client
+                .create_certificate(request(workload_csr(&spiffe), 3600, "", &token))
+                .await
+                .unwrap_err();
+            let took = started.elapsed();
+            assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+            assert!(e.message().starts_with("CSR signing error ("), "{e:?}");
+            assert!(e.message().contains("policy_trust_domain"), "{e:?}");
+            assert!(e.message().contains("SignerValidationFailure"), "{e:?}");
+            assert_eq!(
+                e.metadata().get("meshca-reason").unwrap().to_str().unwrap(),
+                "ra_failed"
+            );
+            if attempt == 1 {
+                assert!(took < Duration::from_secs(1), "denial took {took:?}");
+            }
+        }
+        assert_csrs_gone(&signer).await;
+        drop(server);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,0 +1,922 @@
+//! RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`): the server does not sign
+//! workload certificates itself but forwards each request to the Kubernetes
+//! CSR API, as istiod does, and answers with what the signer issued.
+//!
+//! Flow of one request: [`signer_name`] (K8S_SIGNER, or CERT_SIGNER_DOMAIN /
+//! the `CertSigner` metadata) -> [`check_request`] (istiod's checks before
+//! submitting) -> [`new_csr`] (an istiod-shaped CSR) -> create -> approve
+//! through `/approval` -> watch until [`progress`] is final or the timeout
+//! ends (Denied and Failed end it at once, unlike istiod) -> delete the CSR
+//! (always, also on error and cancellation) -> [`assemble_chain`] (verify
+//! against the configured roots, key and identity checks, roots last).
+//! Everything but [`KubernetesRa`] is a pure function.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
+    CertificateSigningRequestStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, DeleteParams, PostParams, WatchEvent, WatchParams};
+use meshca_pki::bundle::certificates;
+use meshca_pki::{CsrPolicy, ErrorKind, SanEntry, Source, ValidatedCsr, WorkloadProfile};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use webpki::{EndEntityCert, KeyUsage, anchor_from_trusted_cert};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+/// The `EXTERNAL_CA` value that selects this backend.
+pub const EXTERNAL_CA_KUBERNETES: &str = "ISTIOD_RA_KUBERNETES_API";
+/// istiod's usages for workload CSRs.
+pub const USAGES: [&str; 4] = [
+    "digital signature",
+    "key encipherment",
+    "server auth",
+    "client auth",
+];
+/// The API server refuses `expirationSeconds` below this.
+pub const MIN_EXPIRATION_SECONDS: i64 = 600;
+/// The condition reason of our approvals.
+pub const APPROVAL_REASON: &str = "MeshcaRAApproved";
+
+/// How RA mode is configured.
+#[derive(Debug, Clone)]
+pub struct RaConfig {
+    /// K8S_SIGNER: the signer of requests without `CertSigner` metadata.
+    pub signer: Option<String>,
+    /// CERT_SIGNER_DOMAIN: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`.
+    pub signer_domain: Option<String>,
+    /// The signer's roots (PEM), e.g. `./etc/external-ca-cert/root-cert.pem`.
+    pub roots_pem: Vec<u8>,
+    /// Name of the roots file, for messages.
+    pub roots_name: String,
+    /// How long to wait for the signer.
+    pub timeout: Duration,
+    pub workload: WorkloadProfile,
+}
+
+/// Why an RA request got no certificate. Every variant has a stable reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RaError {
+    #[error(transparent)]
+    Request(#[from] meshca_pki::Error),
+    #[error("CA certificates are not issued in RA mode")]
+    ForCa,
+    #[error("CSR SAN {0} is not an identity of the caller")]
+    SanNotCallers(String),
+    #[error("CSR does not match Istio's template: {0}")]
+    Template(String),
+    #[error("CertSigner {0:?} was requested but CERT_SIGNER_DOMAIN is not set")]
+    NoSignerDomain(String),
+    #[error("no signer: set K8S_SIGNER, or CERT_SIGNER_DOMAIN with CertSigner metadata")]
+    NoSigner,
+    #[error("the CSR was denied: {reason}: {message}")]
+    Denied { reason: String, message: String },
+    #[error("the signer failed the CSR: {reason}: {message}")]
+    Failed { reason: String, message: String },
+    #[error("no certificate from signer {signer} within {timeout:?}")]
+    Timeout { signer: String, timeout: Duration },
+    #[error("the CSR was deleted before it was signed")]
+    Deleted,
+    #[error("Kubernetes API: {0}")]
+    Api(String),
+    #[error("the signed chain is not acceptable: {0}")]
+    Chain(String),
+}
+
+impl RaError {
+    /// Istio's error kind, which decides the gRPC code: request problems are
+    /// InvalidArgument, everything on the signer's side Internal.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RaError::Request(e) => e.kind(),
+            RaError::ForCa | RaError::SanNotCallers(_) | RaError::Template(_) => {
+                ErrorKind::CsrError
+            }
+            _ => ErrorKind::CertGenError,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RaError::Request(e) => e.reason(),
+            RaError::ForCa => "ra_ca_requested",
+            RaError::SanNotCallers(_) => "ra_san_not_callers",
+            RaError::Template(_) => "ra_csr_template",
+            RaError::NoSignerDomain(_) => "ra_no_signer_domain",
+            RaError::NoSigner => "ra_no_signer",
+            RaError::Denied { .. } => "ra_denied",
+            RaError::Failed { .. } => "ra_failed",
+            RaError::Timeout { .. } => "ra_timeout",
+            RaError::Deleted => "ra_csr_deleted",
+            RaError::Api(_) => "ra_kubernetes_api",
+            RaError::Chain(_) => "ra_chain_invalid",
+        }
+    }
+}
+
+/// The signer of one request (istiod's rule).
+pub fn signer_name(config: &RaConfig, cert_signer: Option<&str>) -> Result<String, RaError> {
+    match cert_signer.filter(|s| !s.is_empty()) {
+        Some(requested) => match config.signer_domain.as_deref().filter(|d| !d.is_empty()) {
+            Some(domain) => Ok(format!("{domain}/{requested}")),
+            None => Err(RaError::NoSignerDomain(requested.to_owned())),
+        },
+        None => config
+            .signer
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or(RaError::NoSigner),
+    }
+}
+
+/// istiod's checks before a CSR is submitted: no CA requests, TTL within the
+/// maximum, the CSR parses with a valid self-signature, its SANs are a subset
+/// of the caller's identities and it has Istio's template (at most one URI
+/// SAN; no DNS, IP or email SANs).
+pub fn check_request(
+    csr_pem: &[u8],
+    identities: &[String],
+    ttl_seconds: i64,
+    for_ca: bool,
+    profile: &WorkloadProfile,
+) -> Result<ValidatedCsr, RaError> {
+    if for_ca {
+        return Err(RaError::ForCa);
+    }
+    let max = i64::try_from(profile.max_ttl.as_secs()).unwrap_or(i64::MAX);
+    if ttl_seconds > max {
+        return Err(meshca_pki::Error::TtlTooLong {
+            requested: ttl_seconds,
+            max,
+        }
+        .into());
+    }
+    let csr = meshca_pki::validate_csr(csr_pem, &CsrPolicy::default())
+        .map_err(meshca_pki::Error::from)?;
+    if csr.requests_ca {
+        return Err(RaError::ForCa);
+    }
+    let mut uris = 0;
+    for san in &csr.requested_sans {
+        match san {
+            SanEntry::Uri(uri) => {
+                uris += 1;
+                if !identities.iter().any(|id| id == uri) {
+                    return Err(RaError::SanNotCallers(uri.clone()));
+                }
+            }
+            other => {
+                return Err(RaError::Template(format!(
+                    "only a URI SAN is allowed, the CSR has {other}"
+                )));
+            }
+        }
+    }
+    if uris > 1 {
+        return Err(RaError::Template(format!(
+            "at most one URI SAN is allowed, the CSR has {uris}"
+        )));
+    }
+    Ok(csr)
+}
+
+/// `spec.expirationSeconds`: the requested TTL (or the default), raised to
+/// the API server's minimum.
+pub fn expiration_seconds(ttl_seconds: i64, profile: &WorkloadProfile) -> i32 {
+    let ttl = if ttl_seconds <= 0 {
+        i64::try_from(profile.default_ttl.as_secs()).unwrap_or(i64::MAX)
+    } else {
+        ttl_seconds
+    };
+    i32::try_from(ttl.max(MIN_EXPIRATION_SECONDS)).unwrap_or(i32::MAX)
+}
+
+/// The CSR istiod would create.
+pub fn new_csr(csr_pem: &[u8], signer: &str, expiration_seconds: i32) -> CertificateSigningRequest {
+    CertificateSigningRequest {
+        metadata: ObjectMeta {
+            generate_name: Some("csr-workload-".into()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_string(),
+                "meshca-server".to_string(),
+            )])),
+            ..Default::default()
+        },
+        spec: CertificateSigningRequestSpec {
+            request: ByteString(csr_pem.to_vec()),
+            signer_name: signer.to_owned(),
+            usages: Some(USAGES.iter().map(|u| u.to_string()).collect()),
+            expiration_seconds: Some(expiration_seconds),
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+/// Adds condition Approved/True (the `/approval` subresource's body).
+pub fn approve(csr: &mut CertificateSigningRequest) {
+    let conditions = csr
+        .status
+        .get_or_insert_with(CertificateSigningRequestStatus::default)
+        .conditions
+        .get_or_insert_with(Vec::new);
+    if conditions.iter().any(|c| c.type_ == "Approved") {
+        return;
+    }
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    conditions.push(CertificateSigningRequestCondition {
+        type_: "Approved".into(),
+        status: "True".into(),
+        reason: Some(APPROVAL_REASON.into()),
+        message: Some("approved by meshca server (RA mode) for an authenticated workload".into()),
+        last_update_time: Some(now.clone()),
+        last_transition_time: Some(now),
+    });
+}
+
+/// Where a submitted CSR stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Pending,
+    Issued(Vec<u8>),
+    Denied { reason: String, message: String },
+    Failed { reason: String, message: String },
+}
+
+/// Reads the outcome from a CSR: a final condition wins over a certificate
+/// (a certificate next to `Failed` is not trusted).
+pub fn progress(csr: &CertificateSigningRequest) -> Progress {
+    let Some(status) = &csr.status else {
+        return Progress::Pending;
+    };
+    for c in status.conditions.iter().flatten() {
+        if c.status != "True" {
+            continue;
+        }
+        let reason = c.reason.clone().unwrap_or_default();
+        let message = c.message.clone().unwrap_or_default();
+        match c.type_.as_str() {
+            "Denied" => return Progress::Denied { reason, message },
+            "Failed" => return Progress::Failed { reason, message },
+            _ => {}
+        }
+    }
+    match &status.certificate {
+        Some(c) if !c.0.is_empty() => Progress::Issued(c.0.clone()),
+        _ => Progress::Pending,
+    }
+}
+
+/// The signer's roots, parsed once.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    der: Vec<Vec<u8>>,
+    pem: String,
+}
+
+impl Roots {
+    pub fn parse(name: &str, pem_bytes: &[u8]) -> Result<Roots, RaError> {
+        let der = certificates(Source {
+            name,
+            bytes: pem_bytes,
+        })
+        .map_err(|e| RaError::Chain(e.to_string()))?;
+        if der.is_empty() {
+            return Err(RaError::Chain(format!("{name}: contains no certificate")));
+        }
+        let pem = der
+            .iter()
+            .map(|d| meshca_pki::pem::encode("CERTIFICATE", d))
+            .collect();
+        Ok(Roots { der, pem })
+    }
+
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+}
+
+/// Checks what the signer returned and builds Istio's response: the chain
+/// verifies to `roots` (as a client certificate), the leaf carries the CSR's
+/// key and exactly one URI SAN, which is one of the caller's identities.
+/// Layout: leaf, each intermediate, all roots in the last element.
+pub fn assemble_chain(
+    issued_pem: &[u8],
+    roots: &Roots,
+    csr: &ValidatedCsr,
+    identities: &[String],
+    now: UnixTime,
+) -> Result<Vec<String>, RaError> {
+    let chain = certificates(Source {
+        name: "status.certificate",
+        bytes: issued_pem,
+    })
+    .map_err(|e| RaError::Chain(e.to_string()))?;
+    let (leaf, rest) = chain
+        .split_first()
+        .ok_or_else(|| RaError::Chain("status.certificate holds no certificate".into()))?;
+    let leaf_der = CertificateDer::from(leaf.as_slice());
+    let leaf_cert =
+        EndEntityCert::try_from(&leaf_der).map_err(|e| RaError::Chain(format!("leaf: {e}")))?;
+    let root_ders: Vec<CertificateDer<'_>> = roots
+        .der
+        .iter()
+        .map(|r| CertificateDer::from(r.as_slice()))
+        .collect();
+    let anchors = root_ders
+        .iter()
+        .map(|r| anchor_from_trusted_cert(r).map_err(|e| RaError::Chain(format!("root: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let intermediates: Vec<CertificateDer<'_>> = rest
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    leaf_cert
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            now,
+            KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| RaError::Chain(format!("does not verify to the configured roots: {e}")))?;
+
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(leaf)
+        .map_err(|e| RaError::Chain(format!("leaf: {e}")))?;
+    if parsed.public_key().subject_public_key.data.as_ref() != csr.public_key_bits.as_slice() {
+        return Err(RaError::Chain(
+            "the leaf's public key is not the CSR's".into(),
+        ));
+    }
+    let uris: Vec<&str> = parsed
+        .subject_alternative_name()
+        .map_err(|e| RaError::Chain(format!("leaf SAN: {e}")))?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match uris.as_slice() {
+        [uri] if identities.iter().any(|id| id == uri) => {}
+        _ => {
+            return Err(RaError::Chain(format!(
+                "the leaf's URI SANs {uris:?} are not exactly the caller's identity {identities:?}"
+            )));
+        }
+    }
+
+    let mut out = Vec::with_capacity(chain.len() + 1);
+    out.push(meshca_pki::pem::encode("CERTIFICATE", leaf));
+    out.extend(
+        rest.iter()
+            .filter(|c| !roots.der.contains(c))
+            .map(|c| meshca_pki::pem::encode("CERTIFICATE", c)),
+    );
+    out.push(roots.pem.clone());
+    Ok(out)
+}
+
+/// The Kubernetes side: create, approve, watch, delete.
+pub struct KubernetesRa {
+    api: Api<CertificateSigningRequest>,
+    config: RaConfig,
+    roots: Roots,
+}
+
+impl KubernetesRa {
+    pub fn new(client: kube::Client, config: RaConfig) -> Result<Self, RaError> {
+        let roots = Roots::parse(&config.roots_name, &config.roots_pem)?;
+        Ok(KubernetesRa {
+            api: Api::all(client),
+            config,
+            roots,
+        })
+    }
+
+    pub fn roots(&self) -> &Roots {
+        &self.roots
+    }
+
+    /// Signs through the CSR API for an authenticated caller.
+    pub async fn sign(
+        &self,
+        csr_pem: &[u8],
+        identities: &[String],
+        ttl_seconds: i64,
+        for_ca: bool,
+        cert_signer: Option<&str>,
+    ) -> Result<Vec<String>, RaError> {
+        let signer = signer_name(&self.config, cert_signer)?;
+        let csr = check_request(
+            csr_pem,
+            identities,
+            ttl_seconds,
+            for_ca,
+            &self.config.workload,
+        )?;
+        let object = new_csr(
+            csr_pem,
+            &signer,
+            expiration_seconds(ttl_seconds, &self.config.workload),
+        );
+        let created = self
+            .api
+            .create(&PostParams::default(), &object)
+            .await
+            .map_err(api_error)?;
+        let name = created
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| RaError::Api("created CSR has no name".into()))?;
+        // Deletes the CSR whatever happens next, also if this future is dropped.
+        let _delete = DeleteOnDrop {
+            api: self.api.clone(),
+            name: name.clone(),
+        };
+        let issued = tokio::time::timeout(self.config.timeout, self.approve_and_wait(created))
+            .await
+            .map_err(|_| RaError::Timeout {
+                signer: signer.clone(),
+                timeout: self.config.timeout,
+            })??;
+        tracing::debug!(csr = %name, %signer, "CSR signed");
+        assemble_chain(&issued, &self.roots, &csr, identities, UnixTime::now())
+    }
+
+    async fn approve_and_wait(
+        &self,
+        created: CertificateSigningRequest,
+    ) -> Result<Vec<u8>, RaError> {
+        let name = created.metadata.name.clone().unwrap_or_default();
+        let mut object = created;
+        let mut approved = None;
+        for _ in 0..5 {
+            approve(&mut object);
+            match self
+                .api
+                .replace_subresource("approval", &name, &PostParams::default(), &object)
+                .await
+            {
+                Ok(o) => {
+                    approved = Some(o);
+                    break;
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    object = self.api.get(&name).await.map_err(api_error)?;
+                }
+                Err(e) => return Err(api_error(e)),
+            }
+        }
+        let approved =
+            approved.ok_or_else(|| RaError::Api(format!("approving {name} kept conflicting")))?;
+        let mut version = approved
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default();
+        if let Some(done) = final_outcome(&approved)? {
+            return Ok(done);
+        }
+        let wp = WatchParams::default()
+            .fields(&format!("metadata.name={name}"))
+            .timeout(290);
+        loop {
+            let mut events = self
+                .api
+                .watch(&wp, &version)
+                .await
+                .map_err(api_error)?
+                .boxed();
+            while let Some(event) = events.try_next().await.map_err(api_error)? {
+                match event {
+                    WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+                        if let Some(v) = &o.metadata.resource_version {
+                            version.clone_from(v);
+                        }
+                        if let Some(done) = final_outcome(&o)? {
+                            return Ok(done);
+                        }
+                    }
+                    WatchEvent::Deleted(_) => return Err(RaError::Deleted),
+                    WatchEvent::Bookmark(b) => version = b.metadata.resource_version,
+                    WatchEvent::Error(s) if s.code == 410 => {
+                        // Our version is too old: read the object and watch from it.
+                        let o = self.api.get(&name).await.map_err(api_error)?;
+                        if let Some(done) = final_outcome(&o)? {
+                            return Ok(done);
+                        }
+                        version = o.metadata.resource_version.clone().unwrap_or_default();
+                        break;
+                    }
+                    WatchEvent::Error(s) => {
+                        return Err(RaError::Api(format!("watch: {}", s.message)));
+                    }
+                }
+            }
+            // The server ended the watch; continue from where we were.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn final_outcome(csr: &CertificateSigningRequest) -> Result<Option<Vec<u8>>, RaError> {
+    match progress(csr) {
+        Progress::Pending => Ok(None),
+        Progress::Issued(c) => Ok(Some(c)),
+        Progress::Denied { reason, message } => Err(RaError::Denied { reason, message }),
+        Progress::Failed { reason, message } => Err(RaError::Failed { reason, message }),
+    }
+}
+
+fn api_error(e: kube::Error) -> RaError {
+    RaError::Api(e.to_string())
+}
+
+struct DeleteOnDrop {
+    api: Api<CertificateSigningRequest>,
+    name: String,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let api = self.api.clone();
+        let name = std::mem::take(&mut self.name);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(csr = %name, "no runtime to delete the CSR");
+            return;
+        };
+        runtime.spawn(async move {
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => tracing::warn!(csr = %name, error = %e, "deleting the CSR failed"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshca_pki::profile::{CaCertRequest, intermediate_ca, issue_workload, self_signed_root};
+    use meshca_pki::{CaBundle, GrpcCode, KeyType, SigningKey, cert, pem};
+    use time::OffsetDateTime;
+
+    const ID: &str = "spiffe://cluster.local/ns/app/sa/web";
+
+    fn config(signer: Option<&str>, domain: Option<&str>) -> RaConfig {
+        RaConfig {
+            signer: signer.map(Into::into),
+            signer_domain: domain.map(Into::into),
+            roots_pem: Vec::new(),
+            roots_name: "roots.pem".into(),
+            timeout: Duration::from_secs(60),
+            workload: WorkloadProfile::default(),
+        }
+    }
+
+    fn csr_with(sans: &[SanEntry]) -> (SigningKey, String) {
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let pem = meshca_pki::csr::build_csr(&key, cert::EMPTY_NAME, sans).unwrap();
+        (key, pem)
+    }
+
+    fn ids() -> Vec<String> {
+        vec![ID.to_string()]
+    }
+
+    /// root -> intermediate, as a signer holds them.
+    struct Pki {
+        root_der: Vec<u8>,
+        intermediate: CaBundle,
+    }
+
+    fn pki() -> Pki {
+        let now = OffsetDateTime::now_utc();
+        let root_key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let root_der = self_signed_root(
+            &CaCertRequest {
+                subject_der: &cert::organization_name("ra test root"),
+                key: &root_key,
+                ttl: Duration::from_secs(86400),
+            },
+            now,
+        )
+        .unwrap();
+        let root = CaBundle::from_parts(
+            root_key,
+            root_der.clone(),
+            vec![],
+            vec![root_der.clone()],
+            now,
+        )
+        .unwrap();
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let inter_der = intermediate_ca(
+            &CaCertRequest {
+                subject_der: &cert::organization_name("ra test intermediate"),
+                key: &key,
+                ttl: Duration::from_secs(86400),
+            },
+            &root,
+            now,
+        )
+        .unwrap();
+        let intermediate =
+            CaBundle::from_parts(key, inter_der, vec![], vec![root_der.clone()], now).unwrap();
+        Pki {
+            root_der,
+            intermediate,
+        }
+    }
+
+    impl Pki {
+        fn roots(&self) -> Roots {
+            Roots::parse(
+                "root.pem",
+                pem::encode("CERTIFICATE", &self.root_der).as_bytes(),
+            )
+            .unwrap()
+        }
+
+        /// What a signer writes into status.certificate: leaf + intermediate (+ root).
+        fn issue(&self, csr_pem: &str, identities: &[String], with_root: bool) -> Vec<u8> {
+            let csr = meshca_pki::validate_csr(csr_pem.as_bytes(), &CsrPolicy::default()).unwrap();
+            let leaf = issue_workload(
+                &WorkloadProfile::default(),
+                &self.intermediate,
+                &csr,
+                identities,
+                3600,
+                false,
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+            let mut out = pem::encode("CERTIFICATE", &leaf);
+            out.push_str(self.intermediate.signing_cert_pem());
+            if with_root {
+                out.push_str(&pem::encode("CERTIFICATE", &self.root_der));
+            }
+            out.into_bytes()
+        }
+    }
+
+    #[test]
+    fn the_signer_is_k8s_signer_or_the_domain_with_the_cert_signer_metadata() {
+        let c = config(Some("example.com/foo"), Some("example.com"));
+        assert_eq!(signer_name(&c, None).unwrap(), "example.com/foo");
+        assert_eq!(signer_name(&c, Some("")).unwrap(), "example.com/foo");
+        assert_eq!(signer_name(&c, Some("bar")).unwrap(), "example.com/bar");
+        let no_domain = config(Some("example.com/foo"), None);
+        let e = signer_name(&no_domain, Some("bar")).unwrap_err();
+        assert_eq!(e, RaError::NoSignerDomain("bar".into()));
+        assert_eq!(e.kind().grpc_code(), GrpcCode::Internal);
+        assert_eq!(
+            signer_name(&config(None, None), None).unwrap_err(),
+            RaError::NoSigner
+        );
+    }
+
+    #[test]
+    fn istios_template_with_the_callers_identity_passes() {
+        let (key, pem) = csr_with(&[SanEntry::Uri(ID.into())]);
+        let csr = check_request(
+            pem.as_bytes(),
+            &ids(),
+            3600,
+            false,
+            &WorkloadProfile::default(),
+        )
+        .unwrap();
+        assert_eq!(csr.public_key_bits, key.public_key_bits());
+        // No SAN at all is Istio's template too (the signer decides).
+        let (_, bare) = csr_with(&[]);
+        check_request(
+            bare.as_bytes(),
+            &ids(),
+            0,
+            false,
+            &WorkloadProfile::default(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn requests_istiod_refuses_are_refused_before_anything_is_submitted() {
+        let p = WorkloadProfile::default();
+        let (_, ok) = csr_with(&[SanEntry::Uri(ID.into())]);
+        let refused = |pem: &str, ids: &[String], ttl: i64, for_ca: bool| {
+            check_request(pem.as_bytes(), ids, ttl, for_ca, &p).unwrap_err()
+        };
+        assert_eq!(refused(&ok, &ids(), 0, true), RaError::ForCa);
+
+        let other = "spiffe://cluster.local/ns/app/sa/admin";
+        let (_, foreign) = csr_with(&[SanEntry::Uri(other.into())]);
+        assert_eq!(
+            refused(&foreign, &ids(), 0, false),
+            RaError::SanNotCallers(other.into())
+        );
+
+        let (_, dns) = csr_with(&[
+            SanEntry::Uri(ID.into()),
+            SanEntry::Dns("web.app.svc".into()),
+        ]);
+        assert!(matches!(
+            refused(&dns, &ids(), 0, false),
+            RaError::Template(_)
+        ));
+        let (_, ip) = csr_with(&[SanEntry::Ip("10.0.0.1".parse().unwrap())]);
+        assert!(matches!(
+            refused(&ip, &ids(), 0, false),
+            RaError::Template(_)
+        ));
+        let (_, email) = csr_with(&[SanEntry::Email("a@b.c".into())]);
+        assert!(matches!(
+            refused(&email, &ids(), 0, false),
+            RaError::Template(_)
+        ));
+
+        let both = vec![ID.to_string(), other.to_string()];
+        let (_, two) = csr_with(&[SanEntry::Uri(ID.into()), SanEntry::Uri(other.into())]);
+        assert!(matches!(
+            refused(&two, &both, 0, false),
+            RaError::Template(_)
+        ));
+
+        let max = p.max_ttl.as_secs() as i64;
+        let e = refused(&ok, &ids(), max + 1, false);
+        assert_eq!(e.kind(), ErrorKind::TtlError);
+        assert_eq!(e.reason(), "ttl_too_long");
+
+        let e = refused("not a csr", &ids(), 0, false);
+        assert_eq!(e.kind(), ErrorKind::CsrError);
+        let mut tampered = ok.clone().into_bytes();
+        // Flip a bit inside the base64 body: the self-signature breaks.
+        let at = tampered.len() / 2;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let e = check_request(&tampered, &ids(), 0, false, &p).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CsrError);
+
+        for e in [
+            RaError::ForCa,
+            RaError::SanNotCallers(String::new()),
+            RaError::Template(String::new()),
+        ] {
+            assert_eq!(e.kind().grpc_code(), GrpcCode::InvalidArgument, "{e}");
+        }
+    }
+
+    #[test]
+    fn expiration_is_the_requested_ttl_or_the_default_but_at_least_600_seconds() {
+        let p = WorkloadProfile::default();
+        assert_eq!(expiration_seconds(0, &p), 86400);
+        assert_eq!(expiration_seconds(-5, &p), 86400);
+        assert_eq!(expiration_seconds(60, &p), 600);
+        assert_eq!(expiration_seconds(3600, &p), 3600);
+    }
+
+    #[test]
+    fn the_kubernetes_csr_is_shaped_like_istiods() {
+        let csr = new_csr(b"PEM", "example.com/foo", 3600);
+        assert_eq!(csr.metadata.generate_name.as_deref(), Some("csr-workload-"));
+        assert_eq!(csr.metadata.name, None);
+        assert_eq!(csr.spec.request.0, b"PEM");
+        assert_eq!(csr.spec.signer_name, "example.com/foo");
+        assert_eq!(csr.spec.expiration_seconds, Some(3600));
+        assert_eq!(
+            csr.spec.usages.as_deref().unwrap(),
+            [
+                "digital signature",
+                "key encipherment",
+                "server auth",
+                "client auth"
+            ]
+        );
+        let json = serde_json::to_value(&csr).unwrap();
+        assert_eq!(json["apiVersion"], "certificates.k8s.io/v1");
+    }
+
+    #[test]
+    fn approval_adds_one_approved_condition() {
+        let mut csr = new_csr(b"PEM", "example.com/foo", 3600);
+        approve(&mut csr);
+        approve(&mut csr);
+        let conditions = csr.status.unwrap().conditions.unwrap();
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].type_, "Approved");
+        assert_eq!(conditions[0].status, "True");
+        assert_eq!(conditions[0].reason.as_deref(), Some(APPROVAL_REASON));
+    }
+
+    #[test]
+    fn denied_and_failed_are_final_and_beat_a_certificate() {
+        let mut csr = new_csr(b"PEM", "example.com/foo", 3600);
+        assert_eq!(progress(&csr), Progress::Pending);
+        approve(&mut csr);
+        assert_eq!(progress(&csr), Progress::Pending);
+        csr.status.as_mut().unwrap().certificate = Some(ByteString(b"CERT".to_vec()));
+        assert_eq!(progress(&csr), Progress::Issued(b"CERT".to_vec()));
+        for type_ in ["Denied", "Failed"] {
+            let mut c = csr.clone();
+            c.status
+                .as_mut()
+                .unwrap()
+                .conditions
+                .as_mut()
+                .unwrap()
+                .push(CertificateSigningRequestCondition {
+                    type_: type_.into(),
+                    status: "True".into(),
+                    reason: Some("SignerValidationFailure".into()),
+                    message: Some("policy_trust_domain: nope".into()),
+                    ..Default::default()
+                });
+            let (reason, message) = (
+                "SignerValidationFailure".into(),
+                "policy_trust_domain: nope".into(),
+            );
+            let expected = if type_ == "Denied" {
+                Progress::Denied { reason, message }
+            } else {
+                Progress::Failed { reason, message }
+            };
+            assert_eq!(progress(&c), expected);
+            let e = final_outcome(&c).unwrap_err();
+            assert!(e.to_string().contains("policy_trust_domain: nope"), "{e}");
+            assert_eq!(e.kind().grpc_code(), GrpcCode::Internal);
+        }
+    }
+
+    #[test]
+    fn a_verified_chain_gets_the_roots_as_its_last_element_once() {
+        let pki = pki();
+        let (_, pem_csr) = csr_with(&[SanEntry::Uri(ID.into())]);
+        let csr = meshca_pki::validate_csr(pem_csr.as_bytes(), &CsrPolicy::default()).unwrap();
+        let roots = pki.roots();
+        for with_root in [false, true] {
+            let issued = pki.issue(&pem_csr, &ids(), with_root);
+            let chain = assemble_chain(&issued, &roots, &csr, &ids(), UnixTime::now()).unwrap();
+            assert_eq!(chain.len(), 3, "{with_root}");
+            assert_eq!(chain[1], pki.intermediate.signing_cert_pem());
+            assert_eq!(chain[2], roots.pem());
+        }
+    }
+
+    #[test]
+    fn chains_that_do_not_verify_or_name_someone_else_are_refused() {
+        let other_signer = pki();
+        let pki = pki();
+        let (_, pem_csr) = csr_with(&[SanEntry::Uri(ID.into())]);
+        let csr = meshca_pki::validate_csr(pem_csr.as_bytes(), &CsrPolicy::default()).unwrap();
+        let now = UnixTime::now();
+        let is_chain_error = |r: Result<Vec<String>, RaError>| {
+            assert!(matches!(r, Err(RaError::Chain(_))), "{r:?}");
+        };
+        // Another signer's root.
+        let issued = pki.issue(&pem_csr, &ids(), false);
+        is_chain_error(assemble_chain(
+            &issued,
+            &other_signer.roots(),
+            &csr,
+            &ids(),
+            now,
+        ));
+        // The intermediate missing.
+        let leaf_only = meshca_pki::pem::parse_all(&issued).unwrap()[0].der.clone();
+        let leaf_only = pem::encode("CERTIFICATE", &leaf_only);
+        is_chain_error(assemble_chain(
+            leaf_only.as_bytes(),
+            &pki.roots(),
+            &csr,
+            &ids(),
+            now,
+        ));
+        // A certificate for another key.
+        let (_, other_csr) = csr_with(&[SanEntry::Uri(ID.into())]);
+        let swapped = pki.issue(&other_csr, &ids(), false);
+        is_chain_error(assemble_chain(&swapped, &pki.roots(), &csr, &ids(), now));
+        // Another identity, or two.
+        let other = vec!["spiffe://cluster.local/ns/app/sa/admin".to_string()];
+        let foreign = pki.issue(&pem_csr, &other, false);
+        is_chain_error(assemble_chain(&foreign, &pki.roots(), &csr, &ids(), now));
+        let two = vec![ID.to_string(), other[0].clone()];
+        let double = pki.issue(&pem_csr, &two, false);
+        is_chain_error(assemble_chain(&double, &pki.roots(), &csr, &two, now));
+        // Nothing at all.
+        is_chain_error(assemble_chain(b"", &pki.roots(), &csr, &ids(), now));
+    }
+}
