@@ -11,8 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use meshca_proto::IstioCertificateRequest;
 use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use meshca_testsupport::{TestEnv, TestNamespace};
@@ -315,6 +316,31 @@ async fn assert_csrs_gone(signer: &str) {
     panic!("CSRs of {signer} left behind: {left:?}");
 }
 
+/// Watch events seen: ("added" | "modified" | "deleted", the object).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, CertificateSigningRequest)>>>;
+
+/// Records every version of `signer`'s CSRs (as an admin) until aborted:
+/// what the server submitted, how it approved, and that it deleted them.
+fn record_csrs(client: kube::Client, signer: &str) -> (tokio::task::JoinHandle<()>, Seen) {
+    let seen = Seen::default();
+    let api = Api::<CertificateSigningRequest>::all(client);
+    let wp = WatchParams::default().fields(&format!("spec.signerName={signer}"));
+    let out = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut events = api.watch(&wp, "0").await.unwrap().boxed();
+        while let Ok(Some(event)) = events.try_next().await {
+            let (kind, csr) = match event {
+                WatchEvent::Added(c) => ("added", c),
+                WatchEvent::Modified(c) => ("modified", c),
+                WatchEvent::Deleted(c) => ("deleted", c),
+                _ => continue,
+            };
+            out.lock().unwrap().push((kind.to_string(), csr));
+        }
+    });
+    (task, seen)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_client_gets_a_chain_from_the_signer_through_the_kubernetes_csr_api() {
     tokio::time::timeout(Duration::from_secs(120), async {
@@ -341,6 +367,8 @@ async fn istio_client_gets_a_chain_from_the_signer_through_the_kubernetes_csr_ap
         let token_file = dir.join("workload.token");
         std::fs::write(&token_file, &token).unwrap();
         let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+        let (recorder, seen) = record_csrs(env.client(), &signer);
+        tokio::time::sleep(Duration::from_millis(200)).await;
 
         // Istio's own Go client, as istio-agent asks.
         let out = Command::new(meshca_testsupport::bin("istio-client"))
@@ -390,6 +418,53 @@ async fn istio_client_gets_a_chain_from_the_signer_through_the_kubernetes_csr_ap
             (3500..=3600).contains(&life),
             "lifetime {life}s for a 1h request"
         );
+
+        // The CSR as istiod makes it, approved by the server, then deleted.
+        assert_csrs_gone(&signer).await;
+        {
+            let seen = seen.lock().unwrap();
+            let (_, first) = seen.first().expect("the server's CSR was seen");
+            let name = first.metadata.name.clone().unwrap();
+            assert!(name.starts_with("csr-workload-"), "{name}");
+            assert_eq!(first.spec.signer_name, signer);
+            assert_eq!(first.spec.expiration_seconds, Some(3600));
+            assert_eq!(
+                first.spec.usages.as_deref().unwrap(),
+                [
+                    "digital signature",
+                    "key encipherment",
+                    "server auth",
+                    "client auth"
+                ]
+            );
+            assert_eq!(
+                first.spec.username.as_deref(),
+                Some(format!("system:serviceaccount:{}:meshca", ns.name()).as_str())
+            );
+            let ours: Vec<_> = seen
+                .iter()
+                .filter(|(_, c)| c.metadata.name.as_deref() == Some(&name))
+                .collect();
+            let approved = ours.iter().find_map(|(_, c)| {
+                c.status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "Approved")
+                    .cloned()
+            });
+            let approved = approved.expect("approved");
+            assert_eq!(approved.status, "True");
+            assert_eq!(approved.reason.as_deref(), Some("MeshcaRAApproved"));
+            assert!(
+                ours.iter()
+                    .any(|(_, c)| c.status.as_ref().is_some_and(|s| s.certificate.is_some())),
+                "signed"
+            );
+            assert_eq!(ours.last().unwrap().0, "deleted", "deleted afterwards");
+        }
+        recorder.abort();
 
         // The per-request signer: CERT_SIGNER_DOMAIN/<CertSigner>, and a TTL
         // below the API's minimum raised to 600 s.
@@ -465,6 +540,45 @@ async fn a_signer_failure_comes_back_at_once_with_the_signers_reason() {
                 assert!(took < Duration::from_secs(1), "denial took {took:?}");
             }
         }
+        assert_csrs_gone(&signer).await;
+        drop(server);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_answer_the_request_times_out_and_the_csr_is_deleted() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("srv-ra-timeout").await.unwrap();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let ca = signer_ca(ns.temp_dir()).unwrap();
+        // No signer runs for this name.
+        let server = Server::start(&ns, &signer, &ca.root_pem, &["--ra-timeout", "1s"])
+            .await
+            .unwrap();
+        ns.create_service_account("workload").await.unwrap();
+        let token = ns.token("workload").await.unwrap();
+        let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+        let mut client = server.grpc().await.unwrap();
+        let started = Instant::now();
+        let e = client
+            .create_certificate(request(workload_csr(&spiffe), 0, "", &token))
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+        assert!(e.message().contains(&signer), "{e:?}");
+        assert_eq!(
+            e.metadata().get("meshca-reason").unwrap().to_str().unwrap(),
+            "ra_timeout"
+        );
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
         assert_csrs_gone(&signer).await;
         drop(server);
         ns.cleanup().await.unwrap();
