@@ -121,6 +121,10 @@ pub struct ServerArgs {
     /// RA mode: how long to wait for the signer (Denied/Failed end it at once).
     #[arg(long, env = "MESHCA_RA_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub ra_timeout: Duration,
+    /// Do not keep ConfigMap istio-ca-root-cert (the roots workloads trust)
+    /// in every namespace; it is kept whenever Kubernetes is configured.
+    #[arg(long, env = "MESHCA_NO_ROOT_CONFIGMAP")]
+    pub no_root_configmap: bool,
     /// Log as JSON lines.
     #[arg(long)]
     pub json_logs: bool,
@@ -207,6 +211,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             max_message_bytes: args.max_message_bytes,
             reload_interval: args.reload_interval,
             ra,
+            root_configmap: !args.no_root_configmap,
         };
         let listen = config.listen;
         let state_dir = args.state_dir;

@@ -5,7 +5,8 @@
 //! cache, or local JWT keys) -> a [`service::Backend`]: `meshca_pki::LocalCa`,
 //! or in RA mode the Kubernetes CSR API ([`ra`]) -> Istio's chain layout.
 //! A reload loop watches the CA files and renews the serving certificate;
-//! [`metrics`] serves Istio's `citadel_server_*` metrics.
+//! [`metrics`] serves Istio's `citadel_server_*` metrics; with Kubernetes,
+//! [`root_configmap`] keeps the roots in every namespace.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod cadir;
 pub mod jwt;
 pub mod metrics;
 pub mod ra;
+pub mod root_configmap;
 pub mod service;
 pub mod tls;
 
@@ -25,7 +27,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use meshca_pki::{CaBundle, CsrPolicy, KeyType, LocalCa, WorkloadProfile};
+use meshca_pki::{CaBundle, CertificateAuthority, CsrPolicy, KeyType, LocalCa, WorkloadProfile};
 use meshca_proto::istio_certificate_service_server::IstioCertificateServiceServer;
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
@@ -62,6 +64,8 @@ pub struct ServerConfig {
     /// RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`): workload
     /// certificates come from the Kubernetes CSR API; needs `kube`.
     pub ra: Option<ra::RaConfig>,
+    /// Keep ConfigMap `istio-ca-root-cert` in every namespace (needs `kube`).
+    pub root_configmap: bool,
 }
 
 /// The issuer name of locally minted tokens.
@@ -228,6 +232,26 @@ pub async fn run(
             Backend::KubernetesRa(Box::new(ra))
         }
     };
+    // What workloads trust: the local roots (they sign the serving
+    // certificate) and, in RA mode, the signer's roots.
+    let ra_roots = match &backend {
+        Backend::KubernetesRa(ra) => ra.roots().pem().to_owned(),
+        Backend::Local => String::new(),
+    };
+    let (roots_tx, roots_rx) = tokio::sync::watch::channel(
+        ca.bundle()
+            .map(|b| root_configmap::merge_roots(&[b.roots_pem(), &ra_roots]))
+            .unwrap_or_default(),
+    );
+    if config.root_configmap
+        && let Some(client) = config.kube.clone()
+    {
+        tracing::info!(
+            "keeping ConfigMap {} in every namespace",
+            root_configmap::CONFIGMAP_NAME
+        );
+        tokio::spawn(root_configmap::run(client, roots_rx));
+    }
     let tls = Arc::new(TlsState::new(&ca, &config.serving)?);
     let shared = Arc::new(Shared {
         ca: RwLock::new(ca),
@@ -259,6 +283,13 @@ pub async fn run(
         {
             let workload = config.workload.clone();
             move |b| {
+                // A root change re-syncs the ConfigMaps.
+                roots_tx.send_if_modified(|current| {
+                    let next = root_configmap::merge_roots(&[b.roots_pem(), &ra_roots]);
+                    let changed = *current != next;
+                    *current = next;
+                    changed
+                });
                 Arc::new(LocalCa::new(
                     Arc::new(b),
                     CsrPolicy::default(),

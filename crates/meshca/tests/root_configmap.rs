@@ -1,0 +1,238 @@
+//! Root distribution by `meshca server` against a real kube-apiserver, with
+//! exactly deploy/server/rbac.yaml + rbac-root-configmap.yaml: ConfigMap
+//! `istio-ca-root-cert` appears in existing and new namespaces, is put back
+//! after tampering or deletion, and follows a root change of the CA files.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use meshca_testsupport::TestEnv;
+
+const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
+const ROOT_CM_RBAC: &str = include_str!("../../../deploy/server/rbac-root-configmap.yaml");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn meshca(args: &[&str]) -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "meshca {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ders(pem: &str) -> Vec<Vec<u8>> {
+    meshca_pki::pem::parse_all(pem.as_bytes())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| b.der.to_vec())
+        .collect()
+}
+
+fn root_file(dir: &Path) -> Vec<Vec<u8>> {
+    ders(&std::fs::read_to_string(dir.join("root-cert.pem")).unwrap())
+}
+
+/// The roots in a namespace's ConfigMap, if it has Istio's shape.
+async fn configmap_roots(client: &kube::Client, ns: &str) -> Option<Vec<Vec<u8>>> {
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt("istio-ca-root-cert")
+        .await
+        .ok()??;
+    let labelled = cm
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("istio.io/config"))
+        .is_some_and(|v| v == "true");
+    let pem = cm.data.as_ref()?.get("root-cert.pem")?;
+    labelled.then(|| ders(pem))
+}
+
+/// Waits until every namespace's ConfigMap holds exactly `roots`.
+async fn wait_roots(client: &kube::Client, namespaces: &[&str], roots: &[Vec<u8>], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut wrong = Vec::new();
+        for ns in namespaces {
+            if configmap_roots(client, ns).await.as_deref() != Some(roots) {
+                wrong.push(*ns);
+            }
+        }
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: istio-ca-root-cert not in sync in {wrong:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let env = TestEnv::get().await;
+        let admin = env.client();
+        let home = env.namespace("srv-rootcm").await.unwrap();
+        let before = env.namespace("srv-rootcm-old").await.unwrap();
+        let dir = home.temp_dir().to_path_buf();
+        let (root, plugged) = (dir.join("root"), dir.join("plugged"));
+        let (root_s, plugged_s) = (root.to_str().unwrap(), plugged.to_str().unwrap());
+        for args in [
+            vec!["--out", root_s, "--org", "rootcm"],
+            vec![
+                "--out",
+                plugged_s,
+                "--intermediate-of",
+                root_s,
+                "--org",
+                "rootcm",
+            ],
+        ] {
+            let mut all = vec!["ca", "init", "--key-type", "ecdsa-p256"];
+            all.extend(args);
+            meshca(&all).unwrap();
+        }
+
+        let identity = home
+            .identity_from_manifest("meshca", &format!("{SERVER_RBAC}\n---\n{ROOT_CM_RBAC}"))
+            .await
+            .unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let monitoring = format!("127.0.0.1:{}", free_port());
+        let mut server = Proc(
+            Command::new(env!("CARGO_BIN_EXE_meshca"))
+                .args(["server", "--listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--monitoring-listen", &monitoring])
+                .arg("--root-ca-dir")
+                .arg(&plugged)
+                .args(["--reload-interval", "200ms"])
+                .arg("--state-dir")
+                .arg(state.path())
+                .arg("--kubeconfig")
+                .arg(identity.kubeconfig_path())
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting meshca server")
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                server.0.try_wait().unwrap().is_none(),
+                "meshca server exited"
+            );
+            let ready = Command::new("curl")
+                .args(["-sf", &format!("http://{monitoring}/readyz")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ready {
+                break;
+            }
+            assert!(Instant::now() < deadline, "meshca server not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // Existing namespaces, and one created after the start.
+        let after = env.namespace("srv-rootcm-new").await.unwrap();
+        let all = [home.name(), before.name(), after.name()];
+        let first = root_file(&plugged);
+        assert_eq!(first.len(), 1);
+        wait_roots(&admin, &all, &first, "initial sync").await;
+
+        // Tampering is undone; a deleted ConfigMap comes back.
+        let in_before = Api::<ConfigMap>::namespaced(admin.clone(), before.name());
+        let mut cm = in_before.get("istio-ca-root-cert").await.unwrap();
+        cm.data
+            .as_mut()
+            .unwrap()
+            .insert("root-cert.pem".into(), "not a root".into());
+        in_before
+            .replace("istio-ca-root-cert", &PostParams::default(), &cm)
+            .await
+            .unwrap();
+        Api::<ConfigMap>::namespaced(admin.clone(), after.name())
+            .delete("istio-ca-root-cert", &DeleteParams::default())
+            .await
+            .unwrap();
+        wait_roots(&admin, &all, &first, "after tampering and deletion").await;
+
+        // A second root in the CA files (multi-root rotation) reaches every namespace.
+        let next = dir.join("next-root");
+        meshca(&[
+            "ca",
+            "init",
+            "--key-type",
+            "ecdsa-p256",
+            "--out",
+            next.to_str().unwrap(),
+            "--org",
+            "rootcm-next",
+        ])
+        .unwrap();
+        let both = format!(
+            "{}{}",
+            std::fs::read_to_string(plugged.join("root-cert.pem")).unwrap(),
+            std::fs::read_to_string(next.join("root-cert.pem")).unwrap()
+        );
+        let tmp = plugged.join(".root-cert.pem.tmp");
+        std::fs::write(&tmp, &both).unwrap();
+        std::fs::rename(&tmp, plugged.join("root-cert.pem")).unwrap();
+        let rotated = root_file(&plugged);
+        assert_eq!(rotated.len(), 2);
+        wait_roots(&admin, &all, &rotated, "after the root change").await;
+
+        drop(server);
+        // The server also wrote into namespaces outside this test: remove
+        // exactly the ConfigMaps that carry this test's roots.
+        let everywhere = Api::<ConfigMap>::all(admin.clone());
+        let lp = ListParams::default().fields("metadata.name=istio-ca-root-cert");
+        for cm in everywhere.list(&lp).await.unwrap() {
+            let pem = cm.data.as_ref().and_then(|d| d.get("root-cert.pem"));
+            let ns = cm.metadata.namespace.clone().unwrap_or_default();
+            let ours = pem.is_some_and(|p| {
+                let d = ders(p);
+                d == first || d == rotated
+            });
+            if ours {
+                let _ = Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+                    .delete("istio-ca-root-cert", &DeleteParams::default())
+                    .await;
+            }
+        }
+        after.cleanup().await.unwrap();
+        before.cleanup().await.unwrap();
+        home.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
