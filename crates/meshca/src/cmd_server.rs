@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use meshca_pki::{KeyType, WorkloadProfile};
-use meshca_server::ra::{EXTERNAL_CA_KUBERNETES, RaConfig};
+use meshca_server::ra::{EXTERNAL_CA_KUBERNETES, RaConfig, SignerRoots};
 use meshca_server::tls::ServingNames;
 use meshca_server::{ServerConfig, Started};
 
@@ -118,6 +118,14 @@ pub struct ServerArgs {
         default_value = "./etc/external-ca-cert/root-cert.pem"
     )]
     pub external_ca_root: PathBuf,
+    /// RA mode: roots of one signer, SIGNER=PATH (repeatable; istiod's
+    /// MeshConfig caCertificates with certSigners); others use --external-ca-root.
+    #[arg(
+        long = "signer-roots",
+        env = "MESHCA_SIGNER_ROOTS",
+        value_delimiter = ','
+    )]
+    pub signer_roots: Vec<String>,
     /// RA mode: how long to wait for the signer (Denied/Failed end it at once).
     #[arg(long, env = "MESHCA_RA_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub ra_timeout: Duration,
@@ -135,10 +143,33 @@ fn ra_config(args: &ServerArgs, workload: &WorkloadProfile) -> Result<Option<RaC
     match args.external_ca.as_str() {
         "" => Ok(None),
         EXTERNAL_CA_KUBERNETES => {
+            let signer_roots = args
+                .signer_roots
+                .iter()
+                .map(|spec| {
+                    let (signer, file) = spec.split_once('=').with_context(|| {
+                        format!("--signer-roots {spec:?}: expected SIGNER=PATH")
+                    })?;
+                    let pem = std::fs::read(file).with_context(|| {
+                        format!("RA mode: reading the roots of {signer}: {file}")
+                    })?;
+                    Ok(SignerRoots {
+                        signer: signer.to_owned(),
+                        name: file.to_owned(),
+                        pem,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let path = &args.external_ca_root;
-            let roots_pem = std::fs::read(path).with_context(|| {
-                format!("RA mode: reading the signer's roots {}", path.display())
-            })?;
+            // Without it, every signer in use must have its own roots.
+            let roots_pem = match std::fs::read(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !signer_roots.is_empty() => {
+                    Vec::new()
+                }
+                other => other.with_context(|| {
+                    format!("RA mode: reading the signer's roots {}", path.display())
+                })?,
+            };
             let none = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
             if none(&args.k8s_signer) && none(&args.cert_signer_domain) {
                 bail!(
@@ -150,6 +181,7 @@ fn ra_config(args: &ServerArgs, workload: &WorkloadProfile) -> Result<Option<RaC
                 signer_domain: args.cert_signer_domain.clone(),
                 roots_pem,
                 roots_name: path.display().to_string(),
+                signer_roots,
                 timeout: args.ra_timeout,
                 workload: workload.clone(),
             }))

@@ -160,6 +160,8 @@ impl Server {
                 .arg("--kubeconfig")
                 .arg(identity.kubeconfig_path())
                 .args(["--self-signed-key-type", "ecdsa-p256"])
+                // Root distribution has its own test and RBAC.
+                .arg("--no-root-configmap")
                 .arg("--external-ca-root")
                 .arg(&root_file)
                 .args(extra)
@@ -581,6 +583,68 @@ async fn without_an_answer_the_request_times_out_and_the_csr_is_deleted() {
         );
         assert_csrs_gone(&signer).await;
         drop(server);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_that_does_not_verify_to_the_configured_roots_is_refused_and_signer_roots_apply() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("srv-ra-roots").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let ca = signer_ca(&dir).unwrap();
+        let stranger = signer_ca(&dir.join("stranger")).unwrap();
+        let _signer = start_signer(&ns, &signer, &ca, "cluster.local")
+            .await
+            .unwrap();
+        ns.create_service_account("workload").await.unwrap();
+        let token = ns.token("workload").await.unwrap();
+        let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+
+        // The default root is someone else's: the signed chain is refused.
+        let wrong = Server::start(&ns, &signer, &stranger.root_pem, &[])
+            .await
+            .unwrap();
+        let e = wrong
+            .grpc()
+            .await
+            .unwrap()
+            .create_certificate(request(workload_csr(&spiffe), 3600, "", &token))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+        assert_eq!(
+            e.metadata().get("meshca-reason").unwrap().to_str().unwrap(),
+            "ra_chain_invalid",
+            "{e:?}"
+        );
+        drop(wrong);
+
+        // The same default, but this signer's own roots configured: accepted,
+        // and those roots are what the answer ends with.
+        let own = dir.join("own-root.pem");
+        std::fs::write(&own, &ca.root_pem).unwrap();
+        let spec = format!("{signer}={}", own.display());
+        let right = Server::start(&ns, &signer, &stranger.root_pem, &["--signer-roots", &spec])
+            .await
+            .unwrap();
+        let chain = right
+            .grpc()
+            .await
+            .unwrap()
+            .create_certificate(request(workload_csr(&spiffe), 3600, "", &token))
+            .await
+            .unwrap()
+            .into_inner()
+            .cert_chain;
+        openssl_verify(&dir, &chain, &ca.root_pem).unwrap();
+        assert_eq!(pem_ders(chain.last().unwrap()), pem_ders(&ca.root_pem));
+        assert_csrs_gone(&signer).await;
+        drop(right);
         ns.cleanup().await.unwrap();
     })
     .await

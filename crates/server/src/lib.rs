@@ -235,7 +235,7 @@ pub async fn run(
     // What workloads trust: the local roots (they sign the serving
     // certificate) and, in RA mode, the signer's roots.
     let ra_roots = match &backend {
-        Backend::KubernetesRa(ra) => ra.roots().pem().to_owned(),
+        Backend::KubernetesRa(ra) => ra.all_roots_pem(),
         Backend::Local => String::new(),
     };
     let (roots_tx, roots_rx) = tokio::sync::watch::channel(

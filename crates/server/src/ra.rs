@@ -7,11 +7,13 @@
 //! submitting) -> [`new_csr`] (an istiod-shaped CSR) -> create -> approve
 //! through `/approval` -> watch until [`progress`] is final or the timeout
 //! ends (Denied and Failed end it at once, unlike istiod) -> delete the CSR
-//! (always, also on error and cancellation) -> [`assemble_chain`] (verify
-//! against the configured roots, key and identity checks, roots last).
+//! (always before answering; in the background if the caller goes away) ->
+//! [`assemble_chain`] (verify against the signer's roots ([`roots_for`]:
+//! its own, else the external-ca-cert file), key and identity checks,
+//! roots last).
 //! Everything but [`KubernetesRa`] is a pure function.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -50,13 +52,26 @@ pub struct RaConfig {
     pub signer: Option<String>,
     /// CERT_SIGNER_DOMAIN: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`.
     pub signer_domain: Option<String>,
-    /// The signer's roots (PEM), e.g. `./etc/external-ca-cert/root-cert.pem`.
+    /// The signer's roots (PEM), e.g. `./etc/external-ca-cert/root-cert.pem`;
+    /// empty when every signer has its own in `signer_roots`.
     pub roots_pem: Vec<u8>,
     /// Name of the roots file, for messages.
     pub roots_name: String,
+    /// Roots of particular signers (istiod's MeshConfig `caCertificates`
+    /// with `certSigners`); other signers' chains are verified against `roots_pem`.
+    pub signer_roots: Vec<SignerRoots>,
     /// How long to wait for the signer.
     pub timeout: Duration,
     pub workload: WorkloadProfile,
+}
+
+/// The roots of one signer.
+#[derive(Debug, Clone)]
+pub struct SignerRoots {
+    pub signer: String,
+    /// Where they come from, for messages.
+    pub name: String,
+    pub pem: Vec<u8>,
 }
 
 /// Why an RA request got no certificate. Every variant has a stable reason.
@@ -74,6 +89,8 @@ pub enum RaError {
     NoSignerDomain(String),
     #[error("no signer: set K8S_SIGNER, or CERT_SIGNER_DOMAIN with CertSigner metadata")]
     NoSigner,
+    #[error("no roots are configured for signer {0}")]
+    NoRoots(String),
     #[error("the CSR was denied: {reason}: {message}")]
     Denied { reason: String, message: String },
     #[error("the signer failed the CSR: {reason}: {message}")]
@@ -109,6 +126,7 @@ impl RaError {
             RaError::Template(_) => "ra_csr_template",
             RaError::NoSignerDomain(_) => "ra_no_signer_domain",
             RaError::NoSigner => "ra_no_signer",
+            RaError::NoRoots(_) => "ra_no_roots",
             RaError::Denied { .. } => "ra_denied",
             RaError::Failed { .. } => "ra_failed",
             RaError::Timeout { .. } => "ra_timeout",
@@ -132,6 +150,18 @@ pub fn signer_name(config: &RaConfig, cert_signer: Option<&str>) -> Result<Strin
             .filter(|s| !s.is_empty())
             .ok_or(RaError::NoSigner),
     }
+}
+
+/// The roots a signer's chains must verify to: its own, else the default.
+pub fn roots_for<'a>(
+    default: Option<&'a Roots>,
+    per_signer: &'a HashMap<String, Roots>,
+    signer: &str,
+) -> Result<&'a Roots, RaError> {
+    per_signer
+        .get(signer)
+        .or(default)
+        .ok_or_else(|| RaError::NoRoots(signer.to_owned()))
 }
 
 /// istiod's checks before a CSR is submitted: no CA requests, TTL within the
@@ -393,21 +423,39 @@ pub fn assemble_chain(
 pub struct KubernetesRa {
     api: Api<CertificateSigningRequest>,
     config: RaConfig,
-    roots: Roots,
+    roots: Option<Roots>,
+    signer_roots: HashMap<String, Roots>,
 }
 
 impl KubernetesRa {
     pub fn new(client: kube::Client, config: RaConfig) -> Result<Self, RaError> {
-        let roots = Roots::parse(&config.roots_name, &config.roots_pem)?;
+        let roots = if config.roots_pem.is_empty() && !config.signer_roots.is_empty() {
+            None
+        } else {
+            Some(Roots::parse(&config.roots_name, &config.roots_pem)?)
+        };
+        let signer_roots = config
+            .signer_roots
+            .iter()
+            .map(|r| Ok((r.signer.clone(), Roots::parse(&r.name, &r.pem)?)))
+            .collect::<Result<_, RaError>>()?;
         Ok(KubernetesRa {
             api: Api::all(client),
             config,
             roots,
+            signer_roots,
         })
     }
 
-    pub fn roots(&self) -> &Roots {
-        &self.roots
+    /// Every configured root (default first), PEM.
+    pub fn all_roots_pem(&self) -> String {
+        let mut per_signer: Vec<_> = self.signer_roots.iter().collect();
+        per_signer.sort_by(|a, b| a.0.cmp(b.0));
+        self.roots
+            .iter()
+            .chain(per_signer.into_iter().map(|(_, r)| r))
+            .map(|r| r.pem.as_str())
+            .collect()
     }
 
     /// Signs through the CSR API for an authenticated caller.
@@ -420,6 +468,7 @@ impl KubernetesRa {
         cert_signer: Option<&str>,
     ) -> Result<Vec<String>, RaError> {
         let signer = signer_name(&self.config, cert_signer)?;
+        let roots = roots_for(self.roots.as_ref(), &self.signer_roots, &signer)?;
         let csr = check_request(
             csr_pem,
             identities,
@@ -442,19 +491,23 @@ impl KubernetesRa {
             .name
             .clone()
             .ok_or_else(|| RaError::Api("created CSR has no name".into()))?;
-        // Deletes the CSR whatever happens next, also if this future is dropped.
-        let _delete = DeleteOnDrop {
+        // Deleted before answering; if this future is dropped (the caller
+        // went away), the guard deletes it in the background.
+        let guard = DeleteOnDrop {
             api: self.api.clone(),
             name: name.clone(),
+            armed: true,
         };
-        let issued = tokio::time::timeout(self.config.timeout, self.approve_and_wait(created))
+        let waited = tokio::time::timeout(self.config.timeout, self.approve_and_wait(created))
             .await
             .map_err(|_| RaError::Timeout {
                 signer: signer.clone(),
                 timeout: self.config.timeout,
-            })??;
+            });
+        guard.delete().await;
+        let issued = waited??;
         tracing::debug!(csr = %name, %signer, "CSR signed");
-        assemble_chain(&issued, &self.roots, &csr, identities, UnixTime::now())
+        assemble_chain(&issued, roots, &csr, identities, UnixTime::now())
     }
 
     async fn approve_and_wait(
@@ -549,23 +602,36 @@ fn api_error(e: kube::Error) -> RaError {
 struct DeleteOnDrop {
     api: Api<CertificateSigningRequest>,
     name: String,
+    armed: bool,
+}
+
+impl DeleteOnDrop {
+    async fn delete(mut self) {
+        self.armed = false;
+        delete_csr(&self.api, &self.name).await;
+    }
+}
+
+async fn delete_csr(api: &Api<CertificateSigningRequest>, name: &str) {
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => tracing::warn!(csr = %name, error = %e, "deleting the CSR failed"),
+    }
 }
 
 impl Drop for DeleteOnDrop {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let api = self.api.clone();
         let name = std::mem::take(&mut self.name);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(csr = %name, "no runtime to delete the CSR");
             return;
         };
-        runtime.spawn(async move {
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => tracing::warn!(csr = %name, error = %e, "deleting the CSR failed"),
-            }
-        });
+        runtime.spawn(async move { delete_csr(&api, &name).await });
     }
 }
 
@@ -584,6 +650,7 @@ mod tests {
             signer_domain: domain.map(Into::into),
             roots_pem: Vec::new(),
             roots_name: "roots.pem".into(),
+            signer_roots: Vec::new(),
             timeout: Duration::from_secs(60),
             workload: WorkloadProfile::default(),
         }
@@ -688,6 +755,20 @@ mod tests {
         assert_eq!(
             signer_name(&config(None, None), None).unwrap_err(),
             RaError::NoSigner
+        );
+    }
+
+    #[test]
+    fn a_signer_with_its_own_roots_uses_them_and_others_the_default() {
+        let (a, b) = (pki().roots(), pki().roots());
+        let per_signer = HashMap::from([("example.com/bar".to_string(), b.clone())]);
+        let pick = |default, signer| roots_for(default, &per_signer, signer).map(|r| r.pem.clone());
+        assert_eq!(pick(Some(&a), "example.com/bar").unwrap(), b.pem);
+        assert_eq!(pick(Some(&a), "example.com/foo").unwrap(), a.pem);
+        assert_eq!(pick(None, "example.com/bar").unwrap(), b.pem);
+        assert_eq!(
+            pick(None, "example.com/foo").unwrap_err(),
+            RaError::NoRoots("example.com/foo".into())
         );
     }
 
