@@ -164,10 +164,37 @@ pub fn roots_for<'a>(
         .ok_or_else(|| RaError::NoRoots(signer.to_owned()))
 }
 
+/// The OIDs of the extensions a CSR requests (dotted), in order.
+fn requested_extension_oids(csr_pem: &[u8]) -> Vec<String> {
+    let Some(block) = meshca_pki::pem::parse_all(csr_pem)
+        .ok()
+        .and_then(|b| b.into_iter().next())
+    else {
+        return Vec::new();
+    };
+    let Ok((_, csr)) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&block.der)
+    else {
+        return Vec::new();
+    };
+    csr.certification_request_info
+        .iter_attributes()
+        .filter_map(|a| match a.parsed_attribute() {
+            x509_parser::cri_attributes::ParsedCriAttribute::ExtensionRequest(r) => Some(r),
+            _ => None,
+        })
+        .flat_map(|r| r.extensions.iter().map(|e| e.oid.to_id_string()))
+        .collect()
+}
+
+/// subjectAltName.
+const SAN_OID: &str = "2.5.29.17";
+
 /// istiod's checks before a CSR is submitted: no CA requests, TTL within the
 /// maximum, the CSR parses with a valid self-signature, its SANs are a subset
-/// of the caller's identities and it has Istio's template (at most one URI
-/// SAN; no DNS, IP or email SANs).
+/// of the caller's identities (istiod's `ValidateCSR`, which also needs a SAN
+/// extension) and it has Istio's template: one URI SAN, no DNS, IP or email
+/// SANs, no extension but the SAN.
 pub fn check_request(
     csr_pem: &[u8],
     identities: &[String],
@@ -207,9 +234,17 @@ pub fn check_request(
             }
         }
     }
-    if uris > 1 {
+    if uris != 1 {
         return Err(RaError::Template(format!(
-            "at most one URI SAN is allowed, the CSR has {uris}"
+            "exactly one URI SAN (the caller's identity) is needed, the CSR has {uris}"
+        )));
+    }
+    if let Some(other) = requested_extension_oids(csr_pem)
+        .into_iter()
+        .find(|oid| oid != SAN_OID)
+    {
+        return Err(RaError::Template(format!(
+            "extension {other} is not in Istio's CSR template (only subjectAltName)"
         )));
     }
     Ok(csr)
@@ -784,16 +819,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(csr.public_key_bits, key.public_key_bits());
-        // No SAN at all is Istio's template too (the signer decides).
-        let (_, bare) = csr_with(&[]);
-        check_request(
-            bare.as_bytes(),
-            &ids(),
-            0,
-            false,
-            &WorkloadProfile::default(),
-        )
-        .unwrap();
+    }
+
+    /// A CSR with the caller's URI SAN and one more requested extension.
+    fn csr_with_extra_extension(oid: &[u64], value: &[u8]) -> String {
+        use meshca_pki::der;
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let san = meshca_pki::san::san_extension_value(&[SanEntry::Uri(ID.into())]).unwrap();
+        let san_ext = der::sequence(&[&der::oid(&[2, 5, 29, 17]), &der::octet_string(&san)]);
+        let extra = der::sequence(&[&der::oid(oid), &der::octet_string(value)]);
+        let attributes = der::sequence(&[
+            &der::oid(&[1, 2, 840, 113549, 1, 9, 14]),
+            &der::tlv(der::SET, &[&der::sequence(&[&san_ext, &extra])]),
+        ]);
+        let info = der::sequence(&[
+            &der::small_integer(0),
+            cert::EMPTY_NAME,
+            &key.spki_der(),
+            &der::tlv(der::context(0, true), &[&attributes]),
+        ]);
+        let signature = key.sign(&info).unwrap();
+        let csr = der::sequence(&[
+            &info,
+            &key.signature_algorithm_der(),
+            &der::bit_string(&signature),
+        ]);
+        pem::encode("CERTIFICATE REQUEST", &csr)
     }
 
     #[test]
@@ -830,6 +881,18 @@ mod tests {
             refused(&email, &ids(), 0, false),
             RaError::Template(_)
         ));
+
+        // istiod's ValidateCSR needs a SAN extension.
+        let (_, bare) = csr_with(&[]);
+        assert!(matches!(
+            refused(&bare, &ids(), 0, false),
+            RaError::Template(_)
+        ));
+        // Only the SAN extension: here keyUsage (digitalSignature) next to it.
+        let extra = csr_with_extra_extension(&[2, 5, 29, 15], &[0x03, 0x02, 0x07, 0x80]);
+        meshca_pki::validate_csr(extra.as_bytes(), &CsrPolicy::default()).unwrap();
+        let e = refused(&extra, &ids(), 0, false);
+        assert!(e.to_string().contains("2.5.29.15"), "{e}");
 
         let both = vec![ID.to_string(), other.to_string()];
         let (_, two) = csr_with(&[SanEntry::Uri(ID.into()), SanEntry::Uri(other.into())]);
