@@ -372,7 +372,7 @@ async fn reload_loop(
 }
 
 fn monitoring_router(registry: Arc<Registry>, ready: Arc<AtomicBool>) -> axum::Router {
-    use axum::http::{StatusCode, header};
+    use axum::http::StatusCode;
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -389,28 +389,5 @@ fn monitoring_router(registry: Arc<Registry>, ready: Arc<AtomicBool>) -> axum::R
                 }
             }),
         )
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut text = String::new();
-                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => (
-                            StatusCode::OK,
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            text,
-                        ),
-                        Err(_) => (
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            [(header::CONTENT_TYPE, "text/plain")],
-                            String::new(),
-                        ),
-                    }
-                }
-            }),
-        )
+        .route("/metrics", metrics::metrics_route(registry))
 }
