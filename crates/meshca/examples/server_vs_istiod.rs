@@ -168,6 +168,7 @@ async fn start_meshca(tmp: &Path, kubeconfig: &Path, key_type: &str) -> Result<M
             .arg(&state)
             .arg("--root-ca-dir")
             .arg(tmp.join("none"))
+            .arg("--no-root-configmap")
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .env("RUST_LOG", "warn")

@@ -111,6 +111,7 @@ async fn pilot_agent_fetches_and_writes_a_workload_certificate_from_meshca() -> 
             .arg(dir.join("state"))
             .arg("--root-ca-dir")
             .arg(dir.join("none"))
+            .arg("--no-root-configmap")
             .arg("--kubeconfig")
             .arg(identity.kubeconfig_path())
             .stdout(Stdio::null())
