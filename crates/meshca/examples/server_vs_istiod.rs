@@ -171,6 +171,7 @@ async fn start_meshca(tmp: &Path, kubeconfig: &Path, key_type: &str) -> Result<M
             .arg("--no-root-configmap")
             .arg("--kubeconfig")
             .arg(kubeconfig)
+            .arg("--no-impersonation")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?,

@@ -59,6 +59,20 @@ pub struct ServerArgs {
     pub cluster_id: String,
     #[arg(long, env = "MESHCA_CLUSTER_ALIASES", value_delimiter = ',')]
     pub cluster_aliases: Vec<String>,
+    /// Accounts (`<namespace>/<service account>`, comma separated) that may
+    /// ask for another workload's certificate (ztunnel's
+    /// ImpersonatedIdentity); pods are then watched (RBAC:
+    /// deploy/server/rbac-impersonation.yaml). Empty turns it off.
+    #[arg(
+        long,
+        env = "CA_TRUSTED_NODE_ACCOUNTS",
+        default_value = "istio-system/ztunnel",
+        value_delimiter = ','
+    )]
+    pub trusted_node_accounts: Vec<String>,
+    /// Refuse every impersonation and watch no pods.
+    #[arg(long, env = "MESHCA_NO_IMPERSONATION")]
+    pub no_impersonation: bool,
     /// Kubeconfig for TokenReview; without it (and outside a pod) meshca runs standalone.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -213,6 +227,12 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             bail!("RA mode (EXTERNAL_CA) needs a kubeconfig or an in-cluster config");
         }
         let standalone = kube.is_none();
+        let trusted_node_accounts = if args.no_impersonation {
+            Vec::new()
+        } else {
+            meshca_server::impersonation::parse_trusted_accounts(&args.trusted_node_accounts)
+                .map_err(anyhow::Error::msg)?
+        };
         let monitoring_listen = match args.monitoring_listen.as_str() {
             "none" | "" => None,
             addr => Some(addr.parse().context("--monitoring-listen")?),
@@ -229,6 +249,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             token_audiences: args.token_audiences,
             cluster_id: args.cluster_id,
             cluster_aliases: args.cluster_aliases,
+            trusted_node_accounts,
             kube,
             jwt_keys: args.jwt_keys,
             jwt_issuer: args.jwt_issuer,

@@ -114,6 +114,7 @@ async fn pilot_agent_fetches_and_writes_a_workload_certificate_from_meshca() -> 
             .arg("--no-root-configmap")
             .arg("--kubeconfig")
             .arg(identity.kubeconfig_path())
+            .arg("--no-impersonation")
             .stdout(Stdio::null())
             .spawn()?,
     );

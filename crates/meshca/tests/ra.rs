@@ -159,6 +159,7 @@ impl Server {
                 .arg(state.path())
                 .arg("--kubeconfig")
                 .arg(identity.kubeconfig_path())
+                .arg("--no-impersonation")
                 .args(["--self-signed-key-type", "ecdsa-p256"])
                 // Root distribution has its own test and RBAC.
                 .arg("--no-root-configmap")

@@ -138,6 +138,7 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
                 .arg(state.path())
                 .arg("--kubeconfig")
                 .arg(identity.kubeconfig_path())
+                .arg("--no-impersonation")
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())

@@ -66,6 +66,7 @@ impl Server {
             .arg("--no-root-configmap")
             .arg("--kubeconfig")
             .arg(identity.kubeconfig_path())
+            .arg("--no-impersonation")
             .args(["--self-signed-key-type", "ecdsa-p256"])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -486,7 +487,7 @@ async fn bad_requests_get_istios_codes_nothing_is_issued_and_the_server_keeps_se
         .await
         .unwrap_err();
     assert_eq!(status.message(), "request authenticate failure");
-    // Impersonation is refused until the node checks exist.
+    // Impersonation is off in this server (--no-impersonation).
     let mut req = request(good(), 0, Some(&token), None);
     req.get_mut().metadata.as_mut().unwrap().fields.insert(
         "ImpersonatedIdentity".into(),

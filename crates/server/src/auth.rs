@@ -21,7 +21,32 @@ pub struct Caller {
     pub identities: Vec<String>,
     /// `client_cert`, `token_review` or `jwt` (a metrics label).
     pub authenticator: &'static str,
+    /// The Kubernetes account behind a token (not for client certificates).
+    pub kube: Option<KubeAccount>,
 }
+
+/// A ServiceAccount proven by a token; a bound token (TokenReview's
+/// `user.extra`) also names the pod it was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KubeAccount {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+impl KubeAccount {
+    fn new(namespace: String, service_account: String) -> Self {
+        KubeAccount {
+            namespace,
+            service_account,
+            ..Default::default()
+        }
+    }
+}
+
+const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
 /// What a request carries that can prove who sent it.
 pub struct Credentials<'a> {
@@ -59,6 +84,7 @@ impl Authenticator {
                 return Ok(Caller {
                     identities,
                     authenticator: "client_cert",
+                    kube: None,
                 });
             }
         }
@@ -79,17 +105,17 @@ impl Authenticator {
         // not re-proven (TokenReview round trip, or a signature check) until
         // its entry ends, which is never after the token's own exp.
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some((ns, sa, authenticator)) = self.cache.get(&key) {
+        if let Some((account, authenticator)) = self.cache.get(&key) {
             metrics.token_cache_hits.inc();
-            return self.caller(&ns, &sa, authenticator);
+            return self.caller(account, authenticator);
         }
         let mut errors = Vec::new();
         if let Some(reviewer) = &self.token_review {
             match reviewer.review(token).await {
-                Ok((ns, sa)) => {
+                Ok(account) => {
                     self.cache
-                        .insert(key, &ns, &sa, "token_review", jwt::unverified_expiry(token));
-                    return self.caller(&ns, &sa, "token_review");
+                        .insert(key, &account, "token_review", jwt::unverified_expiry(token));
+                    return self.caller(account, "token_review");
                 }
                 Err(e) => errors.push(format!("TokenReview: {e:#}")),
             }
@@ -98,9 +124,10 @@ impl Authenticator {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             match verifier.verify(token, now) {
                 Ok((ns, sa)) => {
+                    let account = KubeAccount::new(ns, sa);
                     self.cache
-                        .insert(key, &ns, &sa, "jwt", jwt::unverified_expiry(token));
-                    return self.caller(&ns, &sa, "jwt");
+                        .insert(key, &account, "jwt", jwt::unverified_expiry(token));
+                    return self.caller(account, "jwt");
                 }
                 Err(e) => errors.push(format!("JWT: {e:#}")),
             }
@@ -111,11 +138,17 @@ impl Authenticator {
         bail!("{}", errors.join("; "))
     }
 
-    fn caller(&self, ns: &str, sa: &str, authenticator: &'static str) -> Result<Caller> {
-        let id = SpiffeId::workload(&self.trust_domain, ns, sa).map_err(anyhow::Error::msg)?;
+    fn caller(&self, account: KubeAccount, authenticator: &'static str) -> Result<Caller> {
+        let id = SpiffeId::workload(
+            &self.trust_domain,
+            &account.namespace,
+            &account.service_account,
+        )
+        .map_err(anyhow::Error::msg)?;
         Ok(Caller {
             identities: vec![id.to_string()],
             authenticator,
+            kube: Some(account),
         })
     }
 }
@@ -165,7 +198,8 @@ impl TokenReviewer {
         }
     }
 
-    pub async fn review(&self, token: &str) -> Result<(String, String)> {
+    /// The account (and, for a bound token, its pod) a token proves.
+    pub async fn review(&self, token: &str) -> Result<KubeAccount> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -188,8 +222,21 @@ impl TokenReviewer {
             bail!("not a service account (groups {groups:?})");
         }
         let username = user.username.unwrap_or_default();
-        jwt::parse_service_account(&username)
-            .with_context(|| format!("username {username:?} is not a service account"))
+        let (namespace, service_account) = jwt::parse_service_account(&username)
+            .with_context(|| format!("username {username:?} is not a service account"))?;
+        let mut extra = user.extra.unwrap_or_default();
+        let mut one = |key: &str| {
+            extra
+                .remove(key)
+                .and_then(|v| v.into_iter().next())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(KubeAccount {
+            namespace,
+            service_account,
+            pod_name: one(EXTRA_POD_NAME),
+            pod_uid: one(EXTRA_POD_UID),
+        })
     }
 }
 
@@ -203,8 +250,7 @@ pub struct TokenCache {
 }
 
 struct Entry {
-    namespace: String,
-    service_account: String,
+    account: KubeAccount,
     authenticator: &'static str,
     expires: Instant,
 }
@@ -218,23 +264,16 @@ impl TokenCache {
         }
     }
 
-    fn get(&self, key: &[u8; 32]) -> Option<(String, String, &'static str)> {
+    fn get(&self, key: &[u8; 32]) -> Option<(KubeAccount, &'static str)> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let entry = entries.get(key)?;
-        (entry.expires > Instant::now()).then(|| {
-            (
-                entry.namespace.clone(),
-                entry.service_account.clone(),
-                entry.authenticator,
-            )
-        })
+        (entry.expires > Instant::now()).then(|| (entry.account.clone(), entry.authenticator))
     }
 
     fn insert(
         &self,
         key: [u8; 32],
-        namespace: &str,
-        service_account: &str,
+        account: &KubeAccount,
         authenticator: &'static str,
         token_exp: Option<i64>,
     ) {
@@ -259,8 +298,7 @@ impl TokenCache {
         entries.insert(
             key,
             Entry {
-                namespace: namespace.to_owned(),
-                service_account: service_account.to_owned(),
+                account: account.clone(),
                 authenticator,
                 expires: now + life,
             },
@@ -276,22 +314,38 @@ mod tests {
     fn cache_entries_never_outlive_the_token() {
         let cache = TokenCache::new(Duration::from_secs(60), 10);
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        cache.insert([1; 32], "ns", "sa", "jwt", Some(now + 3600));
-        assert_eq!(cache.get(&[1; 32]), Some(("ns".into(), "sa".into(), "jwt")));
-        cache.insert([2; 32], "ns", "sa", "jwt", Some(now - 1));
+        let a = KubeAccount::new("ns".into(), "sa".into());
+        cache.insert([1; 32], &a, "jwt", Some(now + 3600));
+        assert_eq!(cache.get(&[1; 32]), Some((a.clone(), "jwt")));
+        cache.insert([2; 32], &a, "jwt", Some(now - 1));
         assert_eq!(cache.get(&[2; 32]), None, "expired token cached");
-        cache.insert([3; 32], "ns", "sa", "jwt", None);
+        cache.insert([3; 32], &a, "jwt", None);
         assert_eq!(cache.get(&[3; 32]), None, "token without exp cached");
         let short = cache.entries.lock().unwrap();
         assert!(short[&[1; 32]].expires <= Instant::now() + Duration::from_secs(60));
     }
 
     #[test]
+    fn cached_entries_keep_the_bound_pod() {
+        let cache = TokenCache::new(Duration::from_secs(60), 10);
+        let exp = Some(time::OffsetDateTime::now_utc().unix_timestamp() + 600);
+        let a = KubeAccount {
+            namespace: "istio-system".into(),
+            service_account: "ztunnel".into(),
+            pod_name: Some("ztunnel-abc".into()),
+            pod_uid: Some("0000-1111".into()),
+        };
+        cache.insert([7; 32], &a, "token_review", exp);
+        assert_eq!(cache.get(&[7; 32]), Some((a, "token_review")));
+    }
+
+    #[test]
     fn a_full_cache_stops_caching_instead_of_growing() {
         let cache = TokenCache::new(Duration::from_secs(60), 2);
         let exp = Some(time::OffsetDateTime::now_utc().unix_timestamp() + 600);
+        let a = KubeAccount::new("ns".into(), "sa".into());
         for i in 0..5u8 {
-            cache.insert([i; 32], "ns", "sa", "jwt", exp);
+            cache.insert([i; 32], &a, "jwt", exp);
         }
         assert_eq!(cache.entries.lock().unwrap().len(), 2);
     }

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod cadir;
+pub mod impersonation;
 pub mod jwt;
 pub mod metrics;
 pub mod ra;
@@ -51,6 +52,9 @@ pub struct ServerConfig {
     pub token_audiences: Vec<String>,
     pub cluster_id: String,
     pub cluster_aliases: Vec<String>,
+    /// `CA_TRUSTED_NODE_ACCOUNTS`: who may impersonate (ztunnel); with
+    /// `kube` and any entry, pods are watched for Istio's node checks.
+    pub trusted_node_accounts: Vec<impersonation::TrustedAccount>,
     pub kube: Option<kube::Client>,
     pub jwt_keys: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
@@ -253,11 +257,22 @@ pub async fn run(
         tokio::spawn(root_configmap::run(client, roots_rx));
     }
     let tls = Arc::new(TlsState::new(&ca, &config.serving)?);
+    let impersonation = match &config.kube {
+        Some(client) if !config.trusted_node_accounts.is_empty() => {
+            Some(impersonation::Impersonation {
+                trusted: config.trusted_node_accounts.clone(),
+                pods: impersonation::PodStore::start(client.clone()),
+            })
+        }
+        _ => None,
+    };
+    let pods_synced = impersonation.as_ref().map(|i| i.pods.clone());
     let shared = Arc::new(Shared {
         ca: RwLock::new(ca),
         backend,
         auth,
         metrics,
+        impersonation,
     });
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -306,7 +321,16 @@ pub async fn run(
         shared: shared.clone(),
     })
     .max_decoding_message_size(config.max_message_bytes);
-    ready.store(true, Ordering::SeqCst);
+    // Ready once the pods for impersonation are listed (if watched).
+    tokio::spawn({
+        let ready = ready.clone();
+        async move {
+            if let Some(pods) = pods_synced {
+                pods.wait_synced().await;
+            }
+            ready.store(true, Ordering::SeqCst);
+        }
+    });
     tracing::info!(listen = %config.listen, ca = %source.dir().display(), "meshca CA server ready");
     on_started(&Started {
         root_cert: source.dir().join(cadir::ROOT_CERT),

@@ -30,6 +30,8 @@ pub struct Shared {
     pub backend: Backend,
     pub auth: Authenticator,
     pub metrics: Metrics,
+    /// ztunnel impersonation; `None`: every `ImpersonatedIdentity` is refused.
+    pub impersonation: Option<crate::impersonation::Impersonation>,
 }
 
 /// Why a backend did not sign: Istio's error kind, a stable reason, a message.
@@ -160,15 +162,38 @@ impl IstioCertificateService for CaService {
             .inc();
 
         let body = request.into_inner();
-        // Impersonation (ztunnel) needs the node checks of a later release;
-        // until then it is refused, never granted.
-        if metadata_string(&body, "ImpersonatedIdentity").is_some_and(|s| !s.is_empty()) {
-            m.authentication_failure.inc();
-            return Err(refuse(
-                tonic::Code::Unauthenticated,
-                "request impersonation authentication failure",
-                "impersonation_not_allowed",
-            ));
+        let mut caller = caller;
+        if let Some(requested) =
+            metadata_string(&body, "ImpersonatedIdentity").filter(|s| !s.is_empty())
+        {
+            let decision = match &self.shared.impersonation {
+                Some(imp) => crate::impersonation::decide(
+                    &imp.trusted,
+                    &self.shared.auth.trust_domain,
+                    &caller,
+                    requested,
+                    &imp.pods,
+                ),
+                None => Err(crate::impersonation::Refusal {
+                    reason: "impersonation_not_allowed",
+                    detail: "impersonation is off".into(),
+                }),
+            };
+            match decision {
+                Ok(identity) => {
+                    tracing::info!(caller = ?caller.identities, impersonated = %identity, "impersonation allowed");
+                    caller.identities = vec![identity];
+                }
+                Err(refusal) => {
+                    m.authentication_failure.inc();
+                    tracing::info!(caller = ?caller.identities, requested, reason = refusal.reason, detail = %refusal.detail, "impersonation refused");
+                    return Err(refuse(
+                        tonic::Code::Unauthenticated,
+                        crate::impersonation::REFUSAL_MESSAGE,
+                        refusal.reason,
+                    ));
+                }
+            }
         }
 
         let result = self
