@@ -10,6 +10,73 @@ pub enum ManifestsCommand {
     /// The signer controller (deploy/signer): namespace, RBAC, Deployment,
     /// metrics Service, and istiod's RA-mode RBAC (`approve` on the signer).
     Signer(SignerManifestArgs),
+    /// The mesh CA (deploy/server): RBAC, Deployment, Service on 15012 and
+    /// 15014, PodDisruptionBudget; `--istio-values` prints the Istio install
+    /// settings that point the mesh at it.
+    Server(ServerManifestArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ServerManifestArgs {
+    /// meshca's namespace (its Service is meshca.<namespace>.svc:15012).
+    #[arg(long, default_value = "istio-system")]
+    pub namespace: String,
+    #[arg(long, default_value = "meshca:latest")]
+    pub image: String,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Keep to 1 unless the CA is shared (Secret `cacerts`).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// Print the Istio install values (IstioOperator with caAddress) instead.
+    #[arg(long)]
+    pub istio_values: bool,
+}
+
+/// deploy/server, in apply order; RA mode (EXTERNAL_CA) also needs
+/// deploy/server/rbac-ra.yaml with its signer names.
+const SERVER_FILES: [(&str, &str); 6] = [
+    (
+        "rbac.yaml",
+        include_str!("../../../deploy/server/rbac.yaml"),
+    ),
+    (
+        "rbac-root-configmap.yaml",
+        include_str!("../../../deploy/server/rbac-root-configmap.yaml"),
+    ),
+    (
+        "rbac-impersonation.yaml",
+        include_str!("../../../deploy/server/rbac-impersonation.yaml"),
+    ),
+    (
+        "deployment.yaml",
+        include_str!("../../../deploy/server/deployment.yaml"),
+    ),
+    (
+        "service.yaml",
+        include_str!("../../../deploy/server/service.yaml"),
+    ),
+    ("pdb.yaml", include_str!("../../../deploy/server/pdb.yaml")),
+];
+const SERVER_ISTIO_VALUES: &str = include_str!("../../../deploy/server/istio-values.yaml");
+
+fn render_server(template: &str, a: &ServerManifestArgs) -> String {
+    template
+        // The RBAC files name the default namespace literally.
+        .replace("namespace: istio-system", "namespace: {{NAMESPACE}}")
+        .replace("{{NAMESPACE}}", &a.namespace)
+        .replace("{{IMAGE}}", &a.image)
+        .replace("{{TRUST_DOMAIN}}", &a.trust_domain)
+        .replace("{{REPLICAS}}", &a.replicas.to_string())
+}
+
+/// All of deploy/server as one multi-document YAML stream.
+pub fn render_server_manifests(a: &ServerManifestArgs) -> String {
+    SERVER_FILES
+        .iter()
+        .map(|(file, text)| format!("# deploy/server/{file}\n{}", render_server(text, a)))
+        .collect::<Vec<_>>()
+        .join("---\n")
 }
 
 #[derive(clap::Args)]
@@ -60,6 +127,13 @@ pub fn run(cmd: ManifestsCommand) -> Result<ExitCode> {
                 print!("{}", manifests::render_ca_secret_template(&o));
             } else {
                 print!("{}", manifests::render(&o));
+            }
+        }
+        ManifestsCommand::Server(a) => {
+            if a.istio_values {
+                print!("{}", render_server(SERVER_ISTIO_VALUES, &a));
+            } else {
+                print!("{}", render_server_manifests(&a));
             }
         }
     }

@@ -1,0 +1,92 @@
+//! `meshca manifests server` renders objects the apiserver accepts
+//! (server-side dry run: validated and admitted, nothing stored) and Istio
+//! install values that point the mesh at meshca's Service.
+
+use std::process::Command;
+
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use meshca_testsupport::TestEnv;
+
+fn meshca(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "meshca {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn server_manifests_apply_with_server_side_dry_run() {
+    let env = TestEnv::get().await;
+    let admin = env.client();
+    // Rendered into the test namespace (the dry run needs it to exist).
+    let ns = env.namespace("srv-manifests").await.unwrap();
+    let yaml = meshca(&[
+        "manifests",
+        "server",
+        "--namespace",
+        ns.name(),
+        "--image",
+        "meshca:test",
+    ]);
+    assert!(!yaml.contains("{{"), "{yaml}");
+    let mut kinds = Vec::new();
+    for doc in yaml.split("\n---\n") {
+        let value: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+        let obj: DynamicObject = serde_json::from_value(value.clone()).unwrap();
+        let types = obj.types.clone().expect("apiVersion and kind");
+        let (group, version) = types
+            .api_version
+            .split_once('/')
+            .unwrap_or(("", &types.api_version));
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
+        let name = obj.metadata.name.clone().unwrap();
+        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
+            Some(n) => {
+                assert_eq!(n, ns.name(), "{} {name}", types.kind);
+                Api::namespaced_with(admin.clone(), n, &ar)
+            }
+            None => Api::all_with(admin.clone(), &ar),
+        };
+        let mut pp = PatchParams::apply("meshca-server-manifest-test").force();
+        pp.dry_run = true;
+        api.patch(&name, &pp, &Patch::Apply(&value))
+            .await
+            .unwrap_or_else(|e| panic!("{} {name}: {e}", types.kind));
+        kinds.push(types.kind);
+    }
+    for k in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "no {k} in {kinds:?}");
+    }
+    assert!(yaml.contains("resources: [\"pods\"]"), "impersonation RBAC");
+    assert!(yaml.contains("port: 15012") && yaml.contains("port: 15014"));
+
+    let values = meshca(&[
+        "manifests",
+        "server",
+        "--namespace",
+        ns.name(),
+        "--istio-values",
+    ]);
+    let v: serde_json::Value = serde_saphyr::from_str(&values).unwrap();
+    assert_eq!(v["kind"], "IstioOperator");
+    let addr = format!("meshca.{}.svc:15012", ns.name());
+    assert_eq!(v["spec"]["values"]["global"]["caAddress"], addr.as_str());
+    assert_eq!(
+        v["spec"]["meshConfig"]["defaultConfig"]["caAddress"],
+        addr.as_str()
+    );
+    ns.cleanup().await.unwrap();
+}
