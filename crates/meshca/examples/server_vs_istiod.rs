@@ -169,6 +169,7 @@ async fn start_meshca(tmp: &Path, kubeconfig: &Path, key_type: &str) -> Result<M
             .arg("--root-ca-dir")
             .arg(tmp.join("none"))
             .arg("--no-root-configmap")
+            .arg("--no-ca-secret")
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg("--no-impersonation")

@@ -35,7 +35,7 @@ pub struct ServerManifestArgs {
 
 /// deploy/server, in apply order; RA mode (EXTERNAL_CA) also needs
 /// deploy/server/rbac-ra.yaml with its signer names.
-const SERVER_FILES: [(&str, &str); 6] = [
+const SERVER_FILES: [(&str, &str); 7] = [
     (
         "rbac.yaml",
         include_str!("../../../deploy/server/rbac.yaml"),
@@ -47,6 +47,10 @@ const SERVER_FILES: [(&str, &str); 6] = [
     (
         "rbac-impersonation.yaml",
         include_str!("../../../deploy/server/rbac-impersonation.yaml"),
+    ),
+    (
+        "rbac-ca-secret.yaml",
+        include_str!("../../../deploy/server/rbac-ca-secret.yaml"),
     ),
     (
         "deployment.yaml",

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use meshca_pki::{KeyType, WorkloadProfile};
+use meshca_server::ca_secret::CaSecretConfig;
 use meshca_server::ra::{EXTERNAL_CA_KUBERNETES, RaConfig, SignerRoots};
 use meshca_server::tls::ServingNames;
 use meshca_server::{ServerConfig, Started};
@@ -147,6 +148,20 @@ pub struct ServerArgs {
     /// in every namespace; it is kept whenever Kubernetes is configured.
     #[arg(long, env = "MESHCA_NO_ROOT_CONFIGMAP")]
     pub no_root_configmap: bool,
+    /// Namespace of Secret istio-ca-secret, where the self-signed CA lives
+    /// when Kubernetes is configured and no CA is plugged in.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub ca_secret_namespace: String,
+    /// Keep the self-signed CA in the state directory even with Kubernetes.
+    #[arg(long, env = "MESHCA_NO_CA_SECRET")]
+    pub no_ca_secret: bool,
+    /// How often the self-signed root's remaining life is checked (plus jitter).
+    #[arg(long, env = "CITADEL_SELF_SIGNED_ROOT_CERT_CHECK_INTERVAL", value_parser = parse_duration, default_value = "1h")]
+    pub self_signed_root_check_interval: Duration,
+    /// Re-issue the self-signed root (same key and subject) when less than
+    /// this percentage of its life remains.
+    #[arg(long, env = "CITADEL_SELF_SIGNED_ROOT_CERT_GRACE_PERIOD_PERCENTILE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub self_signed_root_grace_percentile: u32,
     /// Log as JSON lines.
     #[arg(long)]
     pub json_logs: bool,
@@ -265,6 +280,11 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             reload_interval: args.reload_interval,
             ra,
             root_configmap: !args.no_root_configmap,
+            ca_secret: (!args.no_ca_secret).then_some(CaSecretConfig {
+                namespace: args.ca_secret_namespace,
+                check_interval: args.self_signed_root_check_interval,
+                grace_percentile: args.self_signed_root_grace_percentile,
+            }),
         };
         let listen = config.listen;
         let state_dir = args.state_dir;

@@ -112,6 +112,7 @@ async fn pilot_agent_fetches_and_writes_a_workload_certificate_from_meshca() -> 
             .arg("--root-ca-dir")
             .arg(dir.join("none"))
             .arg("--no-root-configmap")
+            .arg("--no-ca-secret")
             .arg("--kubeconfig")
             .arg(identity.kubeconfig_path())
             .arg("--no-impersonation")

@@ -163,6 +163,7 @@ impl Server {
                 .args(["--self-signed-key-type", "ecdsa-p256"])
                 // Root distribution has its own test and RBAC.
                 .arg("--no-root-configmap")
+                .arg("--no-ca-secret")
                 .arg("--external-ca-root")
                 .arg(&root_file)
                 .args(extra)

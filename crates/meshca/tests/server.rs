@@ -64,6 +64,7 @@ impl Server {
             .arg("--state-dir")
             .arg(state.path())
             .arg("--no-root-configmap")
+            .arg("--no-ca-secret")
             .arg("--kubeconfig")
             .arg(identity.kubeconfig_path())
             .arg("--no-impersonation")

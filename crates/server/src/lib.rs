@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod ca_secret;
 pub mod cadir;
 pub mod impersonation;
 pub mod jwt;
@@ -70,6 +71,9 @@ pub struct ServerConfig {
     pub ra: Option<ra::RaConfig>,
     /// Keep ConfigMap `istio-ca-root-cert` in every namespace (needs `kube`).
     pub root_configmap: bool,
+    /// With `kube` and no plugged-in CA: the self-signed CA lives in Secret
+    /// `istio-ca-secret` here (and is rotated) instead of the state directory.
+    pub ca_secret: Option<ca_secret::CaSecretConfig>,
 }
 
 /// The issuer name of locally minted tokens.
@@ -81,23 +85,39 @@ const JWT_PUBLIC: &str = "jwt-public-key.pem";
 enum CaSource {
     Plugged(PathBuf),
     SelfSigned(PathBuf),
+    /// Secret `istio-ca-secret`; the directory holds a copy of its public root.
+    Secret(PathBuf),
 }
 
 impl CaSource {
     fn dir(&self) -> &Path {
         match self {
-            CaSource::Plugged(d) | CaSource::SelfSigned(d) => d,
+            CaSource::Plugged(d) | CaSource::SelfSigned(d) | CaSource::Secret(d) => d,
         }
     }
 }
 
-/// Loads the plugged-in CA, or the self-signed one (creating it on first start).
-fn open_ca(config: &ServerConfig) -> Result<(CaSource, CaBundle)> {
+/// Loads the plugged-in CA, or the self-signed one (creating it on first
+/// start): in Secret `istio-ca-secret` with Kubernetes, else in the state directory.
+async fn open_ca(config: &ServerConfig) -> Result<(CaSource, CaBundle)> {
     if let Some(dir) = &config.ca_dir
         && cadir::has_ca(dir)
     {
         let bundle = cadir::load(dir, OffsetDateTime::now_utc())?;
         return Ok((CaSource::Plugged(dir.clone()), bundle));
+    }
+    if let (Some(client), Some(secret)) = (&config.kube, &config.ca_secret) {
+        let spec = ca_secret::RootSpec {
+            key_type: config.self_signed_key_type,
+            org: &config.trust_domain,
+            ttl: config.self_signed_ttl,
+        };
+        let bundle = ca_secret::load_or_create(client.clone(), secret, &spec).await?;
+        let dir = config.state_dir.join("ca-secret");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join(cadir::ROOT_CERT), bundle.roots_pem())
+            .with_context(|| format!("writing {}", dir.join(cadir::ROOT_CERT).display()))?;
+        return Ok((CaSource::Secret(dir), bundle));
     }
     let dir = config.state_dir.join("ca");
     if cadir::has_ca(&dir) {
@@ -166,7 +186,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_started: impl FnOnce(&Started),
 ) -> Result<()> {
-    let (source, bundle) = open_ca(&config)?;
+    let (source, bundle) = open_ca(&config).await?;
+    // Root rotation of the CA in the Secret: new bundles go to the reload loop.
+    let (updates_tx, updates_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let (CaSource::Secret(dir), Some(client), Some(secret)) =
+        (&source, &config.kube, &config.ca_secret)
+    {
+        tokio::spawn(ca_secret::rotation_loop(
+            client.clone(),
+            secret.clone(),
+            config.self_signed_ttl,
+            bundle.signing_cert_der().to_vec(),
+            Some(dir.join(cadir::ROOT_CERT)),
+            move |b| {
+                let _ = updates_tx.send(b);
+            },
+        ));
+    }
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     metrics.observe_ca(&bundle);
@@ -293,6 +329,7 @@ pub async fn run(
         shared.clone(),
         tls.clone(),
         watched,
+        updates_rx,
         config.serving.clone(),
         config.reload_interval,
         {
@@ -348,11 +385,13 @@ pub async fn run(
 }
 
 /// Polls the plugged-in CA files and swaps the CA when they change and
-/// verify; renews the serving certificate at half its life.
+/// verify, or when a rotated CA arrives on `updates`; renews the serving
+/// certificate at half its life.
 async fn reload_loop(
     shared: Arc<Shared>,
     tls: Arc<TlsState>,
     watched: Option<PathBuf>,
+    mut updates: tokio::sync::mpsc::UnboundedReceiver<CaBundle>,
     serving: ServingNames,
     interval: Duration,
     make_ca: impl Fn(CaBundle) -> Arc<LocalCa>,
@@ -360,8 +399,16 @@ async fn reload_loop(
     let mut last = watched.as_deref().map(cadir::fingerprint);
     let mut ticker = tokio::time::interval(interval);
     loop {
-        ticker.tick().await;
-        let mut renew = tls.needs_renewal(&serving);
+        let mut renew = tokio::select! {
+            _ = ticker.tick() => false,
+            Some(bundle) = updates.recv() => {
+                shared.metrics.observe_ca(&bundle);
+                *shared.ca.write().unwrap_or_else(|p| p.into_inner()) = make_ca(bundle);
+                tracing::info!("swapped to the rotated CA");
+                true
+            }
+        };
+        renew |= tls.needs_renewal(&serving);
         if let Some(dir) = &watched {
             let now = cadir::fingerprint(dir);
             if last.as_ref() != Some(&now) {
