@@ -288,10 +288,26 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         };
         let listen = config.listen;
         let state_dir = args.state_dir;
-        meshca_server::run(config, shutdown_signal(), |started: &Started| {
+        // In-flight requests may finish after SIGTERM, but clients that keep
+        // their connections open must not hold the process past the grace period.
+        let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown_signal().await;
+            let _ = stopping_tx.send(true);
+        };
+        let server = meshca_server::run(config, shutdown, |started: &Started| {
             print_banner(listen, &state_dir, started)
-        })
-        .await
+        });
+        tokio::select! {
+            result = server => result,
+            () = async {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting");
+                Ok(())
+            }
+        }
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -309,6 +325,10 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Option<kube
     };
     Ok(Some(kube::Client::try_from(config)?))
 }
+
+/// How long draining may take after SIGTERM (Kubernetes' default
+/// terminationGracePeriodSeconds is 30 s).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
