@@ -7,9 +7,8 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use meshca_pki::Source;
 use meshca_pki::bundle::certificates;
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::UnixTime;
 use serde_json::Value;
-use webpki::{EndEntityCert, KeyUsage, anchor_from_trusted_cert};
 
 use crate::cli::{VerifyArgs, read_input};
 use crate::inspect::fingerprint;
@@ -156,32 +155,9 @@ fn compare_roots(expected: &[Vec<u8>], trusted: &[Vec<u8>]) -> Vec<String> {
 /// Verifies leaf -> intermediates -> one of `roots` at the current time.
 fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<String> {
     let (leaf, rest) = chain.split_first().context("the chain is empty")?;
-    let leaf_der = CertificateDer::from(leaf.as_slice());
-    let leaf_cert = EndEntityCert::try_from(&leaf_der).map_err(|e| anyhow::anyhow!("leaf: {e}"))?;
-    let root_ders: Vec<CertificateDer<'_>> = roots
-        .iter()
-        .map(|r| CertificateDer::from(r.as_slice()))
-        .collect();
-    let anchors = root_ders
-        .iter()
-        .map(|r| anchor_from_trusted_cert(r).map_err(|e| anyhow::anyhow!("root: {e}")))
-        .collect::<Result<Vec<_>>>()?;
-    // A root at the end of the chain is harmless; webpki ignores unused certificates.
-    let intermediates: Vec<CertificateDer<'_>> = rest
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
-    leaf_cert
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &intermediates,
-            UnixTime::now(),
-            KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A root at the end of the chain is harmless: unused certificates are ignored.
+    meshca_pki::chain::verify_chain(leaf, rest, roots, UnixTime::now())
+        .map_err(anyhow::Error::msg)?;
     let (_, parsed) =
         x509_parser::parse_x509_certificate(leaf).map_err(|e| anyhow::anyhow!("leaf: {e}"))?;
     let sans: Vec<String> = parsed

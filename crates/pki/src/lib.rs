@@ -21,6 +21,7 @@ pub use error::{BundleError, CsrError, Error, ErrorKind, GrpcCode, PolicyViolati
 pub mod bundle;
 pub mod ca;
 pub mod cert;
+pub mod chain;
 pub mod profile;
 
 pub use bundle::{BundleSources, CaBundle, Source};

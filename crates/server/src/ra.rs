@@ -26,8 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PostParams, WatchEvent, WatchParams};
 use meshca_pki::bundle::certificates;
 use meshca_pki::{CsrPolicy, ErrorKind, SanEntry, Source, ValidatedCsr, WorkloadProfile};
-use rustls_pki_types::{CertificateDer, UnixTime};
-use webpki::{EndEntityCert, KeyUsage, anchor_from_trusted_cert};
+use rustls_pki_types::UnixTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
@@ -385,32 +384,7 @@ pub fn assemble_chain(
     let (leaf, rest) = chain
         .split_first()
         .ok_or_else(|| RaError::Chain("status.certificate holds no certificate".into()))?;
-    let leaf_der = CertificateDer::from(leaf.as_slice());
-    let leaf_cert =
-        EndEntityCert::try_from(&leaf_der).map_err(|e| RaError::Chain(format!("leaf: {e}")))?;
-    let root_ders: Vec<CertificateDer<'_>> = roots
-        .der
-        .iter()
-        .map(|r| CertificateDer::from(r.as_slice()))
-        .collect();
-    let anchors = root_ders
-        .iter()
-        .map(|r| anchor_from_trusted_cert(r).map_err(|e| RaError::Chain(format!("root: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let intermediates: Vec<CertificateDer<'_>> = rest
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
-    leaf_cert
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &intermediates,
-            now,
-            KeyUsage::client_auth(),
-            None,
-            None,
-        )
+    meshca_pki::chain::verify_chain(leaf, rest, &roots.der, now)
         .map_err(|e| RaError::Chain(format!("does not verify to the configured roots: {e}")))?;
 
     let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(leaf)
