@@ -6,8 +6,11 @@
 //! is re-issued with the same key and subject, and leaves issued before
 //! verify with the new root.
 
+mod common;
+
+use common::{free_port, meshca};
+
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,27 +36,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn meshca(args: &[&str]) -> Result<()> {
-    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "meshca {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// The server's identity: its manifests' RBAC, the Role in the test namespace.

@@ -4,7 +4,10 @@
 //! stay Pending) and tokens are bound to them with TokenRequest
 //! `boundObjectRef`, so TokenReview names the caller's pod as on a node.
 
-use std::net::TcpListener;
+mod common;
+
+use common::{free_port, leaf_uris};
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,7 +20,6 @@ use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClien
 use meshca_testsupport::{TestEnv, TestNamespace};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use x509_parser::prelude::*;
 
 const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
 const IMPERSONATION_RBAC: &str = include_str!("../../../deploy/server/rbac-impersonation.yaml");
@@ -34,14 +36,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Server {
@@ -177,22 +171,6 @@ fn request(
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     req
-}
-
-fn leaf_uris(chain: &[String]) -> Vec<String> {
-    let der = meshca_pki::pem::parse_all(chain[0].as_bytes()).unwrap()[0]
-        .der
-        .to_vec();
-    let (_, cert) = X509Certificate::from_der(&der).unwrap();
-    let san = cert.subject_alternative_name().unwrap().unwrap();
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some((*u).to_owned()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[track_caller]

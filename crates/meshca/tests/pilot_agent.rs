@@ -6,6 +6,10 @@
 //! and it cannot reach anything but meshca, which it sees at
 //! 127.0.0.1:15012 through a relay over a Unix socket.
 
+mod common;
+
+use common::free_port;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,14 +65,6 @@ impl Drop for Reaper {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Outside: the Unix socket -> meshca's TCP port.

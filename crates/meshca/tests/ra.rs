@@ -5,9 +5,12 @@
 //! (`<namespace>.example.com/foo`, substituted for the manifest's
 //! `example.com/foo`) so tests running at once never sign each other's CSRs.
 
-use std::net::TcpListener;
+mod common;
+
+use common::{Proc, free_port, leaf_uris, meshca};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,36 +27,6 @@ const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
 const SERVER_RA_RBAC: &str = include_str!("../../../deploy/server/rbac-ra.yaml");
 
 /// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn meshca(args: &[&str]) -> Result<()> {
-    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "meshca {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// The signer's CA: a root and an intermediate (Istio's cacerts layout).
 struct SignerCa {
     dir: PathBuf,
@@ -244,20 +217,6 @@ fn pem_ders(pem: &str) -> Vec<Vec<u8>> {
         .unwrap()
         .into_iter()
         .map(|b| b.der.to_vec())
-        .collect()
-}
-
-fn leaf_uris(chain: &[String]) -> Vec<String> {
-    let der = &pem_ders(&chain[0])[0];
-    let (_, cert) = X509Certificate::from_der(der).unwrap();
-    let san = cert.subject_alternative_name().unwrap().unwrap();
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some((*u).to_owned()),
-            _ => None,
-        })
         .collect()
 }
 

@@ -3,48 +3,21 @@
 //! `istio-ca-root-cert` appears in existing and new namespaces, is put back
 //! after tampering or deletion, and follows a root change of the CA files.
 
-use std::net::TcpListener;
+mod common;
+
+use common::{Proc, free_port, meshca};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Context;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use meshca_testsupport::TestEnv;
 
 const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
 const ROOT_CM_RBAC: &str = include_str!("../../../deploy/server/rbac-root-configmap.yaml");
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn meshca(args: &[&str]) -> Result<()> {
-    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "meshca {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 fn ders(pem: &str) -> Vec<Vec<u8>> {
     meshca_pki::pem::parse_all(pem.as_bytes())

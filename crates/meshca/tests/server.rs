@@ -2,7 +2,10 @@
 //! real TokenRequest tokens, TokenReview with the server's manifest RBAC,
 //! and every refusal with Istio's gRPC code while the server keeps serving.
 
-use std::net::TcpListener;
+mod common;
+
+use common::{free_port, leaf_uris, meshca, pem_der};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,14 +33,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Server {
@@ -153,31 +148,6 @@ fn istio_client(server: &Server, args: &[&str]) -> Result<(Vec<String>, String)>
         .map(|c| c.as_str().unwrap().to_owned())
         .collect();
     Ok((chain, json["key"].as_str().unwrap_or_default().to_owned()))
-}
-
-fn pem_der(pem: &str) -> Vec<u8> {
-    meshca_pki::pem::parse_all(pem.as_bytes())
-        .unwrap()
-        .remove(0)
-        .der
-        .to_vec()
-}
-
-fn leaf_uris(chain: &[String]) -> Vec<String> {
-    let der = pem_der(&chain[0]);
-    let (_, cert) = X509Certificate::from_der(&der).unwrap();
-    let san = cert.subject_alternative_name().unwrap().unwrap();
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| {
-            if let GeneralName::URI(u) = n {
-                Some((*u).to_owned())
-            } else {
-                None
-            }
-        })
-        .collect()
 }
 
 fn leaf_lifetime(chain: &[String]) -> i64 {
@@ -533,16 +503,6 @@ async fn bad_requests_get_istios_codes_nothing_is_issued_and_the_server_keeps_se
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
     ns.cleanup().await
-}
-
-fn meshca(args: &[&str]) -> Result<()> {
-    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!("meshca {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
 }
 
 fn issuer_cn(chain: &[String]) -> String {

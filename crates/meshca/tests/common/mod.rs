@@ -1,0 +1,68 @@
+//! Helpers shared by the integration tests of the `meshca` binary.
+// Each test binary uses its own subset.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command};
+
+use anyhow::{Result, bail};
+use x509_parser::prelude::*;
+
+/// A child process killed (and reaped) when dropped, so that a failed
+/// assertion leaves nothing running.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `meshca ARGS`, failing with its stderr.
+pub fn meshca(args: &[&str]) -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "meshca {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// DER of the first PEM block.
+pub fn pem_der(pem: &str) -> Vec<u8> {
+    meshca_pki::pem::parse_all(pem.as_bytes())
+        .unwrap()
+        .remove(0)
+        .der
+        .to_vec()
+}
+
+/// The URI SANs of the leaf (the first chain element).
+#[track_caller]
+pub fn leaf_uris(chain: &[String]) -> Vec<String> {
+    let der = pem_der(&chain[0]);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
