@@ -25,16 +25,33 @@ pub struct ServerManifestArgs {
     pub image: String,
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Keep to 1 unless the CA is shared (Secret `cacerts`).
+    /// Replicas share the CA (Secret `cacerts` or `istio-ca-secret`).
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
+    /// RA mode: forward every request to this Kubernetes CSR signer
+    /// (EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API, K8S_SIGNER) and verify its
+    /// answers against Secret `external-ca-cert` (what `meshca signer`
+    /// publishes); adds rbac-ra.yaml for it.
+    #[arg(long)]
+    pub k8s_signer: Option<String>,
+    /// Also publish the roots as ClusterTrustBundle istio.io:istiod-ca:root-cert
+    /// (ENABLE_CLUSTER_TRUST_BUNDLE_API); adds rbac-cluster-trust-bundle.yaml.
+    #[arg(long)]
+    pub cluster_trust_bundle: bool,
     /// Print the Istio install values (IstioOperator with caAddress) instead.
     #[arg(long)]
     pub istio_values: bool,
 }
 
-/// deploy/server, in apply order; RA mode (EXTERNAL_CA) also needs
-/// deploy/server/rbac-ra.yaml with its signer names.
+/// deploy/server, in apply order (the optional RBAC files come first).
+const RA_RBAC: (&str, &str) = (
+    "rbac-ra.yaml",
+    include_str!("../../../deploy/server/rbac-ra.yaml"),
+);
+const CLUSTER_TRUST_BUNDLE_RBAC: (&str, &str) = (
+    "rbac-cluster-trust-bundle.yaml",
+    include_str!("../../../deploy/server/rbac-cluster-trust-bundle.yaml"),
+);
 const SERVER_FILES: [(&str, &str); 7] = [
     (
         "rbac.yaml",
@@ -64,20 +81,65 @@ const SERVER_FILES: [(&str, &str); 7] = [
 ];
 const SERVER_ISTIO_VALUES: &str = include_str!("../../../deploy/server/istio-values.yaml");
 
+/// The Deployment's optional parts: (env, volume mounts, volumes), each as
+/// YAML lines at the template's indentation.
+fn server_extras(a: &ServerManifestArgs) -> (String, String, String) {
+    let (mut env, mut mounts, mut volumes) = (String::new(), String::new(), String::new());
+    let mut var = |name: &str, value: &str| {
+        env.push_str(&format!(
+            "            - name: {name}\n              value: {value:?}\n"
+        ))
+    };
+    if let Some(signer) = &a.k8s_signer {
+        var("EXTERNAL_CA", meshca_server::ra::EXTERNAL_CA_KUBERNETES);
+        var("K8S_SIGNER", signer);
+        var(
+            "MESHCA_EXTERNAL_CA_ROOT",
+            "/etc/external-ca-cert/root-cert.pem",
+        );
+        mounts.push_str(
+            "            - name: external-ca-cert\n              mountPath: /etc/external-ca-cert\n              readOnly: true\n",
+        );
+        volumes.push_str(
+            "        - name: external-ca-cert\n          secret:\n            secretName: external-ca-cert\n",
+        );
+    }
+    if a.cluster_trust_bundle {
+        var("ENABLE_CLUSTER_TRUST_BUNDLE_API", "true");
+    }
+    (env, mounts, volumes)
+}
+
 fn render_server(template: &str, a: &ServerManifestArgs) -> String {
+    let (env, mounts, volumes) = server_extras(a);
+    let signer = a.k8s_signer.as_deref().unwrap_or("example.com/foo");
     template
-        // The RBAC files name the default namespace literally.
+        // The RBAC files name the default namespace and signer literally.
         .replace("namespace: istio-system", "namespace: {{NAMESPACE}}")
+        .replace(
+            "resourceNames: [\"example.com/foo\"]",
+            &format!("resourceNames: [{signer:?}]"),
+        )
         .replace("{{NAMESPACE}}", &a.namespace)
         .replace("{{IMAGE}}", &a.image)
         .replace("{{TRUST_DOMAIN}}", &a.trust_domain)
         .replace("{{REPLICAS}}", &a.replicas.to_string())
+        .replace("{{EXTRA_ENV}}\n", &env)
+        .replace("{{EXTRA_MOUNTS}}\n", &mounts)
+        .replace("{{EXTRA_VOLUMES}}\n", &volumes)
 }
 
-/// All of deploy/server as one multi-document YAML stream.
+/// All of deploy/server that the options call for, as one multi-document
+/// YAML stream.
 pub fn render_server_manifests(a: &ServerManifestArgs) -> String {
-    SERVER_FILES
-        .iter()
+    let optional = [
+        a.k8s_signer.is_some().then_some(RA_RBAC),
+        a.cluster_trust_bundle.then_some(CLUSTER_TRUST_BUNDLE_RBAC),
+    ];
+    optional
+        .into_iter()
+        .flatten()
+        .chain(SERVER_FILES)
         .map(|(file, text)| format!("# deploy/server/{file}\n{}", render_server(text, a)))
         .collect::<Vec<_>>()
         .join("---\n")
@@ -134,6 +196,9 @@ pub fn run(cmd: ManifestsCommand) -> Result<ExitCode> {
             }
         }
         ManifestsCommand::Server(a) => {
+            if let Some(name) = &a.k8s_signer {
+                meshca_signer::config::validate_signer_name(name)?;
+            }
             if a.istio_values {
                 print!("{}", render_server(SERVER_ISTIO_VALUES, &a));
             } else {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use meshca_pki::{KeyType, WorkloadProfile};
 use meshca_server::ca_secret::CaSecretConfig;
+use meshca_server::distribution::DistributionConfig;
+use meshca_server::lease::LeaderElection;
 use meshca_server::ra::{EXTERNAL_CA_KUBERNETES, RaConfig, SignerRoots};
 use meshca_server::tls::ServingNames;
 use meshca_server::{ServerConfig, Started};
@@ -148,8 +150,25 @@ pub struct ServerArgs {
     /// in every namespace; it is kept whenever Kubernetes is configured.
     #[arg(long, env = "MESHCA_NO_ROOT_CONFIGMAP")]
     pub no_root_configmap: bool,
-    /// Namespace of Secret istio-ca-secret, where the self-signed CA lives
-    /// when Kubernetes is configured and no CA is plugged in.
+    /// Also publish the roots as ClusterTrustBundle istio.io:istiod-ca:root-cert
+    /// (certificates.k8s.io/v1beta1; deploy/server/rbac-cluster-trust-bundle.yaml).
+    #[arg(long, env = "ENABLE_CLUSTER_TRUST_BUNDLE_API")]
+    pub cluster_trust_bundle: bool,
+    /// Lease in POD_NAMESPACE electing the one replica that writes the roots.
+    #[arg(
+        long,
+        env = "MESHCA_LEADER_ELECTION_LEASE",
+        default_value = "meshca-namespace-controller"
+    )]
+    pub leader_election_lease: String,
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub leader_election_lease_duration: Duration,
+    /// Write the roots without holding the Lease (one replica without the
+    /// Lease's RBAC; several replicas would fight during a root change).
+    #[arg(long, env = "MESHCA_NO_LEADER_ELECTION")]
+    pub no_leader_election: bool,
+    /// meshca's own namespace: Secret istio-ca-secret (the self-signed CA
+    /// with Kubernetes and no plugged-in CA) and the root distribution Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
     pub ca_secret_namespace: String,
     /// Keep the self-signed CA in the state directory even with Kubernetes.
@@ -221,6 +240,16 @@ fn ra_config(args: &ServerArgs, workload: &WorkloadProfile) -> Result<Option<RaC
     }
 }
 
+/// This replica's name in leases: the pod name in a pod; elsewhere the host
+/// name and pid, so two processes on one machine differ.
+fn instance_name() -> String {
+    let env = |k| std::env::var(k).ok().filter(|v: &String| !v.is_empty());
+    env("POD_NAME").unwrap_or_else(|| {
+        let host = env("HOSTNAME").unwrap_or_else(|| "meshca-server".into());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
 pub fn server(args: ServerArgs) -> Result<ExitCode> {
     crate::logging::init(args.json_logs);
     let workload = WorkloadProfile {
@@ -279,7 +308,18 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             max_message_bytes: args.max_message_bytes,
             reload_interval: args.reload_interval,
             ra,
-            root_configmap: !args.no_root_configmap,
+            distribution: DistributionConfig {
+                configmaps: !args.no_root_configmap,
+                cluster_trust_bundle: args.cluster_trust_bundle,
+                election: (!args.no_leader_election).then(|| {
+                    LeaderElection::new(
+                        &args.ca_secret_namespace,
+                        &args.leader_election_lease,
+                        &instance_name(),
+                    )
+                    .with_lease_duration(args.leader_election_lease_duration)
+                }),
+            },
             ca_secret: (!args.no_ca_secret).then_some(CaSecretConfig {
                 namespace: args.ca_secret_namespace,
                 check_interval: args.self_signed_root_check_interval,

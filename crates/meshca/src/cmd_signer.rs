@@ -164,15 +164,12 @@ pub fn signer(args: SignerArgs) -> Result<ExitCode> {
         if args.leader_elect {
             let identity =
                 instance.unwrap_or_else(|| format!("meshca-signer-{}", std::process::id()));
-            let mut le = LeaderElection::new(
+            let le = LeaderElection::new(
                 &args.leader_election_namespace,
                 &args.leader_election_lease,
                 &identity,
-            );
-            le.lease_duration = args.leader_election_lease_duration;
-            le.renew_deadline = args.leader_election_lease_duration * 2 / 3;
-            le.retry_period =
-                (args.leader_election_lease_duration / 7).max(Duration::from_millis(200));
+            )
+            .with_lease_duration(args.leader_election_lease_duration);
             config.leader_election = Some(le);
         }
         if !args.no_cleaner {

@@ -20,6 +20,37 @@ fn meshca(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Server-side dry run of every document (each must be in `namespace` or
+/// cluster-scoped); returns the kinds.
+async fn dry_run_apply(admin: &kube::Client, namespace: &str, yaml: &str) -> Vec<String> {
+    let mut kinds = Vec::new();
+    for doc in yaml.split("\n---\n") {
+        let value: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+        let obj: DynamicObject = serde_json::from_value(value.clone()).unwrap();
+        let types = obj.types.clone().expect("apiVersion and kind");
+        let (group, version) = types
+            .api_version
+            .split_once('/')
+            .unwrap_or(("", &types.api_version));
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
+        let name = obj.metadata.name.clone().unwrap();
+        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
+            Some(n) => {
+                assert_eq!(n, namespace, "{} {name}", types.kind);
+                Api::namespaced_with(admin.clone(), n, &ar)
+            }
+            None => Api::all_with(admin.clone(), &ar),
+        };
+        let mut pp = PatchParams::apply("meshca-server-manifest-test").force();
+        pp.dry_run = true;
+        api.patch(&name, &pp, &Patch::Apply(&value))
+            .await
+            .unwrap_or_else(|e| panic!("{} {name}: {e}", types.kind));
+        kinds.push(types.kind);
+    }
+    kinds
+}
+
 #[tokio::test]
 async fn server_manifests_apply_with_server_side_dry_run() {
     let env = TestEnv::get().await;
@@ -35,31 +66,7 @@ async fn server_manifests_apply_with_server_side_dry_run() {
         "meshca:test",
     ]);
     assert!(!yaml.contains("{{"), "{yaml}");
-    let mut kinds = Vec::new();
-    for doc in yaml.split("\n---\n") {
-        let value: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
-        let obj: DynamicObject = serde_json::from_value(value.clone()).unwrap();
-        let types = obj.types.clone().expect("apiVersion and kind");
-        let (group, version) = types
-            .api_version
-            .split_once('/')
-            .unwrap_or(("", &types.api_version));
-        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
-        let name = obj.metadata.name.clone().unwrap();
-        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
-            Some(n) => {
-                assert_eq!(n, ns.name(), "{} {name}", types.kind);
-                Api::namespaced_with(admin.clone(), n, &ar)
-            }
-            None => Api::all_with(admin.clone(), &ar),
-        };
-        let mut pp = PatchParams::apply("meshca-server-manifest-test").force();
-        pp.dry_run = true;
-        api.patch(&name, &pp, &Patch::Apply(&value))
-            .await
-            .unwrap_or_else(|e| panic!("{} {name}: {e}", types.kind));
-        kinds.push(types.kind);
-    }
+    let kinds = dry_run_apply(&admin, ns.name(), &yaml).await;
     for k in [
         "ServiceAccount",
         "ClusterRole",
@@ -88,5 +95,30 @@ async fn server_manifests_apply_with_server_side_dry_run() {
         v["spec"]["meshConfig"]["defaultConfig"]["caAddress"],
         addr.as_str()
     );
+
+    // RA mode and the ClusterTrustBundle add their RBAC and settings.
+    let yaml = meshca(&[
+        "manifests",
+        "server",
+        "--namespace",
+        ns.name(),
+        "--k8s-signer",
+        "example.org/mesh",
+        "--cluster-trust-bundle",
+    ]);
+    assert!(!yaml.contains("{{"), "{yaml}");
+    dry_run_apply(&admin, ns.name(), &yaml).await;
+    for needle in [
+        "# deploy/server/rbac-ra.yaml",
+        "resourceNames: [\"example.org/mesh\"]",
+        "value: \"ISTIOD_RA_KUBERNETES_API\"",
+        "name: K8S_SIGNER\n              value: \"example.org/mesh\"",
+        "secretName: external-ca-cert",
+        "# deploy/server/rbac-cluster-trust-bundle.yaml",
+        "name: ENABLE_CLUSTER_TRUST_BUNDLE_API\n              value: \"true\"",
+    ] {
+        assert!(yaml.contains(needle), "no {needle:?} in\n{yaml}");
+    }
+    assert!(!yaml.contains("example.com/foo"), "{yaml}");
     ns.cleanup().await.unwrap();
 }

@@ -1,7 +1,11 @@
 //! Root distribution by `meshca server` against a real kube-apiserver, with
-//! exactly deploy/server/rbac.yaml + rbac-root-configmap.yaml: ConfigMap
-//! `istio-ca-root-cert` appears in existing and new namespaces, is put back
-//! after tampering or deletion, and follows a root change of the CA files.
+//! exactly deploy/server/rbac.yaml + rbac-root-configmap.yaml +
+//! rbac-cluster-trust-bundle.yaml, two replicas sharing one plugged-in CA:
+//! ConfigMap `istio-ca-root-cert` appears in existing and new namespaces and
+//! ClusterTrustBundle `istio.io:istiod-ca:root-cert` is created; both are
+//! put back after tampering or deletion, by whichever replica holds the
+//! Lease (the other takes over when the holder stops), and follow a root
+//! change of the CA files.
 
 mod common;
 
@@ -12,12 +16,17 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use k8s_openapi::api::certificates::v1beta1::ClusterTrustBundle;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use meshca_testsupport::TestEnv;
+use meshca_testsupport::{Identity, TestEnv};
 
 const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
 const ROOT_CM_RBAC: &str = include_str!("../../../deploy/server/rbac-root-configmap.yaml");
+const BUNDLE_RBAC: &str = include_str!("../../../deploy/server/rbac-cluster-trust-bundle.yaml");
+const BUNDLE: &str = "istio.io:istiod-ca:root-cert";
+const LEASE: &str = "meshca-namespace-controller";
 
 fn ders(pem: &str) -> Vec<Vec<u8>> {
     meshca_pki::pem::parse_all(pem.as_bytes())
@@ -47,7 +56,18 @@ async fn configmap_roots(client: &kube::Client, ns: &str) -> Option<Vec<Vec<u8>>
     labelled.then(|| ders(pem))
 }
 
-/// Waits until every namespace's ConfigMap holds exactly `roots`.
+/// The roots in the ClusterTrustBundle, if it has Istio's signer.
+async fn bundle_roots(client: &kube::Client) -> Option<Vec<Vec<u8>>> {
+    let b = Api::<ClusterTrustBundle>::all(client.clone())
+        .get_opt(BUNDLE)
+        .await
+        .ok()??;
+    (b.spec.signer_name.as_deref() == Some("istio.io/istiod-ca"))
+        .then(|| ders(&b.spec.trust_bundle))
+}
+
+/// Waits until every namespace's ConfigMap and the ClusterTrustBundle hold
+/// exactly `roots`.
 async fn wait_roots(client: &kube::Client, namespaces: &[&str], roots: &[Vec<u8>], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -57,15 +77,98 @@ async fn wait_roots(client: &kube::Client, namespaces: &[&str], roots: &[Vec<u8>
                 wrong.push(*ns);
             }
         }
+        if bundle_roots(client).await.as_deref() != Some(roots) {
+            wrong.push("ClusterTrustBundle");
+        }
         if wrong.is_empty() {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: istio-ca-root-cert not in sync in {wrong:?}"
+            "{what}: roots not in sync in {wrong:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until the Lease names `holder`.
+async fn wait_holder(leases: &Api<Lease>, holder: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = leases
+            .get_opt(LEASE)
+            .await
+            .unwrap()
+            .and_then(|l| l.spec?.holder_identity);
+        if now.as_deref() == Some(holder) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Lease {LEASE}: holder {now:?}, expected {holder}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One replica of `meshca server` distributing the roots, ready.
+async fn replica(identity: &Identity, plugged: &Path, namespace: &str, pod: &str) -> Proc {
+    let state = identity
+        .kubeconfig_path()
+        .with_file_name(format!("state-{pod}"));
+    let monitoring = format!("127.0.0.1:{}", free_port());
+    let mut server = Proc(
+        Command::new(env!("CARGO_BIN_EXE_meshca"))
+            .args(["server", "--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--monitoring-listen", &monitoring])
+            .arg("--root-ca-dir")
+            .arg(plugged)
+            .args(["--reload-interval", "200ms"])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--kubeconfig")
+            .arg(identity.kubeconfig_path())
+            .args(["--no-impersonation", "--cluster-trust-bundle"])
+            .args(["--leader-election-lease-duration", "2s"])
+            .env("POD_NAMESPACE", namespace)
+            .env("POD_NAME", pod)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting meshca server")
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            server.0.try_wait().unwrap().is_none(),
+            "meshca server exited"
+        );
+        let ready = Command::new("curl")
+            .args(["-sf", &format!("http://{monitoring}/readyz")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ready {
+            return server;
+        }
+        assert!(Instant::now() < deadline, "meshca server not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops a replica as Kubernetes does (SIGTERM), so it releases the Lease.
+fn terminate(mut server: Proc) {
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "meshca server after SIGTERM: {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,47 +197,15 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
             meshca(&all).unwrap();
         }
 
-        let identity = home
-            .identity_from_manifest("meshca", &format!("{SERVER_RBAC}\n---\n{ROOT_CM_RBAC}"))
-            .await
-            .unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let monitoring = format!("127.0.0.1:{}", free_port());
-        let mut server = Proc(
-            Command::new(env!("CARGO_BIN_EXE_meshca"))
-                .args(["server", "--listen", &format!("127.0.0.1:{}", free_port())])
-                .args(["--monitoring-listen", &monitoring])
-                .arg("--root-ca-dir")
-                .arg(&plugged)
-                .args(["--reload-interval", "200ms"])
-                .arg("--state-dir")
-                .arg(state.path())
-                .arg("--kubeconfig")
-                .arg(identity.kubeconfig_path())
-                .arg("--no-impersonation")
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .context("starting meshca server")
-                .unwrap(),
+        let rbac = format!("{SERVER_RBAC}\n---\n{ROOT_CM_RBAC}\n---\n{BUNDLE_RBAC}").replace(
+            "namespace: istio-system",
+            &format!("namespace: {}", home.name()),
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            assert!(
-                server.0.try_wait().unwrap().is_none(),
-                "meshca server exited"
-            );
-            let ready = Command::new("curl")
-                .args(["-sf", &format!("http://{monitoring}/readyz")])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ready {
-                break;
-            }
-            assert!(Instant::now() < deadline, "meshca server not ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let identity = home.identity_from_manifest("meshca", &rbac).await.unwrap();
+        let leases = Api::<Lease>::namespaced(admin.clone(), home.name());
+        let first_replica = replica(&identity, &plugged, home.name(), "rootcm-a").await;
+        wait_holder(&leases, "rootcm-a").await;
+        let second_replica = replica(&identity, &plugged, home.name(), "rootcm-b").await;
 
         // Existing namespaces, and one created after the start.
         let after = env.namespace("srv-rootcm-new").await.unwrap();
@@ -159,6 +230,19 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
             .await
             .unwrap();
         wait_roots(&admin, &all, &first, "after tampering and deletion").await;
+
+        // The holder stops and hands the Lease over; the standby repairs.
+        terminate(first_replica);
+        wait_holder(&leases, "rootcm-b").await;
+        Api::<ConfigMap>::namespaced(admin.clone(), before.name())
+            .delete("istio-ca-root-cert", &DeleteParams::default())
+            .await
+            .unwrap();
+        Api::<ClusterTrustBundle>::all(admin.clone())
+            .delete(BUNDLE, &DeleteParams::default())
+            .await
+            .unwrap();
+        wait_roots(&admin, &all, &first, "after the leader stopped").await;
 
         // A second root in the CA files (multi-root rotation) reaches every namespace.
         let next = dir.join("next-root");
@@ -185,7 +269,10 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
         assert_eq!(rotated.len(), 2);
         wait_roots(&admin, &all, &rotated, "after the root change").await;
 
-        drop(server);
+        drop(second_replica);
+        let _ = Api::<ClusterTrustBundle>::all(admin.clone())
+            .delete(BUNDLE, &DeleteParams::default())
+            .await;
         // The server also wrote into namespaces outside this test: remove
         // exactly the ConfigMaps that carry this test's roots.
         let everywhere = Api::<ConfigMap>::all(admin.clone());

@@ -6,15 +6,18 @@
 //! or in RA mode the Kubernetes CSR API ([`ra`]) -> Istio's chain layout.
 //! A reload loop watches the CA files and renews the serving certificate;
 //! [`metrics`] serves Istio's `citadel_server_*` metrics; with Kubernetes,
-//! [`root_configmap`] keeps the roots in every namespace.
+//! [`distribution`] keeps the roots in every namespace (leader-elected).
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod ca_secret;
 pub mod cadir;
+pub mod cluster_trust_bundle;
+pub mod distribution;
 pub mod impersonation;
 pub mod jwt;
+pub mod lease;
 pub mod metrics;
 pub mod ra;
 pub mod root_configmap;
@@ -69,8 +72,9 @@ pub struct ServerConfig {
     /// RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`): workload
     /// certificates come from the Kubernetes CSR API; needs `kube`.
     pub ra: Option<ra::RaConfig>,
-    /// Keep ConfigMap `istio-ca-root-cert` in every namespace (needs `kube`).
-    pub root_configmap: bool,
+    /// Where the roots go (ConfigMaps, ClusterTrustBundle) and who writes
+    /// them; needs `kube`.
+    pub distribution: distribution::DistributionConfig,
     /// With `kube` and no plugged-in CA: the self-signed CA lives in Secret
     /// `istio-ca-secret` here (and is rotated) instead of the state directory.
     pub ca_secret: Option<ca_secret::CaSecretConfig>,
@@ -283,15 +287,25 @@ pub async fn run(
             .map(|b| root_configmap::merge_roots(&[b.roots_pem(), &ra_roots]))
             .unwrap_or_default(),
     );
-    if config.root_configmap
-        && let Some(client) = config.kube.clone()
-    {
-        tracing::info!(
-            "keeping ConfigMap {} in every namespace",
-            root_configmap::CONFIGMAP_NAME
-        );
-        tokio::spawn(root_configmap::run(client, roots_rx));
-    }
+    let (stop_distribution, distribution_stop) = tokio::sync::watch::channel(false);
+    let distribution = match config.kube.clone() {
+        Some(client) if config.distribution.enabled() => {
+            let d = &config.distribution;
+            tracing::info!(
+                configmaps = d.configmaps,
+                cluster_trust_bundle = d.cluster_trust_bundle,
+                lease = ?d.election.as_ref().map(|e| format!("{}/{}", e.namespace, e.name)),
+                "distributing the roots"
+            );
+            Some(tokio::spawn(distribution::run(
+                client,
+                roots_rx,
+                d.clone(),
+                distribution_stop,
+            )))
+        }
+        _ => None,
+    };
     let tls = Arc::new(TlsState::new(&ca, &config.serving)?);
     let impersonation = match &config.kube {
         Some(client) if !config.trusted_node_accounts.is_empty() => {
@@ -380,6 +394,11 @@ pub async fn run(
         .await
         .context("gRPC server")?;
     ready.store(false, Ordering::SeqCst);
+    if let Some(task) = distribution {
+        // Hand the lease over rather than make a standby wait it out.
+        let _ = stop_distribution.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
     tracing::info!("meshca CA server stopped");
     Ok(())
 }

@@ -50,7 +50,7 @@ pub mod config;
 pub mod controller;
 pub mod decide;
 pub mod events;
-pub mod lease;
+pub use meshca_server::lease;
 pub mod manifests;
 pub mod metrics;
 pub mod trust;

@@ -4,8 +4,9 @@
 //! comparison across machines). Every write carries the resourceVersion read.
 //!
 //! Correctness never depends on the lease: two replicas that both believe
-//! they lead still cannot overwrite each other's certificates (status writes
-//! carry the resourceVersion; the apiserver refuses to change a certificate).
+//! they lead still cannot overwrite each other's writes (every write carries
+//! the resourceVersion it read). Used by `meshca signer` and by the server's
+//! root distribution.
 
 use std::time::Duration;
 
@@ -38,6 +39,15 @@ impl LeaderElection {
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
         }
+    }
+
+    /// client-go's proportions for another lease duration: renew within
+    /// 2/3 of it, retry 7 times per duration (at least every 200 ms).
+    pub fn with_lease_duration(mut self, lease_duration: Duration) -> Self {
+        self.lease_duration = lease_duration;
+        self.renew_deadline = lease_duration * 2 / 3;
+        self.retry_period = (lease_duration / 7).max(Duration::from_millis(200));
+        self
     }
 }
 
