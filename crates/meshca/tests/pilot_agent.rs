@@ -1,5 +1,9 @@
 //! The real pilot-agent (Istio's own, built from its module) fetches its
 //! workload certificate from `meshca server` with a real ServiceAccount token.
+//! meshca runs as in a cluster, with exactly its manifests' RBAC: its
+//! self-signed CA in Secret `istio-ca-secret`, its roots in ConfigMap
+//! `istio-ca-root-cert` in every namespace; pilot-agent trusts the root it
+//! finds in that ConfigMap, as a pod that mounts it does.
 //!
 //! pilot-agent runs in its own network namespace with only a loopback
 //! interface: its status server (which binds every interface) stays private,
@@ -15,10 +19,45 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::api::{Api, DeleteParams, ListParams};
 use meshca_testsupport::{TestEnv, TokenOptions};
 use tokio::net::{TcpStream, UnixListener};
 
 const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
+const ROOT_CM_RBAC: &str = include_str!("../../../deploy/server/rbac-root-configmap.yaml");
+const CA_SECRET_RBAC: &str = include_str!("../../../deploy/server/rbac-ca-secret.yaml");
+
+/// Waits until ConfigMap istio-ca-root-cert holds one and the same root in
+/// every namespace istiod would serve; returns it.
+async fn root_in_every_namespace(client: &kube::Client) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut roots = std::collections::BTreeMap::new();
+        for ns in Api::<Namespace>::all(client.clone())
+            .list(&ListParams::default())
+            .await?
+        {
+            if !meshca_server::root_configmap::manages(&ns) {
+                continue;
+            }
+            let name = ns.metadata.name.unwrap_or_default();
+            let pem = Api::<ConfigMap>::namespaced(client.clone(), &name)
+                .get_opt("istio-ca-root-cert")
+                .await?
+                .and_then(|cm| cm.data?.remove("root-cert.pem"));
+            roots.insert(name, pem);
+        }
+        let distinct: std::collections::BTreeSet<_> = roots.values().collect();
+        if let [Some(root)] = distinct.into_iter().collect::<Vec<_>>()[..] {
+            return Ok(root.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("istio-ca-root-cert differs or is missing: {roots:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 /// Inside the namespace: 127.0.0.1:15012 -> the Unix socket.
 const INNER_RELAY: &str = r#"
@@ -88,13 +127,17 @@ async fn pilot_agent_fetches_and_writes_a_workload_certificate_from_meshca() -> 
     let ns = env.namespace("agent").await?;
     let dir = ns.temp_dir().to_owned();
 
-    // meshca as the mesh CA, TokenReview with its manifest's RBAC.
-    let identity = ns.identity_from_manifest("meshca", SERVER_RBAC).await?;
+    // meshca as the mesh CA, with its manifests' RBAC (namespace: this test's).
+    let rbac = format!("{SERVER_RBAC}\n---\n{ROOT_CM_RBAC}\n---\n{CA_SECRET_RBAC}").replace(
+        "namespace: istio-system",
+        &format!("namespace: {}", ns.name()),
+    );
+    let identity = ns.identity_from_manifest("meshca", &rbac).await?;
     let (addr, monitoring) = (
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),
     );
-    let _server = Reaper(
+    let server = Reaper(
         Command::new(env!("CARGO_BIN_EXE_meshca"))
             .args([
                 "server",
@@ -107,11 +150,11 @@ async fn pilot_agent_fetches_and_writes_a_workload_certificate_from_meshca() -> 
             .arg(dir.join("state"))
             .arg("--root-ca-dir")
             .arg(dir.join("none"))
-            .arg("--no-root-configmap")
-            .arg("--no-ca-secret")
             .arg("--kubeconfig")
             .arg(identity.kubeconfig_path())
             .arg("--no-impersonation")
+            .env("POD_NAMESPACE", ns.name())
+            .env("POD_NAME", "meshca-0")
             .stdout(Stdio::null())
             .spawn()?,
     );
@@ -125,7 +168,22 @@ async fn pilot_agent_fetches_and_writes_a_workload_certificate_from_meshca() -> 
             anyhow::ensure!(Instant::now() < deadline, "meshca server not ready");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let root = dir.join("state/ca/root-cert.pem");
+        // The root every namespace gets is the one in istio-ca-secret.
+        let admin = env.client();
+        let distributed = root_in_every_namespace(&admin).await?;
+        let secret = Api::<Secret>::namespaced(admin.clone(), ns.name())
+            .get("istio-ca-secret")
+            .await?;
+        let secret_root = secret
+            .data
+            .and_then(|mut d| d.remove("ca-cert.pem"))
+            .context("istio-ca-secret has no ca-cert.pem")?;
+        anyhow::ensure!(
+            distributed.as_bytes() == secret_root.0.as_slice(),
+            "istio-ca-root-cert is not the root in istio-ca-secret"
+        );
+        let root = dir.join("root-cert.pem");
+        std::fs::write(&root, &distributed)?;
 
         ns.create_service_account("productpage").await?;
         let token = ns
@@ -240,6 +298,20 @@ async fn pilot_agent_fetches_and_writes_a_workload_certificate_from_meshca() -> 
         Ok(())
     }
     .await;
+    drop(server);
+    // The server wrote into namespaces outside this test: remove those
+    // ConfigMaps (the ones in this test's namespace go with it).
+    for other in Api::<Namespace>::all(env.client())
+        .list(&ListParams::default())
+        .await?
+    {
+        let name = other.metadata.name.unwrap_or_default();
+        if name != ns.name() {
+            let _ = Api::<ConfigMap>::namespaced(env.client(), &name)
+                .delete("istio-ca-root-cert", &DeleteParams::default())
+                .await;
+        }
+    }
     result?;
     ns.cleanup().await
 }

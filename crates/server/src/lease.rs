@@ -146,6 +146,9 @@ impl Elector {
 
     /// Waits until this replica leads.
     pub async fn acquire(&mut self) {
+        // A lasting failure (typically missing RBAC) is reported when it
+        // starts or changes, not every retry period.
+        let mut last_error = String::new();
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
@@ -153,7 +156,17 @@ impl Elector {
                     return;
                 }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "leader election"),
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    if error != last_error {
+                        tracing::warn!(
+                            lease = %format!("{}/{}", self.cfg.namespace, self.cfg.name),
+                            %error,
+                            "leader election failed; retrying"
+                        );
+                        last_error = error;
+                    }
+                }
             }
             tokio::time::sleep(self.cfg.retry_period).await;
         }
