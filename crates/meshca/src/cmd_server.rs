@@ -198,26 +198,12 @@ fn ra_config(args: &ServerArgs, workload: &WorkloadProfile) -> Result<Option<RaC
                     let (signer, file) = spec.split_once('=').with_context(|| {
                         format!("--signer-roots {spec:?}: expected SIGNER=PATH")
                     })?;
-                    let pem = std::fs::read(file).with_context(|| {
-                        format!("RA mode: reading the roots of {signer}: {file}")
-                    })?;
                     Ok(SignerRoots {
                         signer: signer.to_owned(),
-                        name: file.to_owned(),
-                        pem,
+                        file: file.into(),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let path = &args.external_ca_root;
-            // Without it, every signer in use must have its own roots.
-            let roots_pem = match std::fs::read(path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !signer_roots.is_empty() => {
-                    Vec::new()
-                }
-                other => other.with_context(|| {
-                    format!("RA mode: reading the signer's roots {}", path.display())
-                })?,
-            };
             let none = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
             if none(&args.k8s_signer) && none(&args.cert_signer_domain) {
                 bail!(
@@ -227,8 +213,7 @@ fn ra_config(args: &ServerArgs, workload: &WorkloadProfile) -> Result<Option<RaC
             Ok(Some(RaConfig {
                 signer: args.k8s_signer.clone(),
                 signer_domain: args.cert_signer_domain.clone(),
-                roots_pem,
-                roots_name: path.display().to_string(),
+                roots_file: args.external_ca_root.clone(),
                 signer_roots,
                 timeout: args.ra_timeout,
                 workload: workload.clone(),

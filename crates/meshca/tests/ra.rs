@@ -551,7 +551,8 @@ async fn without_an_answer_the_request_times_out_and_the_csr_is_deleted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chain_that_does_not_verify_to_the_configured_roots_is_refused_and_signer_roots_apply() {
+async fn a_chain_that_does_not_verify_to_the_configured_roots_is_refused_until_the_roots_file_has_its_root()
+ {
     tokio::time::timeout(Duration::from_secs(120), async {
         let env = TestEnv::get().await;
         let ns = env.namespace("srv-ra-roots").await.unwrap();
@@ -567,9 +568,14 @@ async fn a_chain_that_does_not_verify_to_the_configured_roots_is_refused_and_sig
         let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
 
         // The default root is someone else's: the signed chain is refused.
-        let wrong = Server::start(&ns, &signer, &stranger.root_pem, &[])
-            .await
-            .unwrap();
+        let wrong = Server::start(
+            &ns,
+            &signer,
+            &stranger.root_pem,
+            &["--reload-interval", "200ms"],
+        )
+        .await
+        .unwrap();
         let e = wrong
             .grpc()
             .await
@@ -583,6 +589,33 @@ async fn a_chain_that_does_not_verify_to_the_configured_roots_is_refused_and_sig
             "ra_chain_invalid",
             "{e:?}"
         );
+
+        // The roots file gains the signer's root (as kubelet updates the
+        // mounted external-ca-cert Secret, by rename): accepted without a
+        // restart, and the answer ends with the roots now configured.
+        let both = format!("{}{}", stranger.root_pem, ca.root_pem);
+        let file = wrong.state.path().join("external-ca-cert/root-cert.pem");
+        std::fs::write(file.with_extension("tmp"), &both).unwrap();
+        std::fs::rename(file.with_extension("tmp"), &file).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let chain = loop {
+            let answer = wrong
+                .grpc()
+                .await
+                .unwrap()
+                .create_certificate(request(workload_csr(&spiffe), 3600, "", &token))
+                .await;
+            match answer {
+                Ok(a) => break a.into_inner().cert_chain,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "still refused after the roots file changed: {e:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        openssl_verify(&dir, &chain, &ca.root_pem).unwrap();
+        assert_eq!(pem_ders(chain.last().unwrap()), pem_ders(&both));
         drop(wrong);
 
         // The same default, but this signer's own roots configured: accepted,

@@ -210,11 +210,12 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     metrics.observe_ca(&bundle);
-    let make_ca = |bundle: CaBundle| {
+    let workload = config.workload.clone();
+    let make_ca = move |bundle: CaBundle| {
         Arc::new(LocalCa::new(
             Arc::new(bundle),
             CsrPolicy::default(),
-            config.workload.clone(),
+            workload.clone(),
         ))
     };
     let ca = make_ca(bundle);
@@ -264,29 +265,18 @@ pub async fn run(
             let client = config.kube.clone().context(
                 "RA mode (EXTERNAL_CA) needs a Kubernetes client (kubeconfig or in-cluster)",
             )?;
-            let ra = ra::KubernetesRa::new(client, ra_config.clone())
-                .with_context(|| format!("RA mode: roots from {}", ra_config.roots_name))?;
+            let ra = ra::KubernetesRa::new(client, ra_config.clone())?;
             tracing::info!(
                 signer = ?ra_config.signer,
                 signer_domain = ?ra_config.signer_domain,
-                roots = %ra_config.roots_name,
+                roots = %ra_config.roots_file.display(),
                 timeout = ?ra_config.timeout,
                 "RA mode: workload certificates come from the Kubernetes CSR API"
             );
             Backend::KubernetesRa(Box::new(ra))
         }
     };
-    // What workloads trust: the local roots (they sign the serving
-    // certificate) and, in RA mode, the signer's roots.
-    let ra_roots = match &backend {
-        Backend::KubernetesRa(ra) => ra.all_roots_pem(),
-        Backend::Local => String::new(),
-    };
-    let (roots_tx, roots_rx) = tokio::sync::watch::channel(
-        ca.bundle()
-            .map(|b| root_configmap::merge_roots(&[b.roots_pem(), &ra_roots]))
-            .unwrap_or_default(),
-    );
+    let (roots_tx, roots_rx) = tokio::sync::watch::channel(trusted_roots(&ca, &backend));
     let (stop_distribution, distribution_stop) = tokio::sync::watch::channel(false);
     let distribution = match config.kube.clone() {
         Some(client) if config.distribution.enabled() => {
@@ -346,23 +336,8 @@ pub async fn run(
         updates_rx,
         config.serving.clone(),
         config.reload_interval,
-        {
-            let workload = config.workload.clone();
-            move |b| {
-                // A root change re-syncs the ConfigMaps.
-                roots_tx.send_if_modified(|current| {
-                    let next = root_configmap::merge_roots(&[b.roots_pem(), &ra_roots]);
-                    let changed = *current != next;
-                    *current = next;
-                    changed
-                });
-                Arc::new(LocalCa::new(
-                    Arc::new(b),
-                    CsrPolicy::default(),
-                    workload.clone(),
-                ))
-            }
-        },
+        roots_tx,
+        make_ca,
     ));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -403,9 +378,24 @@ pub async fn run(
     Ok(())
 }
 
+/// What workloads trust: the local roots (they sign the serving
+/// certificate) and, in RA mode, the signers' roots.
+fn trusted_roots(ca: &LocalCa, backend: &Backend) -> String {
+    let local = ca
+        .bundle()
+        .map(|b| b.roots_pem().to_owned())
+        .unwrap_or_default();
+    match backend {
+        Backend::KubernetesRa(ra) => root_configmap::merge_roots(&[&local, &ra.all_roots_pem()]),
+        Backend::Local => root_configmap::merge_roots(&[&local]),
+    }
+}
+
 /// Polls the plugged-in CA files and swaps the CA when they change and
-/// verify, or when a rotated CA arrives on `updates`; renews the serving
-/// certificate at half its life.
+/// verify, or when a rotated CA arrives on `updates`; in RA mode re-reads
+/// the signers' roots; renews the serving certificate at half its life.
+/// Any change of the roots goes to `roots` (and so to every namespace).
+#[allow(clippy::too_many_arguments)]
 async fn reload_loop(
     shared: Arc<Shared>,
     tls: Arc<TlsState>,
@@ -413,10 +403,12 @@ async fn reload_loop(
     mut updates: tokio::sync::mpsc::UnboundedReceiver<CaBundle>,
     serving: ServingNames,
     interval: Duration,
+    roots: tokio::sync::watch::Sender<String>,
     make_ca: impl Fn(CaBundle) -> Arc<LocalCa>,
 ) {
     let mut last = watched.as_deref().map(cadir::fingerprint);
     let mut ticker = tokio::time::interval(interval);
+    let mut last_ra_error = String::new();
     loop {
         let mut renew = tokio::select! {
             _ = ticker.tick() => false,
@@ -450,6 +442,30 @@ async fn reload_loop(
                 }
             }
         }
+        if let Backend::KubernetesRa(ra) = &shared.backend {
+            match ra.reload_roots() {
+                Ok(changed) => {
+                    if changed {
+                        tracing::info!("RA mode: the signers' roots changed; reloaded");
+                    }
+                    last_ra_error.clear();
+                }
+                // Kept: a half-written update usually completes by the next poll.
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    if error != last_ra_error {
+                        tracing::warn!(%error, "RA mode: roots do not load; keeping the current ones");
+                    }
+                    last_ra_error = error;
+                }
+            }
+        }
+        roots.send_if_modified(|current| {
+            let next = trusted_roots(&shared.ca(), &shared.backend);
+            let changed = *current != next;
+            *current = next;
+            changed
+        });
         if renew {
             match tls.renew(&shared.ca(), &serving) {
                 Ok(()) => tracing::info!("serving certificate renewed"),

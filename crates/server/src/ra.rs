@@ -8,12 +8,17 @@
 //! through `/approval` -> watch until [`progress`] is final or the timeout
 //! ends (Denied and Failed end it at once, unlike istiod) -> delete the CSR
 //! (always before answering; in the background if the caller goes away) ->
-//! [`assemble_chain`] (verify against the signer's roots ([`roots_for`]:
-//! its own, else the external-ca-cert file), key and identity checks,
-//! roots last).
-//! Everything but [`KubernetesRa`] is a pure function.
+//! [`assemble_chain`] (verify against the signer's roots
+//! ([`TrustAnchors::roots_for`]: its own, else the external-ca-cert file),
+//! key and identity checks, roots last).
+//! Everything but [`KubernetesRa`] and [`TrustAnchors::read`] is a pure
+//! function. The roots files are re-read by the server's reload loop
+//! ([`KubernetesRa::reload_roots`]), so a signer's root rotation needs no
+//! restart.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -51,26 +56,22 @@ pub struct RaConfig {
     pub signer: Option<String>,
     /// CERT_SIGNER_DOMAIN: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`.
     pub signer_domain: Option<String>,
-    /// The signer's roots (PEM), e.g. `./etc/external-ca-cert/root-cert.pem`;
-    /// empty when every signer has its own in `signer_roots`.
-    pub roots_pem: Vec<u8>,
-    /// Name of the roots file, for messages.
-    pub roots_name: String,
+    /// The signer's roots, e.g. `./etc/external-ca-cert/root-cert.pem`; may
+    /// be missing when every signer has its own in `signer_roots`.
+    pub roots_file: PathBuf,
     /// Roots of particular signers (istiod's MeshConfig `caCertificates`
-    /// with `certSigners`); other signers' chains are verified against `roots_pem`.
+    /// with `certSigners`); other signers' chains are verified against `roots_file`.
     pub signer_roots: Vec<SignerRoots>,
     /// How long to wait for the signer.
     pub timeout: Duration,
     pub workload: WorkloadProfile,
 }
 
-/// The roots of one signer.
+/// The roots file of one signer.
 #[derive(Debug, Clone)]
 pub struct SignerRoots {
     pub signer: String,
-    /// Where they come from, for messages.
-    pub name: String,
-    pub pem: Vec<u8>,
+    pub file: PathBuf,
 }
 
 /// Why an RA request got no certificate. Every variant has a stable reason.
@@ -149,18 +150,6 @@ pub fn signer_name(config: &RaConfig, cert_signer: Option<&str>) -> Result<Strin
             .filter(|s| !s.is_empty())
             .ok_or(RaError::NoSigner),
     }
-}
-
-/// The roots a signer's chains must verify to: its own, else the default.
-pub fn roots_for<'a>(
-    default: Option<&'a Roots>,
-    per_signer: &'a HashMap<String, Roots>,
-    signer: &str,
-) -> Result<&'a Roots, RaError> {
-    per_signer
-        .get(signer)
-        .or(default)
-        .ok_or_else(|| RaError::NoRoots(signer.to_owned()))
 }
 
 /// The OIDs of the extensions a CSR requests (dotted), in order.
@@ -337,7 +326,7 @@ pub fn progress(csr: &CertificateSigningRequest) -> Progress {
 }
 
 /// The signer's roots, parsed once.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Roots {
     der: Vec<Vec<u8>>,
     pem: String,
@@ -362,6 +351,62 @@ impl Roots {
 
     pub fn pem(&self) -> &str {
         &self.pem
+    }
+}
+
+/// What RA answers are verified against: the default roots and each
+/// signer's own.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TrustAnchors {
+    pub default: Option<Roots>,
+    pub per_signer: BTreeMap<String, Roots>,
+}
+
+impl TrustAnchors {
+    /// Reads the configured files. The default file may be missing only
+    /// when signers have their own roots.
+    pub fn read(config: &RaConfig) -> anyhow::Result<TrustAnchors> {
+        use anyhow::Context;
+        let parse = |file: &std::path::Path, what: &str| -> anyhow::Result<Roots> {
+            let pem = std::fs::read(file)
+                .with_context(|| format!("RA mode: reading {what} {}", file.display()))?;
+            Ok(Roots::parse(&file.display().to_string(), &pem)?)
+        };
+        let per_signer = config
+            .signer_roots
+            .iter()
+            .map(|r| {
+                let roots = parse(&r.file, &format!("the roots of {}", r.signer))?;
+                Ok((r.signer.clone(), roots))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let file = &config.roots_file;
+        let default = if !config.signer_roots.is_empty() && !file.exists() {
+            None
+        } else {
+            Some(parse(file, "the signer's roots")?)
+        };
+        Ok(TrustAnchors {
+            default,
+            per_signer,
+        })
+    }
+
+    /// The roots a signer's chains must verify to: its own, else the default.
+    pub fn roots_for(&self, signer: &str) -> Result<&Roots, RaError> {
+        self.per_signer
+            .get(signer)
+            .or(self.default.as_ref())
+            .ok_or_else(|| RaError::NoRoots(signer.to_owned()))
+    }
+
+    /// Every root (default first, then by signer name), PEM.
+    pub fn all_roots_pem(&self) -> String {
+        self.default
+            .iter()
+            .chain(self.per_signer.values())
+            .map(|r| r.pem.as_str())
+            .collect()
     }
 }
 
@@ -432,39 +477,38 @@ pub fn assemble_chain(
 pub struct KubernetesRa {
     api: Api<CertificateSigningRequest>,
     config: RaConfig,
-    roots: Option<Roots>,
-    signer_roots: HashMap<String, Roots>,
+    trust: RwLock<Arc<TrustAnchors>>,
 }
 
 impl KubernetesRa {
-    pub fn new(client: kube::Client, config: RaConfig) -> Result<Self, RaError> {
-        let roots = if config.roots_pem.is_empty() && !config.signer_roots.is_empty() {
-            None
-        } else {
-            Some(Roots::parse(&config.roots_name, &config.roots_pem)?)
-        };
-        let signer_roots = config
-            .signer_roots
-            .iter()
-            .map(|r| Ok((r.signer.clone(), Roots::parse(&r.name, &r.pem)?)))
-            .collect::<Result<_, RaError>>()?;
+    pub fn new(client: kube::Client, config: RaConfig) -> anyhow::Result<Self> {
+        let trust = TrustAnchors::read(&config)?;
         Ok(KubernetesRa {
             api: Api::all(client),
             config,
-            roots,
-            signer_roots,
+            trust: RwLock::new(Arc::new(trust)),
         })
+    }
+
+    pub fn trust(&self) -> Arc<TrustAnchors> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-reads the roots files; `Ok(true)` when the roots changed (and are
+    /// now in use). On error the current roots stay.
+    pub fn reload_roots(&self) -> anyhow::Result<bool> {
+        let next = TrustAnchors::read(&self.config)?;
+        let mut current = self.trust.write().unwrap_or_else(|p| p.into_inner());
+        if **current == next {
+            return Ok(false);
+        }
+        *current = Arc::new(next);
+        Ok(true)
     }
 
     /// Every configured root (default first), PEM.
     pub fn all_roots_pem(&self) -> String {
-        let mut per_signer: Vec<_> = self.signer_roots.iter().collect();
-        per_signer.sort_by(|a, b| a.0.cmp(b.0));
-        self.roots
-            .iter()
-            .chain(per_signer.into_iter().map(|(_, r)| r))
-            .map(|r| r.pem.as_str())
-            .collect()
+        self.trust().all_roots_pem()
     }
 
     /// Signs through the CSR API for an authenticated caller.
@@ -477,7 +521,8 @@ impl KubernetesRa {
         cert_signer: Option<&str>,
     ) -> Result<Vec<String>, RaError> {
         let signer = signer_name(&self.config, cert_signer)?;
-        let roots = roots_for(self.roots.as_ref(), &self.signer_roots, &signer)?;
+        let trust = self.trust();
+        let roots = trust.roots_for(&signer)?;
         let csr = check_request(
             csr_pem,
             identities,
@@ -657,8 +702,7 @@ mod tests {
         RaConfig {
             signer: signer.map(Into::into),
             signer_domain: domain.map(Into::into),
-            roots_pem: Vec::new(),
-            roots_name: "roots.pem".into(),
+            roots_file: "roots.pem".into(),
             signer_roots: Vec::new(),
             timeout: Duration::from_secs(60),
             workload: WorkloadProfile::default(),
@@ -770,8 +814,14 @@ mod tests {
     #[test]
     fn a_signer_with_its_own_roots_uses_them_and_others_the_default() {
         let (a, b) = (pki().roots(), pki().roots());
-        let per_signer = HashMap::from([("example.com/bar".to_string(), b.clone())]);
-        let pick = |default, signer| roots_for(default, &per_signer, signer).map(|r| r.pem.clone());
+        let per_signer = BTreeMap::from([("example.com/bar".to_string(), b.clone())]);
+        let pick = |default: Option<&Roots>, signer| {
+            let trust = TrustAnchors {
+                default: default.cloned(),
+                per_signer: per_signer.clone(),
+            };
+            trust.roots_for(signer).map(|r| r.pem.clone())
+        };
         assert_eq!(pick(Some(&a), "example.com/bar").unwrap(), b.pem);
         assert_eq!(pick(Some(&a), "example.com/foo").unwrap(), a.pem);
         assert_eq!(pick(None, "example.com/bar").unwrap(), b.pem);
@@ -779,6 +829,11 @@ mod tests {
             pick(None, "example.com/foo").unwrap_err(),
             RaError::NoRoots("example.com/foo".into())
         );
+        let both = TrustAnchors {
+            default: Some(a.clone()),
+            per_signer,
+        };
+        assert_eq!(both.all_roots_pem(), format!("{}{}", a.pem, b.pem));
     }
 
     #[test]
