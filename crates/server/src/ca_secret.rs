@@ -204,7 +204,15 @@ pub async fn load_or_create(
 ) -> Result<CaBundle> {
     let api = Api::<Secret>::namespaced(client, &config.namespace);
     let place = || format!("Secret {}/{SECRET_NAME}", config.namespace);
-    if let Some(secret) = api.get_opt(SECRET_NAME).await.with_context(place)? {
+    // Errors say what to check: the RBAC, the namespace, or the way out.
+    let failed = || {
+        format!(
+            "{} (RBAC: deploy/server/rbac-ca-secret.yaml in POD_NAMESPACE; or --no-ca-secret \
+             to keep the CA in the state directory)",
+            place()
+        )
+    };
+    if let Some(secret) = api.get_opt(SECRET_NAME).await.with_context(failed)? {
         let bundle = read_bundle(&secret, OffsetDateTime::now_utc()).with_context(place)?;
         tracing::info!(secret = %place(), "using the self-signed CA in the Secret");
         return Ok(bundle);
@@ -219,12 +227,12 @@ pub async fn load_or_create(
         }
         Err(e) if status_code(&e) == Some(409) => {
             // Another replica was first: use its CA.
-            let secret = api.get(SECRET_NAME).await.with_context(place)?;
+            let secret = api.get(SECRET_NAME).await.with_context(failed)?;
             let bundle = read_bundle(&secret, OffsetDateTime::now_utc()).with_context(place)?;
             tracing::info!(secret = %place(), "another replica created the CA Secret; using it");
             Ok(bundle)
         }
-        Err(e) => Err(e).with_context(|| format!("creating {}", place())),
+        Err(e) => Err(e).with_context(|| format!("creating {}", failed())),
     }
 }
 

@@ -225,13 +225,21 @@ impl PodStore {
             .reflect(writer);
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            // Reported when a failure starts or changes, not at every retry.
+            let mut last_error = String::new();
             while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    tracing::warn!(
-                        error = %e,
-                        "watching pods for impersonation failed (RBAC: \
-                         deploy/server/rbac-impersonation.yaml); retrying"
-                    );
+                match event {
+                    Err(e) if e.to_string() != last_error => {
+                        last_error = e.to_string();
+                        tracing::warn!(
+                            error = %e,
+                            "watching pods for impersonation failed; not ready until it works \
+                             (RBAC: deploy/server/rbac-impersonation.yaml, or --no-impersonation); \
+                             retrying"
+                        );
+                    }
+                    Err(_) => {}
+                    Ok(_) => last_error.clear(),
                 }
             }
         });
