@@ -22,132 +22,20 @@
 //!
 //! Everything listens on 127.0.0.1 and stops by itself.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod bench_common;
 
-use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, PostParams};
-use meshca_testsupport::{TestEnv, TokenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bench_common::{
+    Auth, HEADER, IstiodOptions, Proc, free_port, loadgen, median, meshca_bin, row, rss_mib,
+    start_istiod, tokens, wait_http,
+};
+use meshca_testsupport::TestEnv;
 
 const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn meshca_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // target/<profile>/examples/<name> -> target/<profile>/meshca
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("exe path")?
-        .join("meshca");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} missing: run `cargo build --release -p meshca` first",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-async fn wait_http(url: &str, what: &str, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if Command::new("curl")
-            .args(["-sfk", "-o", "/dev/null", url])
-            .status()?
-            .success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("{what} not ready at {url} after {limit:?}")
-}
-
-enum Auth<'a> {
-    Tokens(&'a [PathBuf]),
-    ClientCert(&'a Path),
-}
-
-fn loadgen(
-    addr: &str,
-    root: &Path,
-    auth: Auth<'_>,
-    requests: usize,
-    concurrency: usize,
-) -> Result<serde_json::Value> {
-    let mut cmd = Command::new(meshca_bin()?);
-    cmd.args([
-        "loadgen",
-        "--json",
-        "--addr",
-        addr,
-        "--key-type",
-        "rsa-2048",
-    ])
-    .arg("--root")
-    .arg(root)
-    .args([
-        "--requests",
-        &requests.to_string(),
-        "--concurrency",
-        &concurrency.to_string(),
-    ])
-    .args([
-        "--connections",
-        &concurrency.clamp(1, 64).to_string(),
-        "--max-duration",
-        "300s",
-    ]);
-    match auth {
-        Auth::Tokens(tokens) => {
-            for t in tokens {
-                cmd.arg("--token-file").arg(t);
-            }
-        }
-        Auth::ClientCert(dir) => {
-            cmd.arg("--client-cert")
-                .arg(dir.join("cert-chain.pem"))
-                .arg("--client-key")
-                .arg(dir.join("key.pem"));
-        }
-    }
-    let out = cmd.output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).with_context(|| {
-        format!(
-            "loadgen output: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 /// A running `meshca server` with its own state directory and CA key type.
 struct Meshca {
@@ -190,51 +78,6 @@ async fn start_meshca(tmp: &Path, kubeconfig: &Path, key_type: &str) -> Result<M
     })
 }
 
-async fn tokens(
-    ns: &meshca_testsupport::TestNamespace,
-    prefix: &str,
-    count: usize,
-) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::with_capacity(count);
-    for i in 0..count {
-        let sa = format!("{prefix}{i}");
-        ns.create_service_account(&sa).await?;
-        let token = ns
-            .token_with(
-                &sa,
-                &TokenOptions {
-                    expiration_seconds: 3600,
-                    ..TokenOptions::default()
-                },
-            )
-            .await?;
-        let path = ns.temp_dir().join(format!("{sa}.token"));
-        std::fs::write(&path, token)?;
-        out.push(path);
-    }
-    Ok(out)
-}
-
-fn median(v: &[serde_json::Value], key: &str) -> f64 {
-    let mut xs: Vec<f64> = v.iter().filter_map(|r| r[key].as_f64()).collect();
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn row(name: &str, runs: &[serde_json::Value], rss: f64) {
-    println!(
-        "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
-        median(runs, "certs_per_second"),
-        median(runs, "p50_ms"),
-        median(runs, "p99_ms"),
-        median(runs, "p999_ms"),
-        rss
-    );
-}
-
-const HEADER: &str =
-    "| CA | certs/s | p50 ms | p99 ms | p99.9 ms | peak RSS MiB |\n|---|---|---|---|---|---|";
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<usize> = std::env::args()
@@ -255,59 +98,20 @@ async fn main() -> Result<()> {
     let p256 = start_meshca(&tmp, identity.kubeconfig_path(), "ecdsa-p256").await?;
 
     // istiod (pilot-discovery) with its built-in CA, admin kubeconfig.
-    let namespaces = Api::<Namespace>::all(env.client());
-    if namespaces.get_opt("istio-system").await?.is_none() {
-        let mut n = Namespace::default();
-        n.metadata.name = Some("istio-system".into());
-        namespaces.create(&PostParams::default(), &n).await?;
-    }
-    let istiod_dir = tmp.join("istiod");
-    std::fs::create_dir_all(&istiod_dir)?;
-    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
-    let istiod_addr = format!("127.0.0.1:{}", ports[2]);
-    let kubeconfig = std::env::var("KUBECONFIG").context("KUBECONFIG")?;
-    let istiod_log = std::fs::File::create(tmp.join("istiod.log"))?;
-    let istiod = Proc(
-        Command::new(meshca_testsupport::bin("pilot-discovery"))
-            .current_dir(&istiod_dir)
-            .args([
-                "discovery",
-                "--kubeconfig",
-                &kubeconfig,
-                "--clusterID",
-                "Kubernetes",
-            ])
-            .args(["--httpAddr", &format!("127.0.0.1:{}", ports[0])])
-            .args(["--grpcAddr", &format!("127.0.0.1:{}", ports[1])])
-            .args(["--secureGRPCAddr", &istiod_addr])
-            .args(["--httpsAddr", &format!("127.0.0.1:{}", ports[3])])
-            .args(["--monitoringAddr", &format!("127.0.0.1:{}", ports[4])])
-            .env("POD_NAMESPACE", "istio-system")
-            .env("POD_NAME", "istiod-bench")
-            .env("CLOUD_PLATFORM", "none")
-            .env("PILOT_ENABLE_ANALYSIS", "false")
-            .stdout(istiod_log.try_clone()?)
-            .stderr(istiod_log)
-            .spawn()?,
-    );
-    wait_http(
-        &format!("http://127.0.0.1:{}/ready", ports[0]),
-        "istiod",
-        Duration::from_secs(120),
+    let kubeconfig = PathBuf::from(std::env::var("KUBECONFIG").context("KUBECONFIG")?);
+    let istiod = start_istiod(
+        env.client(),
+        &IstiodOptions {
+            namespace: "istio-system",
+            pod_name: "istiod-bench",
+            kubeconfig: &kubeconfig,
+            dir: tmp.join("istiod"),
+            args: &[],
+            env: &[],
+        },
     )
     .await?;
-    let secrets = Api::<Secret>::namespaced(env.client(), "istio-system");
-    let secret = secrets
-        .get("istio-ca-secret")
-        .await
-        .context("istiod's CA secret")?;
-    let root = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("ca-cert.pem"))
-        .context("ca-cert.pem in istio-ca-secret")?;
-    let istiod_root = tmp.join("istiod-root.pem");
-    std::fs::write(&istiod_root, &root.0)?;
+    let (istiod_addr, istiod_root) = (istiod.addr.clone(), istiod.root.clone());
 
     println!(
         "## 1. renewal-like: {rounds} rounds x {requests} requests, concurrency {concurrency}, 64 workloads, RSA-2048 roots\n"
@@ -331,7 +135,7 @@ async fn main() -> Result<()> {
     }
     println!("{HEADER}");
     row("meshca", &m, rss_mib(rsa.proc.0.id()));
-    row("istiod", &i, rss_mib(istiod.0.id()));
+    row("istiod", &i, rss_mib(istiod.proc.0.id()));
     println!(
         "\nthroughput meshca/istiod: {:.1}x\n",
         median(&m, "certs_per_second") / median(&i, "certs_per_second").max(1e-9)
@@ -362,7 +166,7 @@ async fn main() -> Result<()> {
     }
     println!("{HEADER}");
     row("meshca", &m, rss_mib(rsa.proc.0.id()));
-    row("istiod", &i, rss_mib(istiod.0.id()));
+    row("istiod", &i, rss_mib(istiod.proc.0.id()));
     println!(
         "\nthroughput meshca/istiod: {:.1}x\n",
         median(&m, "certs_per_second") / median(&i, "certs_per_second").max(1e-9)

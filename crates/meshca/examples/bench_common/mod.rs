@@ -1,0 +1,293 @@
+//! Helpers shared by the benchmark examples (`server_vs_istiod`,
+//! `ra_vs_istiod`): child processes, ports, readiness, `meshca loadgen`,
+//! tokens, istiod (pilot-discovery) and the result tables.
+// Each example uses its own subset.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, PostParams};
+use meshca_testsupport::{TestNamespace, TokenOptions};
+
+/// A child process killed (and reaped) when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `meshca` binary next to the example (same profile).
+pub fn meshca_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/examples/<name> -> target/<profile>/meshca
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("exe path")?
+        .join("meshca");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing: run `cargo build --release -p meshca` first",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Waits until `url` answers 2xx (curl), at most `limit`.
+pub async fn wait_http(url: &str, what: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if Command::new("curl")
+            .args(["-sfk", "-o", "/dev/null", url])
+            .status()?
+            .success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{what} not ready at {url} after {limit:?}")
+}
+
+pub enum Auth<'a> {
+    Tokens(&'a [PathBuf]),
+    ClientCert(&'a Path),
+}
+
+/// `meshca loadgen --json` with RSA-2048 CSRs, at most 64 connections and
+/// 300 s; returns its report.
+pub fn loadgen(
+    addr: &str,
+    root: &Path,
+    auth: Auth<'_>,
+    requests: usize,
+    concurrency: usize,
+) -> Result<serde_json::Value> {
+    loadgen_with(addr, root, auth, requests, concurrency, &[])
+}
+
+/// [`loadgen`] with extra `meshca loadgen` arguments.
+pub fn loadgen_with(
+    addr: &str,
+    root: &Path,
+    auth: Auth<'_>,
+    requests: usize,
+    concurrency: usize,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
+    let mut cmd = Command::new(meshca_bin()?);
+    cmd.args([
+        "loadgen",
+        "--json",
+        "--addr",
+        addr,
+        "--key-type",
+        "rsa-2048",
+    ])
+    .arg("--root")
+    .arg(root)
+    .args([
+        "--requests",
+        &requests.to_string(),
+        "--concurrency",
+        &concurrency.to_string(),
+    ])
+    .args([
+        "--connections",
+        &concurrency.clamp(1, 64).to_string(),
+        "--max-duration",
+        "300s",
+    ])
+    .args(extra);
+    match auth {
+        Auth::Tokens(tokens) => {
+            for t in tokens {
+                cmd.arg("--token-file").arg(t);
+            }
+        }
+        Auth::ClientCert(dir) => {
+            cmd.arg("--client-cert")
+                .arg(dir.join("cert-chain.pem"))
+                .arg("--client-key")
+                .arg(dir.join("key.pem"));
+        }
+    }
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| {
+        format!(
+            "loadgen output: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Peak RSS (VmHWM) of a process, MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `count` new service accounts `<prefix><i>`, each with a 1 h token of
+/// audience istio-ca written to a file (made 16 at a time, returned in order).
+pub async fn tokens(ns: &TestNamespace, prefix: &str, count: usize) -> Result<Vec<PathBuf>> {
+    futures::stream::iter(0..count)
+        .map(|i| async move {
+            let sa = format!("{prefix}{i}");
+            ns.create_service_account(&sa).await?;
+            let token = ns
+                .token_with(
+                    &sa,
+                    &TokenOptions {
+                        expiration_seconds: 3600,
+                        ..TokenOptions::default()
+                    },
+                )
+                .await?;
+            let path = ns.temp_dir().join(format!("{sa}.token"));
+            std::fs::write(&path, token)?;
+            Ok::<_, anyhow::Error>(path)
+        })
+        .buffered(16)
+        .try_collect()
+        .await
+}
+
+pub fn median(v: &[serde_json::Value], key: &str) -> f64 {
+    let mut xs: Vec<f64> = v.iter().filter_map(|r| r[key].as_f64()).collect();
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+pub fn row(name: &str, runs: &[serde_json::Value], rss: f64) {
+    println!(
+        "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
+        median(runs, "certs_per_second"),
+        median(runs, "p50_ms"),
+        median(runs, "p99_ms"),
+        median(runs, "p999_ms"),
+        rss
+    );
+}
+
+pub const HEADER: &str =
+    "| CA | certs/s | p50 ms | p99 ms | p99.9 ms | peak RSS MiB |\n|---|---|---|---|---|---|";
+
+/// How to run istiod (pilot-discovery).
+pub struct IstiodOptions<'a> {
+    /// POD_NAMESPACE: where its CA Secret istio-ca-secret lives.
+    pub namespace: &'a str,
+    pub pod_name: &'a str,
+    pub kubeconfig: &'a Path,
+    /// Working directory (`./etc/...` files are read from here) and log
+    /// `<dir>.log`.
+    pub dir: PathBuf,
+    /// Extra command-line flags, e.g. `--kubernetesApiQPS`.
+    pub args: &'a [&'a str],
+    /// Extra environment, e.g. EXTERNAL_CA and K8S_SIGNER.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// A running istiod.
+pub struct Istiod {
+    pub proc: Proc,
+    /// Its secure gRPC address (the CA).
+    pub addr: String,
+    /// The root of its serving certificate (from istio-ca-secret).
+    pub root: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Starts istiod and waits (120 s at most) until it is ready; its serving
+/// certificate's root is written next to its directory (`<dir>-root.pem`).
+pub async fn start_istiod(client: kube::Client, o: &IstiodOptions<'_>) -> Result<Istiod> {
+    let namespaces = Api::<Namespace>::all(client.clone());
+    if namespaces.get_opt(o.namespace).await?.is_none() {
+        let mut n = Namespace::default();
+        n.metadata.name = Some(o.namespace.into());
+        namespaces.create(&PostParams::default(), &n).await?;
+    }
+    std::fs::create_dir_all(&o.dir)?;
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let addr = format!("127.0.0.1:{}", ports[2]);
+    let log = o.dir.with_extension("log");
+    let log_file = std::fs::File::create(&log)?;
+    let mut cmd = Command::new(meshca_testsupport::bin("pilot-discovery"));
+    cmd.current_dir(&o.dir)
+        .arg("discovery")
+        .arg("--kubeconfig")
+        .arg(o.kubeconfig)
+        .args(["--clusterID", "Kubernetes"])
+        .args(["--httpAddr", &format!("127.0.0.1:{}", ports[0])])
+        .args(["--grpcAddr", &format!("127.0.0.1:{}", ports[1])])
+        .args(["--secureGRPCAddr", &addr])
+        .args(["--httpsAddr", &format!("127.0.0.1:{}", ports[3])])
+        .args(["--monitoringAddr", &format!("127.0.0.1:{}", ports[4])])
+        .args(o.args)
+        .env("POD_NAMESPACE", o.namespace)
+        .env("POD_NAME", o.pod_name)
+        .env("CLOUD_PLATFORM", "none")
+        .env("PILOT_ENABLE_ANALYSIS", "false");
+    for (k, v) in o.env {
+        cmd.env(k, v);
+    }
+    let proc = Proc(
+        cmd.stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting pilot-discovery")?,
+    );
+    wait_http(
+        &format!("http://127.0.0.1:{}/ready", ports[0]),
+        "istiod",
+        Duration::from_secs(120),
+    )
+    .await
+    .with_context(|| format!("see {}", log.display()))?;
+    let secrets = Api::<Secret>::namespaced(client, o.namespace);
+    let secret = secrets
+        .get("istio-ca-secret")
+        .await
+        .context("istiod's CA secret")?;
+    let root_pem = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ca-cert.pem"))
+        .context("ca-cert.pem in istio-ca-secret")?;
+    let root = o.dir.with_file_name(format!(
+        "{}-root.pem",
+        o.dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("istiod")
+    ));
+    std::fs::write(&root, &root_pem.0)?;
+    Ok(Istiod {
+        proc,
+        addr,
+        root,
+        log,
+    })
+}
