@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use meshca_pki::csr::build_csr;
-use meshca_pki::{KeyType, SigningKey, cert};
+use meshca_pki::{KeyType, SanEntry, SigningKey, cert};
 use meshca_proto::IstioCertificateRequest;
 use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -58,6 +58,37 @@ pub struct LoadgenArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Request n uses token n mod N (instead of client i using token i mod
+    /// N): with --requests N, every workload asks exactly once (mass restart).
+    #[arg(long)]
+    pub token_per_request: bool,
+    /// Each CSR carries its token's identity as its one URI SAN,
+    /// spiffe://TRUST_DOMAIN/ns/NS/sa/SA from the token's `sub` claim, as
+    /// istio-agent's CSRs do (RA mode refuses CSRs without it).
+    #[arg(long)]
+    pub san_from_token: bool,
+    /// Trust domain of --san-from-token.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+}
+
+/// The SPIFFE identity of a Kubernetes service account token (its `sub`,
+/// `system:serviceaccount:NS:SA`; the signature is not checked here).
+fn token_spiffe_id(token: &str, trust_domain: &str) -> Result<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).context("token is not a JWT")?;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .context("token payload is not base64url")?,
+    )?;
+    let sub = claims["sub"].as_str().context("token has no sub")?;
+    match sub.split(':').collect::<Vec<_>>()[..] {
+        ["system", "serviceaccount", ns, sa] => {
+            Ok(format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}"))
+        }
+        _ => anyhow::bail!("token sub {sub:?} is not a service account"),
+    }
 }
 
 pub fn loadgen(args: &LoadgenArgs) -> Result<ExitCode> {
@@ -72,12 +103,32 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
         .map(|p| Ok(String::from_utf8(read_input(p)?)?.trim().to_owned()))
         .collect::<Result<_>>()?;
     // A pool of CSRs made up front, so the figures measure the CA.
-    let csrs: Vec<String> = (0..32.min(args.requests.max(1)))
-        .map(|_| {
-            let key = SigningKey::generate(args.key_type)?;
-            build_csr(&key, cert::EMPTY_NAME, &[]).map_err(anyhow::Error::msg)
-        })
-        .collect::<Result<_>>()?;
+    let keys: Vec<SigningKey> = (0..32.min(args.requests.max(1)))
+        .map(|_| SigningKey::generate(args.key_type))
+        .collect::<Result<_, _>>()?;
+    // With --san-from-token, one CSR per token (keys shared round-robin).
+    let csrs: Vec<String> = if args.san_from_token {
+        anyhow::ensure!(!tokens.is_empty(), "--san-from-token needs --token-file");
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let id = token_spiffe_id(t, &args.trust_domain)?;
+                build_csr(
+                    &keys[i % keys.len()],
+                    cert::EMPTY_NAME,
+                    &[SanEntry::Uri(id)],
+                )
+                .map_err(anyhow::Error::msg)
+            })
+            .collect::<Result<_>>()?
+    } else {
+        keys.iter()
+            .map(|key| build_csr(key, cert::EMPTY_NAME, &[]).map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?
+    };
+    let tokens = Arc::new(tokens);
+    let csrs = Arc::new(csrs);
     let root = read_input(&args.root)?;
     let identity = match (&args.client_cert, &args.client_key) {
         (Some(cert), Some(key)) => Some(tonic::transport::Identity::from_pem(
@@ -109,8 +160,8 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
     let mut tasks = Vec::new();
     for client in 0..args.concurrency.max(1) {
         let channel: Channel = channels[client % channels.len()].clone();
-        let token = (!tokens.is_empty()).then(|| tokens[client % tokens.len()].clone());
-        let csrs = csrs.clone();
+        let (tokens, csrs) = (tokens.clone(), csrs.clone());
+        let (per_request, per_token_csr) = (args.token_per_request, args.san_from_token);
         let next = next.clone();
         let (ttl, total) = (args.ttl.as_secs() as i64, args.requests);
         tasks.push(tokio::spawn(async move {
@@ -122,24 +173,30 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
                 if n >= total || Instant::now() >= deadline {
                     break;
                 }
-                let mut req = tonic::Request::new(IstioCertificateRequest::from_agent(
-                    csrs[n % csrs.len()].clone(),
-                    ttl,
-                    "",
-                ));
-                if let Some(v) = token
-                    .as_ref()
-                    .and_then(|t| format!("Bearer {t}").parse().ok())
-                {
+                let t = if per_request { n } else { client };
+                let t = (!tokens.is_empty()).then(|| t % tokens.len());
+                let csr = match t {
+                    Some(t) if per_token_csr => csrs[t].clone(),
+                    _ => csrs[n % csrs.len()].clone(),
+                };
+                let mut req =
+                    tonic::Request::new(IstioCertificateRequest::from_agent(csr, ttl, ""));
+                if let Some(v) = t.and_then(|t| format!("Bearer {}", tokens[t]).parse().ok()) {
                     req.metadata_mut().insert("authorization", v);
                 }
                 let sent = Instant::now();
-                match grpc.create_certificate(req).await {
-                    Ok(resp) if resp.get_ref().cert_chain.len() >= 2 => {
+                // Bounded: a request still waiting at the deadline counts as an error.
+                let answer =
+                    tokio::time::timeout_at(deadline.into(), grpc.create_certificate(req)).await;
+                match answer {
+                    Ok(Ok(resp)) if resp.get_ref().cert_chain.len() >= 2 => {
                         latencies.push(sent.elapsed())
                     }
-                    Ok(_) => *errors.entry("short chain".into()).or_default() += 1,
-                    Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
+                    Ok(Ok(_)) => *errors.entry("short chain".into()).or_default() += 1,
+                    Ok(Err(status)) => {
+                        *errors.entry(format!("{:?}", status.code())).or_default() += 1
+                    }
+                    Err(_) => *errors.entry("deadline".into()).or_default() += 1,
                 }
             }
             (latencies, errors)
