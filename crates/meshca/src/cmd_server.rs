@@ -143,6 +143,11 @@ pub struct ServerArgs {
         value_delimiter = ','
     )]
     pub signer_roots: Vec<String>,
+    /// At most this many Kubernetes API calls in flight (TokenReview, RA
+    /// CSR calls), first come first served: a mass restart then queues here
+    /// instead of overflowing the apiserver's per-client queue (429s).
+    #[arg(long, env = "MESHCA_KUBE_API_CONCURRENCY", default_value_t = meshca_server::api_limit::DEFAULT_CONCURRENCY)]
+    pub kube_api_concurrency: usize,
     /// RA mode: how long to wait for the signer (Denied/Failed end it at once).
     #[arg(long, env = "MESHCA_RA_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub ra_timeout: Duration,
@@ -280,6 +285,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             cluster_aliases: args.cluster_aliases,
             trusted_node_accounts,
             kube,
+            kube_api_concurrency: args.kube_api_concurrency,
             jwt_keys: args.jwt_keys,
             jwt_issuer: args.jwt_issuer,
             local_token_issuer: standalone,

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
+use crate::api_limit::ApiLimit;
 use crate::jwt::{self, JwtVerifier};
 
 /// An authenticated caller.
@@ -188,13 +189,15 @@ pub fn certificate_identities(der: &[u8]) -> Result<Vec<String>> {
 pub struct TokenReviewer {
     api: kube::Api<TokenReview>,
     audiences: Vec<String>,
+    limit: ApiLimit,
 }
 
 impl TokenReviewer {
-    pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
+    pub fn new(client: kube::Client, audiences: Vec<String>, limit: ApiLimit) -> Self {
         TokenReviewer {
             api: kube::Api::all(client),
             audiences,
+            limit,
         }
     }
 
@@ -208,8 +211,8 @@ impl TokenReviewer {
             ..Default::default()
         };
         let answer = self
-            .api
-            .create(&PostParams::default(), &review)
+            .limit
+            .call(self.api.create(&PostParams::default(), &review))
             .await
             .context("TokenReview request")?;
         let status = answer.status.context("TokenReview without status")?;

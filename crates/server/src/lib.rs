@@ -10,6 +10,7 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+pub mod api_limit;
 pub mod auth;
 pub mod ca_secret;
 pub mod cadir;
@@ -60,6 +61,8 @@ pub struct ServerConfig {
     /// `kube` and any entry, pods are watched for Istio's node checks.
     pub trusted_node_accounts: Vec<impersonation::TrustedAccount>,
     pub kube: Option<kube::Client>,
+    /// At most this many Kubernetes API calls in flight (TokenReview, RA).
+    pub kube_api_concurrency: usize,
     pub jwt_keys: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
     /// Create and trust a local token issuer key in the state directory.
@@ -247,6 +250,7 @@ pub async fn run(
             &config.token_audiences,
         )?)
     };
+    let api_limit = api_limit::ApiLimit::new(config.kube_api_concurrency);
     let auth = Authenticator {
         trust_domain: config.trust_domain.clone(),
         cluster_id: config.cluster_id.clone(),
@@ -254,7 +258,7 @@ pub async fn run(
         token_review: config
             .kube
             .clone()
-            .map(|c| TokenReviewer::new(c, config.token_audiences.clone())),
+            .map(|c| TokenReviewer::new(c, config.token_audiences.clone(), api_limit.clone())),
         jwt,
         cache: TokenCache::new(config.token_cache_ttl, config.token_cache_size),
     };
@@ -265,7 +269,7 @@ pub async fn run(
             let client = config.kube.clone().context(
                 "RA mode (EXTERNAL_CA) needs a Kubernetes client (kubeconfig or in-cluster)",
             )?;
-            let ra = ra::KubernetesRa::new(client, ra_config.clone())?;
+            let ra = ra::KubernetesRa::new(client, ra_config.clone(), api_limit.clone())?;
             tracing::info!(
                 signer = ?ra_config.signer,
                 signer_domain = ?ra_config.signer_domain,

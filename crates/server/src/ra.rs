@@ -16,19 +16,23 @@
 //! ([`KubernetesRa::reload_roots`]), so a signer's root rotation needs no
 //! restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
     CertificateSigningRequestStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::oneshot;
+
+use crate::api_limit::ApiLimit;
 use meshca_pki::bundle::certificates;
 use meshca_pki::{CsrPolicy, ErrorKind, SanEntry, Source, ValidatedCsr, WorkloadProfile};
 use rustls_pki_types::UnixTime;
@@ -250,13 +254,16 @@ pub fn expiration_seconds(ttl_seconds: i64, profile: &WorkloadProfile) -> i32 {
 }
 
 /// The CSR istiod would create.
+/// The label on our CSRs, which the one shared watch selects.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshca-server");
+
 pub fn new_csr(csr_pem: &[u8], signer: &str, expiration_seconds: i32) -> CertificateSigningRequest {
     CertificateSigningRequest {
         metadata: ObjectMeta {
             generate_name: Some("csr-workload-".into()),
             labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_string(),
-                "meshca-server".to_string(),
+                MANAGED_BY.0.to_string(),
+                MANAGED_BY.1.to_string(),
             )])),
             ..Default::default()
         },
@@ -473,20 +480,112 @@ pub fn assemble_chain(
     Ok(out)
 }
 
-/// The Kubernetes side: create, approve, watch, delete.
+type Outcome = Result<Vec<u8>, RaError>;
+
+/// Requests waiting for the signer, by CSR name. One watch on all of this
+/// server's CSRs (by label) feeds them, instead of a watch (and so, kube-rs
+/// speaking HTTP/1.1, a connection) per request.
+#[derive(Default)]
+struct Waiters(std::sync::Mutex<HashMap<String, oneshot::Sender<Outcome>>>);
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Outcome>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for `name`'s final state; registered before the approval, so
+    /// no answer of the signer can come before it.
+    fn register(self: &Arc<Self>, name: &str) -> (Registered, oneshot::Receiver<Outcome>) {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(name.to_owned(), tx);
+        let registered = Registered {
+            waiters: self.clone(),
+            name: name.to_owned(),
+        };
+        (registered, rx)
+    }
+
+    fn seen(&self, csr: &CertificateSigningRequest) {
+        let name = csr.metadata.name.as_deref().unwrap_or_default();
+        let mut waiters = self.lock();
+        if !waiters.contains_key(name) {
+            return;
+        }
+        let outcome = match final_outcome(csr) {
+            Ok(None) => return,
+            Ok(Some(chain)) => Ok(chain),
+            Err(e) => Err(e),
+        };
+        if let Some(tx) = waiters.remove(name) {
+            let _ = tx.send(outcome);
+        }
+    }
+
+    fn deleted(&self, csr: &CertificateSigningRequest) {
+        let name = csr.metadata.name.as_deref().unwrap_or_default();
+        if let Some(tx) = self.lock().remove(name) {
+            let _ = tx.send(Err(RaError::Deleted));
+        }
+    }
+}
+
+/// Unregisters when the request ends, answered or not (timeout, caller gone).
+struct Registered {
+    waiters: Arc<Waiters>,
+    name: String,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.waiters.lock().remove(&self.name);
+    }
+}
+
+/// The shared watch; restarts (re-listing) after errors, so an answer
+/// missed while disconnected arrives with the next list.
+async fn watch_csrs(api: Api<CertificateSigningRequest>, waiters: Arc<Waiters>) {
+    let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    let mut events = watcher(api, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .boxed();
+    let mut last_error = String::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(csr) | watcher::Event::InitApply(csr)) => waiters.seen(&csr),
+            Ok(watcher::Event::Delete(csr)) => waiters.deleted(&csr),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => last_error.clear(),
+            Err(e) => {
+                if e.to_string() != last_error {
+                    last_error = e.to_string();
+                    tracing::warn!(error = %e, "RA mode: watching our CSRs failed; retrying");
+                }
+            }
+        }
+    }
+}
+
+/// The Kubernetes side: create, approve, wait, delete.
 pub struct KubernetesRa {
     api: Api<CertificateSigningRequest>,
     config: RaConfig,
     trust: RwLock<Arc<TrustAnchors>>,
+    limit: ApiLimit,
+    waiters: Arc<Waiters>,
 }
 
 impl KubernetesRa {
-    pub fn new(client: kube::Client, config: RaConfig) -> anyhow::Result<Self> {
+    /// Reads the roots and starts the shared CSR watch (needs a runtime).
+    pub fn new(client: kube::Client, config: RaConfig, limit: ApiLimit) -> anyhow::Result<Self> {
         let trust = TrustAnchors::read(&config)?;
+        let api = Api::all(client);
+        let waiters = Arc::<Waiters>::default();
+        tokio::spawn(watch_csrs(api.clone(), waiters.clone()));
         Ok(KubernetesRa {
-            api: Api::all(client),
+            api,
             config,
             trust: RwLock::new(Arc::new(trust)),
+            limit,
+            waiters,
         })
     }
 
@@ -536,8 +635,8 @@ impl KubernetesRa {
             expiration_seconds(ttl_seconds, &self.config.workload),
         );
         let created = self
-            .api
-            .create(&PostParams::default(), &object)
+            .limit
+            .call(self.api.create(&PostParams::default(), &object))
             .await
             .map_err(api_error)?;
         let name = created
@@ -549,6 +648,7 @@ impl KubernetesRa {
         // went away), the guard deletes it in the background.
         let guard = DeleteOnDrop {
             api: self.api.clone(),
+            limit: self.limit.clone(),
             name: name.clone(),
             armed: true,
         };
@@ -569,74 +669,38 @@ impl KubernetesRa {
         created: CertificateSigningRequest,
     ) -> Result<Vec<u8>, RaError> {
         let name = created.metadata.name.clone().unwrap_or_default();
+        let (_registered, answer) = self.waiters.register(&name);
         let mut object = created;
         let mut approved = None;
         for _ in 0..5 {
             approve(&mut object);
-            match self
+            let pp = PostParams::default();
+            let put = self
                 .api
-                .replace_subresource("approval", &name, &PostParams::default(), &object)
-                .await
-            {
+                .replace_subresource("approval", &name, &pp, &object);
+            match self.limit.call(put).await {
                 Ok(o) => {
                     approved = Some(o);
                     break;
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
-                    object = self.api.get(&name).await.map_err(api_error)?;
+                    object = self
+                        .limit
+                        .call(self.api.get(&name))
+                        .await
+                        .map_err(api_error)?;
                 }
                 Err(e) => return Err(api_error(e)),
             }
         }
         let approved =
             approved.ok_or_else(|| RaError::Api(format!("approving {name} kept conflicting")))?;
-        let mut version = approved
-            .metadata
-            .resource_version
-            .clone()
-            .unwrap_or_default();
         if let Some(done) = final_outcome(&approved)? {
             return Ok(done);
         }
-        let wp = WatchParams::default()
-            .fields(&format!("metadata.name={name}"))
-            .timeout(290);
-        loop {
-            let mut events = self
-                .api
-                .watch(&wp, &version)
-                .await
-                .map_err(api_error)?
-                .boxed();
-            while let Some(event) = events.try_next().await.map_err(api_error)? {
-                match event {
-                    WatchEvent::Added(o) | WatchEvent::Modified(o) => {
-                        if let Some(v) = &o.metadata.resource_version {
-                            version.clone_from(v);
-                        }
-                        if let Some(done) = final_outcome(&o)? {
-                            return Ok(done);
-                        }
-                    }
-                    WatchEvent::Deleted(_) => return Err(RaError::Deleted),
-                    WatchEvent::Bookmark(b) => version = b.metadata.resource_version,
-                    WatchEvent::Error(s) if s.code == 410 => {
-                        // Our version is too old: read the object and watch from it.
-                        let o = self.api.get(&name).await.map_err(api_error)?;
-                        if let Some(done) = final_outcome(&o)? {
-                            return Ok(done);
-                        }
-                        version = o.metadata.resource_version.clone().unwrap_or_default();
-                        break;
-                    }
-                    WatchEvent::Error(s) => {
-                        return Err(RaError::Api(format!("watch: {}", s.message)));
-                    }
-                }
-            }
-            // The server ended the watch; continue from where we were.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(RaError::Api("the CSR watch stopped".into())))
     }
 }
 
@@ -655,6 +719,7 @@ fn api_error(e: kube::Error) -> RaError {
 
 struct DeleteOnDrop {
     api: Api<CertificateSigningRequest>,
+    limit: ApiLimit,
     name: String,
     armed: bool,
 }
@@ -662,12 +727,12 @@ struct DeleteOnDrop {
 impl DeleteOnDrop {
     async fn delete(mut self) {
         self.armed = false;
-        delete_csr(&self.api, &self.name).await;
+        delete_csr(&self.api, &self.limit, &self.name).await;
     }
 }
 
-async fn delete_csr(api: &Api<CertificateSigningRequest>, name: &str) {
-    match api.delete(name, &DeleteParams::default()).await {
+async fn delete_csr(api: &Api<CertificateSigningRequest>, limit: &ApiLimit, name: &str) {
+    match limit.call(api.delete(name, &DeleteParams::default())).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => tracing::warn!(csr = %name, error = %e, "deleting the CSR failed"),
@@ -679,13 +744,13 @@ impl Drop for DeleteOnDrop {
         if !self.armed {
             return;
         }
-        let api = self.api.clone();
+        let (api, limit) = (self.api.clone(), self.limit.clone());
         let name = std::mem::take(&mut self.name);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(csr = %name, "no runtime to delete the CSR");
             return;
         };
-        runtime.spawn(async move { delete_csr(&api, &name).await });
+        runtime.spawn(async move { delete_csr(&api, &limit, &name).await });
     }
 }
 
