@@ -18,7 +18,7 @@
 //! ECDSA P-256 intermediate. Both RA clients create and approve their own
 //! CSRs (`/approval`), as istiod does:
 //! - `meshca server` in RA mode with exactly deploy/server/rbac.yaml +
-//!   rbac-ra.yaml (no client-side QPS limiter);
+//!   rbac-ra.yaml (its default --kube-api-concurrency: at most 64 API calls in flight, FIFO);
 //! - istiod (`pilot-discovery`, `EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`,
 //!   `K8S_SIGNER`, the signer's root in `./etc/external-ca-cert/`), as a
 //!   service account bound to cluster-admin, with its kube client's default
@@ -425,7 +425,7 @@ async fn main() -> Result<()> {
     let mut istiod_procs = Vec::new();
     let mut cas = vec![Ca {
         name: "meshca server (RA)",
-        limits: "none (kube-rs)",
+        limits: "FIFO, 64 calls in flight (default)",
         addr: meshca_addr,
         root: meshca_root,
         server_name: "istiod.istio-system.svc".into(),
