@@ -5,7 +5,7 @@
 //! testenv/build all && testenv/build istiod
 //! env="$(testenv/up)" && eval "$env"
 //! cargo build --release -p meshca
-//! cargo run --release -p meshca --example server_vs_istiod -- [ROUNDS] [REQUESTS] [CONCURRENCY]
+//! cargo run --release -p meshca --example server_vs_istiod -- [ROUNDS] [REQUESTS] [CONCURRENCY] [BURST]
 //! testenv/down
 //! ```
 //!
@@ -14,8 +14,9 @@
 //!    self-signed root (istiod's default), TokenReview against the same API
 //!    server (meshca caches answers within the token's exp and 60 s; istiod
 //!    does one TokenReview per request);
-//! 2. mass restart: every request from a different workload (a fresh token
-//!    each, so meshca too makes one TokenReview per request);
+//! 2. mass restart: BURST workloads (default 2000), every request from a
+//!    different workload (a fresh token each, so meshca too makes one
+//!    TokenReview per request);
 //! 3. meshca alone with an ECDSA P-256 CA at 256 concurrent clients;
 //! 4. meshca alone with client-certificate authentication (renewal), RSA-2048
 //!    and P-256 CAs, to compare with the PKI core's rate.
@@ -141,7 +142,7 @@ async fn main() -> Result<()> {
         median(&m, "certs_per_second") / median(&i, "certs_per_second").max(1e-9)
     );
 
-    let burst = requests.min(2000);
+    let burst = args.get(3).copied().unwrap_or(2000);
     println!(
         "## 2. mass restart: {burst} workloads, one request each with its own token, concurrency {concurrency}\n"
     );
