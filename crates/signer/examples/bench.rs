@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use meshca_pki::profile::{CaCertRequest, self_signed_root};
 use meshca_pki::{KeyType, SanEntry, SigningKey, cert, pem};
+use meshca_testsupport::{Proc, free_port};
 use time::OffsetDateTime;
 
 struct Opts {
@@ -100,20 +101,6 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn make_ca(dir: &Path) -> Result<()> {
@@ -231,7 +218,7 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
         .arg(&ca_dir)
         .arg("--kubeconfig")
         .arg(&kubeconfig)
-        .arg(format!("--monitoring-listen=127.0.0.1:{}", free_port()?))
+        .arg(format!("--monitoring-listen=127.0.0.1:{}", free_port()))
         .args(&o.meshca_args)
         .env("RUST_LOG", "warn");
         cmd
@@ -319,7 +306,7 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
         );
         let start = Instant::now();
         let log = std::fs::File::create(work.join(format!("{kind}.log")))?;
-        let child = Guard(
+        let child = Proc(
             command
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
@@ -333,7 +320,7 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
         .await;
     }
     let log = std::fs::File::create(work.join(format!("{kind}.log")))?;
-    let child = Guard(
+    let child = Proc(
         command
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -375,7 +362,7 @@ async fn finish(
     start: Instant,
     backlog: bool,
     pid: u32,
-    child: Guard,
+    child: Proc,
     watch: tokio::task::JoinHandle<()>,
 ) -> Result<Report> {
     let want = if backlog { o.n } else { o.n + 1 };

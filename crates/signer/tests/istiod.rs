@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -16,24 +16,8 @@ use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
 use meshca_signer::{CaSource, Config, SignerConfig, SignerPolicy, TrustBundleTarget};
-use meshca_testsupport::TestEnv;
+use meshca_testsupport::{Proc, TestEnv, free_port};
 use x509_parser::prelude::*;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istiod_in_ra_mode_gets_workload_certificates_from_the_signer() {

@@ -2,31 +2,13 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
-use std::process::{Child, Command};
+use std::process::Command;
 
 use anyhow::{Result, bail};
 use x509_parser::prelude::*;
 
-/// A child process killed (and reaped) when dropped, so that a failed
-/// assertion leaves nothing running.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use meshca_testsupport::{Proc, free_port};
 
 /// Runs `meshca ARGS`, failing with its stderr.
 pub fn meshca(args: &[&str]) -> Result<()> {
