@@ -6,8 +6,10 @@
 //! ConfigMap; a ConfigMap changed or deleted by someone else (watched by
 //! name through a field selector) is put back; a root change (the CA files
 //! reloaded) re-syncs every namespace. The decision is [`plan`], a pure
-//! function. No leader election: replicas write the same content, and a
-//! conflicting write is retried.
+//! function. Each completed list of the ConfigMaps (the first, and after
+//! every re-list) also re-checks every namespace: a ConfigMap deleted before
+//! that list produces no event, and the namespace may have been checked
+//! before the deletion. Only the lease holder runs this ([`crate::distribution`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use tokio::sync::watch;
@@ -181,30 +184,53 @@ pub async fn run(client: kube::Client, roots: watch::Receiver<String>) {
         rx.changed().await.ok()?;
         Some(((), rx))
     });
+    let (listed_tx, listed_rx) = futures::channel::mpsc::unbounded::<()>();
+    let configmap_events = watcher(
+        configmaps,
+        watcher::Config::default().fields(&format!("metadata.name={CONFIGMAP_NAME}")),
+    )
+    .default_backoff()
+    .filter_map(move |event| {
+        let touched = match event {
+            Ok(
+                watcher::Event::Apply(cm)
+                | watcher::Event::InitApply(cm)
+                | watcher::Event::Delete(cm),
+            ) => Some(Ok(cm)),
+            Ok(watcher::Event::InitDone) => {
+                let _ = listed_tx.unbounded_send(());
+                None
+            }
+            Ok(watcher::Event::Init) => None,
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(touched)
+    });
     let ctx = Arc::new(Context { client, roots });
     let warned = std::sync::atomic::AtomicBool::new(false);
     let warned = &warned;
     Controller::new(namespaces, watcher::Config::default())
-        .watches(
-            configmaps,
-            watcher::Config::default().fields(&format!("metadata.name={CONFIGMAP_NAME}")),
-            |cm: ConfigMap| cm.metadata.namespace.map(|ns| ObjectRef::new(&ns)),
-        )
-        .reconcile_all_on(root_changes)
+        .watches_stream(configmap_events, |cm: ConfigMap| {
+            cm.metadata.namespace.map(|ns| ObjectRef::new(&ns))
+        })
+        .reconcile_all_on(futures::stream::select(root_changes, listed_rx))
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
-            if let Err(e) = result {
+            match result {
+                // An event for a namespace already gone: nothing to do.
+                Err(controller::Error::ObjectNotFound(_)) => {}
+                Err(controller::Error::ReconcilerFailed(..)) => {} // logged by error_policy
                 // Watch errors (e.g. missing RBAC) are retried with backoff;
                 // say so loudly once, then quietly.
-                if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                Err(e) if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) => {
                     tracing::warn!(
                         error = %e,
                         "{CONFIGMAP_NAME}: cannot watch namespaces/ConfigMaps (RBAC: \
                          deploy/server/rbac-root-configmap.yaml; or --no-root-configmap); retrying"
                     );
-                } else {
-                    tracing::debug!(error = %e, "{CONFIGMAP_NAME} controller");
                 }
+                Err(e) => tracing::debug!(error = %e, "{CONFIGMAP_NAME} controller"),
+                Ok(_) => {}
             }
             std::future::ready(())
         })
