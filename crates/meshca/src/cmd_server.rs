@@ -17,6 +17,7 @@ use meshca_server::tls::ServingNames;
 use meshca_server::{ServerConfig, Started};
 
 use crate::duration::parse_duration;
+use crate::process::{kubeconfig_file, shutdown_signal};
 
 #[derive(clap::Args)]
 pub struct ServerArgs {
@@ -324,6 +325,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
         let shutdown = async move {
             shutdown_signal().await;
+            tracing::info!("shutting down: finishing in-flight requests");
             let _ = stopping_tx.send(true);
         };
         let server = meshca_server::run(config, shutdown, |started: &Started| {
@@ -343,14 +345,10 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A kubeconfig file, else the in-cluster config, else none (standalone).
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Option<kube::Client>> {
     let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-                .await?
-        }
+        Some(path) => kubeconfig_file(path).await?,
         None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => kube::Config::incluster()?,
         None => return Ok(None),
     };
@@ -360,16 +358,6 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Option<kube
 /// How long draining may take after SIGTERM (Kubernetes' default
 /// terminationGracePeriodSeconds is 30 s).
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
-}
 
 fn print_banner(listen: SocketAddr, state_dir: &std::path::Path, started: &Started) {
     println!("meshca CA server listening on {listen}");

@@ -10,6 +10,7 @@ use meshca_signer::config::SignerSpec;
 use meshca_signer::{CleanerConfig, Config, LeaderElection, SignerConfig, TrustBundleTarget};
 
 use crate::duration::parse_duration;
+use crate::process::{kubeconfig_file, shutdown_signal};
 
 #[derive(clap::Args)]
 pub struct SignerArgs {
@@ -197,30 +198,10 @@ pub fn signer(args: SignerArgs) -> Result<ExitCode> {
 
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
     let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-                .await?
-        }
+        Some(path) => kubeconfig_file(path).await?,
         None => kube::Config::infer()
             .await
             .context("no kubeconfig: give --kubeconfig, set KUBECONFIG or run in a pod")?,
     };
     Ok(kube::Client::try_from(config)?)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -12,6 +12,7 @@ mod cmd_signer;
 mod duration;
 mod inspect;
 mod logging;
+mod process;
 mod verify;
 
 fn main() -> std::process::ExitCode {
