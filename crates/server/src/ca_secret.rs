@@ -132,31 +132,25 @@ fn copy_key(key: &SigningKey) -> Result<SigningKey> {
 /// A new self-signed root CA in Istio's shape.
 pub fn new_root(spec: &RootSpec<'_>, now: OffsetDateTime) -> Result<CaBundle> {
     let key = SigningKey::generate(spec.key_type)?;
-    let subject = cert::organization_name(spec.org);
-    let der = self_signed_root(
-        &CaCertRequest {
-            subject_der: &subject,
-            key: &key,
-            ttl: spec.ttl,
-        },
-        now,
-    )?;
-    Ok(CaBundle::from_parts(
-        key,
-        der.clone(),
-        vec![],
-        vec![der],
-        now,
-    )?)
+    root_bundle(key, &cert::organization_name(spec.org), spec.ttl, now)
 }
 
 /// The root re-issued with the same key and subject and a fresh life of
 /// `ttl`: certificates signed by the old one verify with the new one.
 pub fn reissue(bundle: &CaBundle, ttl: Duration, now: OffsetDateTime) -> Result<CaBundle> {
-    let key = copy_key(bundle.key())?;
+    root_bundle(copy_key(bundle.key())?, bundle.subject_der(), ttl, now)
+}
+
+/// A bundle whose signing certificate is its own root.
+fn root_bundle(
+    key: SigningKey,
+    subject_der: &[u8],
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<CaBundle> {
     let der = self_signed_root(
         &CaCertRequest {
-            subject_der: bundle.subject_der(),
+            subject_der,
             key: &key,
             ttl,
         },
