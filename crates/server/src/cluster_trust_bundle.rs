@@ -17,6 +17,8 @@ use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 
+use crate::last_error::LastError;
+
 /// Istio's names.
 pub const BUNDLE_NAME: &str = "istio.io:istiod-ca:root-cert";
 pub const SIGNER_NAME: &str = "istio.io/istiod-ca";
@@ -90,22 +92,29 @@ pub async fn run(client: kube::Client, mut roots: watch::Receiver<String>) {
     )
     .default_backoff()
     .boxed();
-    let mut warned = false;
+    let mut last_error = LastError::default();
     loop {
         let root = roots.borrow_and_update().clone();
-        let delay = match (root.is_empty(), sync(&api, &root).await) {
-            (true, _) | (false, Ok(())) => RESYNC,
-            (false, Err(e)) => {
-                if !std::mem::replace(&mut warned, true) {
-                    tracing::warn!(
-                        error = %e,
-                        "ClusterTrustBundle {BUNDLE_NAME}: sync failed (API enabled? RBAC: \
-                         deploy/server/rbac-cluster-trust-bundle.yaml); retrying"
-                    );
-                } else {
-                    tracing::debug!(error = %e, "ClusterTrustBundle sync");
+        let delay = if root.is_empty() {
+            RESYNC
+        } else {
+            match sync(&api, &root).await {
+                Ok(()) => {
+                    last_error.clear();
+                    RESYNC
                 }
-                Duration::from_secs(2)
+                Err(e) => {
+                    if last_error.is_new(&e) {
+                        tracing::warn!(
+                            error = %e,
+                            "ClusterTrustBundle {BUNDLE_NAME}: sync failed (API enabled? RBAC: \
+                             deploy/server/rbac-cluster-trust-bundle.yaml); retrying"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, "ClusterTrustBundle sync");
+                    }
+                    Duration::from_secs(2)
+                }
             }
         };
         tokio::select! {

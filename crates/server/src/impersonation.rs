@@ -18,6 +18,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use meshca_pki::SpiffeId;
 
 use crate::auth::Caller;
+use crate::last_error::LastError;
 
 /// Istio's message for every refusal.
 pub const REFUSAL_MESSAGE: &str = "request impersonation authentication failure";
@@ -225,12 +226,10 @@ impl PodStore {
             .reflect(writer);
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
-            // Reported when a failure starts or changes, not at every retry.
-            let mut last_error = String::new();
+            let mut last_error = LastError::default();
             while let Some(event) = stream.next().await {
                 match event {
-                    Err(e) if e.to_string() != last_error => {
-                        last_error = e.to_string();
+                    Err(e) if last_error.is_new(&e) => {
                         tracing::warn!(
                             error = %e,
                             "watching pods for impersonation failed; not ready until it works \

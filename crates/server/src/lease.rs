@@ -17,6 +17,8 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::time::Instant;
 
+use crate::last_error::LastError;
+
 #[derive(Debug, Clone)]
 pub struct LeaderElection {
     pub namespace: String,
@@ -146,9 +148,7 @@ impl Elector {
 
     /// Waits until this replica leads.
     pub async fn acquire(&mut self) {
-        // A lasting failure (typically missing RBAC) is reported when it
-        // starts or changes, not every retry period.
-        let mut last_error = String::new();
+        let mut last_error = LastError::default();
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
@@ -158,13 +158,12 @@ impl Elector {
                 Ok(false) => {}
                 Err(e) => {
                     let error = format!("{e:#}");
-                    if error != last_error {
+                    if last_error.is_new(&error) {
                         tracing::warn!(
                             lease = %format!("{}/{}", self.cfg.namespace, self.cfg.name),
                             %error,
                             "leader election failed; retrying"
                         );
-                        last_error = error;
                     }
                 }
             }

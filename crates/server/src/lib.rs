@@ -18,6 +18,7 @@ pub mod cluster_trust_bundle;
 pub mod distribution;
 pub mod impersonation;
 pub mod jwt;
+pub mod last_error;
 pub mod lease;
 pub mod metrics;
 pub mod ra;
@@ -412,9 +413,10 @@ async fn reload_loop(
 ) {
     let mut last = watched.as_deref().map(cadir::fingerprint);
     let mut ticker = tokio::time::interval(interval);
-    let mut last_ra_error = String::new();
+    let mut last_ra_error = last_error::LastError::default();
     loop {
-        let mut renew = tokio::select! {
+        // Whether the CA (and so maybe the roots) changed in this round.
+        let mut ca_changed = tokio::select! {
             _ = ticker.tick() => false,
             Some(bundle) = updates.recv() => {
                 shared.metrics.observe_ca(&bundle);
@@ -423,7 +425,6 @@ async fn reload_loop(
                 true
             }
         };
-        renew |= tls.needs_renewal(&serving);
         if let Some(dir) = &watched {
             let now = cadir::fingerprint(dir);
             if last.as_ref() != Some(&now) {
@@ -435,7 +436,7 @@ async fn reload_loop(
                         shared.metrics.observe_ca(&bundle);
                         *shared.ca.write().unwrap_or_else(|p| p.into_inner()) = make_ca(bundle);
                         tracing::info!(dir = %dir.display(), "reloaded the CA");
-                        renew = true;
+                        ca_changed = true;
                     }
                     // Keep serving with the CA we have; a half-written update
                     // usually completes by the next poll.
@@ -446,30 +447,34 @@ async fn reload_loop(
                 }
             }
         }
+        let mut roots_changed = ca_changed;
         if let Backend::KubernetesRa(ra) = &shared.backend {
             match ra.reload_roots() {
                 Ok(changed) => {
                     if changed {
                         tracing::info!("RA mode: the signers' roots changed; reloaded");
                     }
+                    roots_changed |= changed;
                     last_ra_error.clear();
                 }
                 // Kept: a half-written update usually completes by the next poll.
                 Err(e) => {
                     let error = format!("{e:#}");
-                    if error != last_ra_error {
+                    if last_ra_error.is_new(&error) {
                         tracing::warn!(%error, "RA mode: roots do not load; keeping the current ones");
                     }
-                    last_ra_error = error;
                 }
             }
         }
-        roots.send_if_modified(|current| {
-            let next = trusted_roots(&shared.ca(), &shared.backend);
-            let changed = *current != next;
-            *current = next;
-            changed
-        });
+        if roots_changed {
+            roots.send_if_modified(|current| {
+                let next = trusted_roots(&shared.ca(), &shared.backend);
+                let changed = *current != next;
+                *current = next;
+                changed
+            });
+        }
+        let renew = ca_changed || tls.needs_renewal(&serving);
         if renew {
             match tls.renew(&shared.ca(), &serving) {
                 Ok(()) => tracing::info!("serving certificate renewed"),

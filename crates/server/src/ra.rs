@@ -33,6 +33,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::oneshot;
 
 use crate::api_limit::ApiLimit;
+use crate::last_error::LastError;
 use meshca_pki::bundle::certificates;
 use meshca_pki::{CsrPolicy, ErrorKind, SanEntry, Source, ValidatedCsr, WorkloadProfile};
 use rustls_pki_types::UnixTime;
@@ -548,15 +549,14 @@ async fn watch_csrs(api: Api<CertificateSigningRequest>, waiters: Arc<Waiters>) 
     let mut events = watcher(api, watcher::Config::default().labels(&selector))
         .default_backoff()
         .boxed();
-    let mut last_error = String::new();
+    let mut last_error = LastError::default();
     while let Some(event) = events.next().await {
         match event {
             Ok(watcher::Event::Apply(csr) | watcher::Event::InitApply(csr)) => waiters.seen(&csr),
             Ok(watcher::Event::Delete(csr)) => waiters.deleted(&csr),
             Ok(watcher::Event::Init | watcher::Event::InitDone) => last_error.clear(),
             Err(e) => {
-                if e.to_string() != last_error {
-                    last_error = e.to_string();
+                if last_error.is_new(&e) {
                     tracing::warn!(error = %e, "RA mode: watching our CSRs failed; retrying");
                 }
             }

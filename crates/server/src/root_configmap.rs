@@ -25,6 +25,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
+use crate::last_error::LastError;
+
 /// Istio's names.
 pub const CONFIGMAP_NAME: &str = "istio-ca-root-cert";
 pub const DATA_KEY: &str = "root-cert.pem";
@@ -207,22 +209,20 @@ pub async fn run(client: kube::Client, roots: watch::Receiver<String>) {
         std::future::ready(touched)
     });
     let ctx = Arc::new(Context { client, roots });
-    let warned = std::sync::atomic::AtomicBool::new(false);
-    let warned = &warned;
+    let mut last_error = LastError::default();
     Controller::new(namespaces, watcher::Config::default())
         .watches_stream(configmap_events, |cm: ConfigMap| {
             cm.metadata.namespace.map(|ns| ObjectRef::new(&ns))
         })
         .reconcile_all_on(futures::stream::select(root_changes, listed_rx))
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| {
+        .for_each(move |result| {
             match result {
                 // An event for a namespace already gone: nothing to do.
                 Err(controller::Error::ObjectNotFound(_)) => {}
                 Err(controller::Error::ReconcilerFailed(..)) => {} // logged by error_policy
-                // Watch errors (e.g. missing RBAC) are retried with backoff;
-                // say so loudly once, then quietly.
-                Err(e) if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) => {
+                // Watch errors (e.g. missing RBAC) are retried with backoff.
+                Err(e) if last_error.is_new(&e) => {
                     tracing::warn!(
                         error = %e,
                         "{CONFIGMAP_NAME}: cannot watch namespaces/ConfigMaps (RBAC: \
@@ -230,7 +230,7 @@ pub async fn run(client: kube::Client, roots: watch::Receiver<String>) {
                     );
                 }
                 Err(e) => tracing::debug!(error = %e, "{CONFIGMAP_NAME} controller"),
-                Ok(_) => {}
+                Ok(_) => last_error.clear(),
             }
             std::future::ready(())
         })
