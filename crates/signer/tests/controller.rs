@@ -215,17 +215,13 @@ async fn each_policy_violation_fails_with_its_reason() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let env = TestEnv::get().await;
         let admin = env.client();
-        let ns = env.namespace("signer-policy").await.unwrap();
-        let dir = ns.temp_dir().to_path_buf();
-        let signer = unique_signer(&ns);
-        let o = manifest_options(&ns, &[&signer]);
-        let controller_id = controller_identity(&ns, &o).await.unwrap();
-        let istiod = istiod_identity(&ns, &o)
-            .await
-            .unwrap()
-            .client()
-            .await
-            .unwrap();
+        let Setup {
+            ns,
+            dir,
+            signer,
+            controller_id,
+            istiod,
+        } = setup(&env, "signer-policy").await;
         let ca = make_ca(&dir.join("ca"), "signer", Duration::from_secs(86400 * 30));
         let running = start(
             &controller_id,
@@ -363,17 +359,13 @@ async fn each_policy_violation_fails_with_its_reason() {
 async fn expired_ca_fails_csrs_and_a_new_ca_in_the_dir_is_picked_up() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let env = TestEnv::get().await;
-        let ns = env.namespace("signer-expiry").await.unwrap();
-        let dir = ns.temp_dir().to_path_buf();
-        let signer = unique_signer(&ns);
-        let o = manifest_options(&ns, &[&signer]);
-        let controller_id = controller_identity(&ns, &o).await.unwrap();
-        let istiod = istiod_identity(&ns, &o)
-            .await
-            .unwrap()
-            .client()
-            .await
-            .unwrap();
+        let Setup {
+            ns,
+            dir,
+            signer,
+            controller_id,
+            istiod,
+        } = setup(&env, "signer-expiry").await;
         // An intermediate that expires 3 s from now.
         let ca = make_ca(&dir.join("ca"), "short", Duration::from_secs(3));
         let running = start(
@@ -467,17 +459,13 @@ async fn ca_secret_rotation_under_load_and_trust_bundle_publication() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let env = TestEnv::get().await;
         let admin = env.client();
-        let ns = env.namespace("signer-rotation").await.unwrap();
-        let dir = ns.temp_dir().to_path_buf();
-        let signer = unique_signer(&ns);
-        let o = manifest_options(&ns, &[&signer]);
-        let controller_id = controller_identity(&ns, &o).await.unwrap();
-        let istiod = istiod_identity(&ns, &o)
-            .await
-            .unwrap()
-            .client()
-            .await
-            .unwrap();
+        let Setup {
+            ns,
+            dir,
+            signer,
+            controller_id,
+            istiod,
+        } = setup(&env, "signer-rotation").await;
         let secrets = Api::<Secret>::namespaced(admin.clone(), ns.name());
 
         let ca1 = make_ca(&dir.join("ca1"), "one", Duration::from_secs(86400));
@@ -641,17 +629,13 @@ async fn manifests_apply_with_server_side_dry_run() {
 async fn ca_from_separate_files_as_signer_ca_flags_and_reloaded() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let env = TestEnv::get().await;
-        let ns = env.namespace("signer-files").await.unwrap();
-        let dir = ns.temp_dir().to_path_buf();
-        let signer = unique_signer(&ns);
-        let o = manifest_options(&ns, &[&signer]);
-        let controller_id = controller_identity(&ns, &o).await.unwrap();
-        let istiod = istiod_identity(&ns, &o)
-            .await
-            .unwrap()
-            .client()
-            .await
-            .unwrap();
+        let Setup {
+            ns,
+            dir,
+            signer,
+            controller_id,
+            istiod,
+        } = setup(&env, "signer-files").await;
         let files = dir.join("files");
         std::fs::create_dir_all(&files).unwrap();
         // tls.crt = intermediate + root (the roots default to the chain's end).

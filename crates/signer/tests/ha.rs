@@ -73,17 +73,13 @@ async fn two_replicas_only_the_leader_signs_and_a_standby_takes_over() {
     tokio::time::timeout(Duration::from_secs(90), async {
         let env = TestEnv::get().await;
         let admin = env.client();
-        let ns = env.namespace("signer-ha").await.unwrap();
-        let dir = ns.temp_dir().to_path_buf();
-        let signer = unique_signer(&ns);
-        let o = manifest_options(&ns, &[&signer]);
-        let controller_id = controller_identity(&ns, &o).await.unwrap();
-        let istiod = istiod_identity(&ns, &o)
-            .await
-            .unwrap()
-            .client()
-            .await
-            .unwrap();
+        let Setup {
+            ns,
+            dir,
+            signer,
+            controller_id,
+            istiod,
+        } = setup(&env, "signer-ha").await;
         let ca = make_ca(&dir.join("ca"), "ha", Duration::from_secs(86400));
         let n = ns.name().to_string();
 
@@ -315,17 +311,13 @@ async fn cleaner_deletes_only_its_own_signers_csrs_when_due() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let env = TestEnv::get().await;
         let admin = env.client();
-        let ns = env.namespace("signer-cleaner").await.unwrap();
-        let dir = ns.temp_dir().to_path_buf();
-        let signer = unique_signer(&ns);
-        let o = manifest_options(&ns, &[&signer]);
-        let controller_id = controller_identity(&ns, &o).await.unwrap();
-        let istiod = istiod_identity(&ns, &o)
-            .await
-            .unwrap()
-            .client()
-            .await
-            .unwrap();
+        let Setup {
+            ns,
+            dir,
+            signer,
+            controller_id,
+            istiod,
+        } = setup(&env, "signer-cleaner").await;
         let ca = make_ca(&dir.join("ca"), "cleaner", Duration::from_secs(86400));
         let running = start_with(&controller_id, &signer, &ca.dir, |c| {
             c.cleaner = Some(CleanerConfig {

@@ -19,7 +19,7 @@ use kube::api::{Api, PostParams};
 use meshca_pki::profile::{CaCertRequest, intermediate_ca, self_signed_root};
 use meshca_pki::{CaBundle, KeyType, SigningKey, cert, pem};
 use meshca_signer::manifests;
-use meshca_testsupport::{Identity, TestNamespace, openssl};
+use meshca_testsupport::{Identity, TestEnv, TestNamespace, openssl};
 use time::OffsetDateTime;
 
 pub const ISTIOD_USAGES: [&str; 4] = [
@@ -392,4 +392,36 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 /// each other's CSRs.
 pub fn unique_signer(ns: &TestNamespace) -> String {
     format!("{}.example.com/foo", ns.name())
+}
+
+/// What most signer tests start from: a namespace, its own signer name, and
+/// the controller's and istiod's identities with exactly their manifests' RBAC.
+pub struct Setup {
+    pub ns: TestNamespace,
+    pub dir: PathBuf,
+    pub signer: String,
+    pub controller_id: Identity,
+    /// istiod's client.
+    pub istiod: Client,
+}
+
+pub async fn setup(env: &TestEnv, prefix: &str) -> Setup {
+    let ns = env.namespace(prefix).await.unwrap();
+    let dir = ns.temp_dir().to_path_buf();
+    let signer = unique_signer(&ns);
+    let o = manifest_options(&ns, &[&signer]);
+    let controller_id = controller_identity(&ns, &o).await.unwrap();
+    let istiod = istiod_identity(&ns, &o)
+        .await
+        .unwrap()
+        .client()
+        .await
+        .unwrap();
+    Setup {
+        ns,
+        dir,
+        signer,
+        controller_id,
+        istiod,
+    }
 }
