@@ -181,6 +181,7 @@ async fn start_signer(ns: &TestNamespace, signer: &str, ca_dir: &Path) -> Result
             .arg("--kubeconfig")
             .arg(identity.kubeconfig_path())
             .args(["--trust-domains", "cluster.local", "--no-trust-bundle"])
+            .arg("--no-leader-election")
             .args(["--monitoring-listen", &mon])
             .env("RUST_LOG", rust_log())
             .stdout(Stdio::null())

@@ -3,17 +3,10 @@
 #![forbid(unsafe_code)]
 
 mod cli;
-mod cmd_ca;
-mod cmd_loadgen;
-mod cmd_manifests;
-mod cmd_request;
-mod cmd_server;
-mod cmd_signer;
+mod commands;
 mod duration;
-mod inspect;
+mod input;
 mod logging;
-mod process;
-mod verify;
 
 fn main() -> std::process::ExitCode {
     // One crypto provider for every TLS user in the process: aws-lc-rs.

@@ -407,18 +407,19 @@ async fn concurrent_creators_all_use_the_one_secret_that_won() {
         let ns = env.namespace("cas-create").await.unwrap();
         let identity = server_identity(&ns).await.unwrap();
         let client = identity.client().await.unwrap();
-        let config = meshca_server::ca_secret::CaSecretConfig {
+        let config = meshca_server::ca::istio_secret::CaSecretConfig {
             namespace: ns.name().to_owned(),
             check_interval: Duration::from_secs(3600),
             grace_percentile: 20,
         };
-        let spec = meshca_server::ca_secret::RootSpec {
+        let spec = meshca_server::ca::istio_secret::RootSpec {
             key_type: meshca_pki::KeyType::EcdsaP256,
             org: "race.example",
             ttl: Duration::from_secs(86_400),
         };
         // All look before any creates: the losers get 409 and read the winner's.
-        let load = || meshca_server::ca_secret::load_or_create(client.clone(), &config, &spec);
+        let load =
+            || meshca_server::ca::istio_secret::load_or_create(client.clone(), &config, &spec);
         let (a, b, c, d) = tokio::join!(load(), load(), load(), load());
         let certs: Vec<Vec<u8>> = [a, b, c, d]
             .into_iter()

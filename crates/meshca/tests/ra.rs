@@ -88,6 +88,7 @@ async fn start_signer(
         .arg(identity.kubeconfig_path())
         .args(["--trust-domains", trust_domains])
         .args(["--no-trust-bundle", "--monitoring-listen", "none"])
+        .arg("--no-leader-election")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

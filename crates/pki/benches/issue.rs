@@ -8,8 +8,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use meshca_pki::csr::build_csr;
 use meshca_pki::profile::{CaCertRequest, self_signed_root};
 use meshca_pki::{
-    CaBundle, CertOptions, CertificateAuthority, CsrPolicy, KeyType, LocalCa, SanEntry, SigningKey,
-    WorkloadProfile, cert,
+    CaBundle, CertOptions, CsrPolicy, KeyType, LocalCa, SanEntry, SigningKey, WorkloadProfile, cert,
 };
 use time::OffsetDateTime;
 

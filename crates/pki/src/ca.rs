@@ -1,4 +1,6 @@
-//! The seed's `CertificateAuthority` interface, and the local CA behind it.
+//! The local CA: the seed's `CertificateAuthority.Sign`/`SignWithCertChain`
+//! over a key-cert bundle, as plain synchronous functions. The server's
+//! async backend (local or RA) wraps it.
 
 use std::sync::Arc;
 
@@ -18,23 +20,6 @@ pub struct CertOptions<'a> {
     /// Requested lifetime in seconds; <= 0 means the default.
     pub ttl_seconds: i64,
     pub for_ca: bool,
-}
-
-/// Istio's CA interface: sign a CSR for authenticated identities.
-pub trait CertificateAuthority: Send + Sync {
-    /// The leaf certificate, PEM.
-    fn sign(&self, csr_pem: &[u8], options: &CertOptions<'_>) -> Result<String, Error>;
-
-    /// The leaf followed by the chain, in Istio's response layout: one
-    /// certificate per element, all roots in the last element.
-    fn sign_with_cert_chain(
-        &self,
-        csr_pem: &[u8],
-        options: &CertOptions<'_>,
-    ) -> Result<Vec<String>, Error>;
-
-    /// The key-cert bundle in use, if the CA is ready.
-    fn bundle(&self) -> Option<Arc<CaBundle>>;
 }
 
 /// A CA that signs with a key it holds.
@@ -83,14 +68,15 @@ impl LocalCa {
         )?;
         Ok((bundle, pem::encode("CERTIFICATE", &der)))
     }
-}
 
-impl CertificateAuthority for LocalCa {
-    fn sign(&self, csr_pem: &[u8], options: &CertOptions<'_>) -> Result<String, Error> {
+    /// The leaf certificate, PEM.
+    pub fn sign(&self, csr_pem: &[u8], options: &CertOptions<'_>) -> Result<String, Error> {
         self.issue(csr_pem, options).map(|(_, leaf)| leaf)
     }
 
-    fn sign_with_cert_chain(
+    /// The leaf followed by the chain, in Istio's response layout: one
+    /// certificate per element, all roots in the last element.
+    pub fn sign_with_cert_chain(
         &self,
         csr_pem: &[u8],
         options: &CertOptions<'_>,
@@ -102,7 +88,8 @@ impl CertificateAuthority for LocalCa {
         Ok(chain)
     }
 
-    fn bundle(&self) -> Option<Arc<CaBundle>> {
+    /// The key-cert bundle in use, if the CA is ready.
+    pub fn bundle(&self) -> Option<Arc<CaBundle>> {
         self.bundle.clone()
     }
 }

@@ -4,7 +4,7 @@
 //! possession) -> a profile ([`profile::issue_workload`] for Istio workloads,
 //! [`profile::issue_kubernetes`] for Kubernetes CSRs) -> DER certificate
 //! signed by the [`bundle::CaBundle`] loaded and verified at start.
-//! [`ca::LocalCa`] wraps this as the seed's `CertificateAuthority` interface.
+//! [`ca::LocalCa`] is the seed's `CertificateAuthority` signing calls over a bundle.
 //!
 //! No I/O, no async: callers pass bytes, the current time and file names in.
 #![deny(rust_2018_idioms)]
@@ -25,7 +25,7 @@ pub mod chain;
 pub mod profile;
 
 pub use bundle::{BundleSources, CaBundle, Source};
-pub use ca::{CertOptions, CertificateAuthority, LocalCa};
+pub use ca::{CertOptions, LocalCa};
 pub use csr::{CsrKey, CsrPolicy, ValidatedCsr, validate_csr};
 pub use key::{KeyType, SigningKey};
 pub use profile::{KubernetesProfile, SanPolicy, SubjectRule, TrustDomains, WorkloadProfile};

@@ -11,8 +11,7 @@ use std::time::Duration;
 use common::*;
 use meshca_pki::profile::{self, ISTIOD_USAGES, KubernetesProfile, WorkloadProfile};
 use meshca_pki::{
-    BundleSources, CaBundle, CertOptions, CertificateAuthority, CsrPolicy, KeyType, LocalCa,
-    Source, cert, validate_csr,
+    BundleSources, CaBundle, CertOptions, CsrPolicy, KeyType, LocalCa, Source, cert, validate_csr,
 };
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;

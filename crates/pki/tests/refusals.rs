@@ -10,8 +10,8 @@ use common::*;
 use meshca_pki::pem::PemError;
 use meshca_pki::profile::{self, ISTIOD_USAGES, KubernetesProfile, SubjectRule, WorkloadProfile};
 use meshca_pki::{
-    BundleError, BundleSources, CaBundle, CertOptions, CertificateAuthority, CsrError, CsrPolicy,
-    Error, ErrorKind, GrpcCode, LocalCa, PolicyViolation, Source, cert, pem, validate_csr,
+    BundleError, BundleSources, CaBundle, CertOptions, CsrError, CsrPolicy, Error, ErrorKind,
+    GrpcCode, LocalCa, PolicyViolation, Source, cert, pem, validate_csr,
 };
 use time::OffsetDateTime;
 use x509_parser::oid_registry::Oid;

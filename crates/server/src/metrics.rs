@@ -133,30 +133,3 @@ impl Metrics {
         }
     }
 }
-
-/// `GET /metrics` in the OpenMetrics text format, for any registry (the
-/// server's and the signer's monitoring endpoints share it).
-pub fn metrics_route(registry: std::sync::Arc<Registry>) -> axum::routing::MethodRouter {
-    use axum::http::{StatusCode, header};
-    axum::routing::get(move || {
-        let registry = registry.clone();
-        async move {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                Ok(()) => (
-                    StatusCode::OK,
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                ),
-                Err(_) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    [(header::CONTENT_TYPE, "text/plain")],
-                    String::new(),
-                ),
-            }
-        }
-    })
-}

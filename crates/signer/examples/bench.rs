@@ -213,6 +213,7 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
             &signer_name,
             "--no-trust-bundle",
             "--no-cleaner",
+            "--no-leader-election",
         ])
         .arg("--ca-dir")
         .arg(&ca_dir)

@@ -12,9 +12,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action as Requeue;
+use meshca_kube::status;
 use time::OffsetDateTime;
 
-use crate::ca::CaHandle;
 use crate::decide::{Action, SignerPolicy, decide};
 use crate::events::{EventSink, Kind};
 use crate::metrics::{FailedLabel, Metrics};
@@ -27,7 +27,7 @@ const CONFLICT_RETRIES: usize = 5;
 pub struct SignerContext {
     pub api: Api<CertificateSigningRequest>,
     pub policy: SignerPolicy,
-    pub ca: Arc<CaHandle>,
+    pub ca: meshca_ca_store::CurrentCa,
     pub metrics: Arc<Metrics>,
     /// Where Events go (`None`: no Events).
     pub events: Option<EventSink>,
@@ -49,10 +49,6 @@ pub enum ReconcileError {
     },
 }
 
-fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
-}
-
 /// Decides on one CSR and carries the decision out. A conflict (someone
 /// else wrote first, or our cached copy was stale) means: re-read, decide
 /// again. An existing certificate or Failed condition is never replaced.
@@ -63,7 +59,7 @@ pub async fn reconcile(
     let name = csr.name_any();
     let mut current = (*csr).clone();
     for _ in 0..CONFLICT_RETRIES {
-        let ca = ctx.ca.get();
+        let ca = ctx.ca.borrow().clone();
         let action = decide(
             &current,
             &ctx.policy,
@@ -107,7 +103,7 @@ pub async fn reconcile(
                 record(&ctx, &current, &action);
                 return Ok(Requeue::await_change());
             }
-            Err(e) if is_status(&e, 409) => {
+            Err(e) if status::is_conflict(&e) => {
                 ctx.metrics
                     .conflicts
                     .get_or_create(&Metrics::label(&ctx.policy.name))
@@ -118,7 +114,7 @@ pub async fn reconcile(
                     Err(source) => return Err(ReconcileError::Read { name, source }),
                 }
             }
-            Err(e) if is_status(&e, 404) => return Ok(Requeue::await_change()),
+            Err(e) if status::is_not_found(&e) => return Ok(Requeue::await_change()),
             Err(source) => return Err(ReconcileError::Write { name, source }),
         }
     }
@@ -132,10 +128,7 @@ pub fn error_policy(
     ctx: Arc<SignerContext>,
 ) -> Requeue {
     let (ReconcileError::Write { source, .. } | ReconcileError::Read { source, .. }) = error;
-    let code = match source {
-        kube::Error::Api(s) => s.code.to_string(),
-        _ => "transport".to_string(),
-    };
+    let code = status::code(source).map_or_else(|| "transport".to_string(), |c| c.to_string());
     ctx.metrics
         .api_errors
         .get_or_create(&crate::metrics::ErrorLabel {

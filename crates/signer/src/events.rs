@@ -11,8 +11,8 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use kube::{Client, Resource};
+use meshca_kube::CancellationToken;
 use tokio::sync::{Mutex, mpsc};
-use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 
@@ -40,34 +40,30 @@ impl EventSink {
         metrics: Arc<Metrics>,
         workers: usize,
         capacity: usize,
-    ) -> (Self, Vec<JoinHandle<()>>) {
+        stop: CancellationToken,
+    ) -> Self {
         let (tx, rx) = mpsc::channel::<Event>(capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let api = Api::<Event>::namespaced(client, "default");
-        let handles = (0..workers.max(1))
-            .map(|_| {
-                let (rx, api) = (rx.clone(), api.clone());
-                tokio::spawn(async move {
-                    loop {
-                        let Some(ev) = rx.lock().await.recv().await else {
-                            return;
-                        };
-                        if let Err(e) = api.create(&PostParams::default(), &ev).await {
-                            tracing::debug!(error = %e, "publishing an Event");
-                        }
+        for _ in 0..workers.max(1) {
+            let (rx, api) = (rx.clone(), api.clone());
+            tokio::spawn(stop.clone().run_until_cancelled_owned(async move {
+                loop {
+                    let Some(ev) = rx.lock().await.recv().await else {
+                        return;
+                    };
+                    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                        tracing::debug!(error = %e, "publishing an Event");
                     }
-                })
-            })
-            .collect();
-        (
-            EventSink {
-                tx,
-                controller: controller.into(),
-                instance: instance.into(),
-                metrics,
-            },
-            handles,
-        )
+                }
+            }));
+        }
+        EventSink {
+            tx,
+            controller: controller.into(),
+            instance: instance.into(),
+            metrics,
+        }
     }
 
     /// Queues an Event about `csr`; drops it if the queue is full.

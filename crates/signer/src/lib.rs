@@ -20,8 +20,9 @@
 //!        -> PUT .../status with the resourceVersion read; 409 -> re-read, decide again
 //!        -> Event (Normal CertificateIssued / Warning <reason>), metrics
 //!           (an approved CSR with no CA loaded yet: nothing written, retried)
-//! CA source (dir polled / Secret watched) -> ca::CaHandle -> every CSR re-examined
-//! ca::CaHandle(s) -> trust::keep_published -> Secret external-ca-cert/root-cert.pem
+//! CA source (meshca-ca-store: dir/files polled, Secret watched) -> CurrentCa
+//!   (a tokio watch channel) -> every CSR re-examined on change
+//! CurrentCa(s) -> trust::keep_published -> Secret external-ca-cert/root-cert.pem
 //! lease::Elector: with leader election, only the Lease holder runs the
 //!   controllers, the cleaner (cleaner::due, kube-controller-manager's ages,
 //!   own signers only) and the trust bundle publisher; a lost lease stops it.
@@ -50,7 +51,6 @@ pub mod config;
 pub mod controller;
 pub mod decide;
 pub mod events;
-pub use meshca_server::lease;
 pub mod manifests;
 pub mod metrics;
 pub mod trust;
@@ -60,19 +60,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures::future::{FutureExt, Shared};
-use futures::{StreamExt, channel::oneshot};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use meshca_ca_store::CurrentCa;
+use meshca_kube::{CancellationToken, lease, monitoring};
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
-pub use ca::{CaHandle, CaSource};
 pub use cleaner::CleanerConfig;
 pub use decide::{Action, SignerPolicy, Skip, decide};
-pub use lease::LeaderElection;
+pub use meshca_ca_store::CaSource;
+pub use meshca_kube::LeaderElection;
 pub use trust::TrustBundleTarget;
 
 /// One signer: a name, its policy and its CA.
@@ -120,24 +121,23 @@ impl Config {
     }
 }
 
-type ShutdownSignal =
-    Shared<futures::future::Map<oneshot::Receiver<()>, fn(Result<(), oneshot::Canceled>)>>;
-
 /// A running controller.
 pub struct Running {
     /// Where `/metrics` & co. listen (the actual port if 0 was asked for).
     pub monitoring_addr: Option<SocketAddr>,
-    handles: Vec<Arc<CaHandle>>,
+    cas: Vec<CurrentCa>,
     registry: Arc<Registry>,
-    shutdown: Option<oneshot::Sender<()>>,
+    /// Graceful stop: no new work, reconciles in flight finish, lease released.
+    shutdown: CancellationToken,
+    /// Everything else (CA polling, events, monitoring), stopped when this ends.
+    helpers: CancellationToken,
     main: JoinHandle<Result<()>>,
-    helpers: Vec<JoinHandle<()>>,
 }
 
 impl Running {
     /// Whether every signer has a CA.
     pub fn ready(&self) -> bool {
-        self.handles.iter().all(|h| h.get().is_some())
+        self.cas.iter().all(|ca| ca.borrow().is_some())
     }
 
     /// The metrics, in the Prometheus text format.
@@ -150,14 +150,8 @@ impl Running {
     /// Stops taking new work, lets reconciles in flight finish, releases
     /// the lease, stops.
     pub async fn shutdown(mut self) -> Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let result = (&mut self.main).await;
-        for h in &self.helpers {
-            h.abort();
-        }
-        result.context("controller task")?
+        self.shutdown.cancel();
+        self.wait_main().await
     }
 
     /// Stops at once, as a crash would (in-flight writes may or may not land).
@@ -168,10 +162,12 @@ impl Running {
     /// Waits until the controller stops: after a shutdown signal, or with an
     /// error when the leader lease is lost.
     pub async fn wait(mut self) -> Result<()> {
+        self.wait_main().await
+    }
+
+    async fn wait_main(&mut self) -> Result<()> {
         let result = (&mut self.main).await;
-        for h in &self.helpers {
-            h.abort();
-        }
+        self.helpers.cancel();
         result.context("controller task")?
     }
 
@@ -185,9 +181,7 @@ impl Running {
 
     /// Sends the shutdown signal without waiting (see [`Running::wait`]).
     pub fn signal_shutdown(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.shutdown.cancel();
     }
 }
 
@@ -195,9 +189,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.main.abort();
-        for h in &self.helpers {
-            h.abort();
-        }
+        self.helpers.cancel();
     }
 }
 
@@ -208,77 +200,60 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::Metrics::new(&mut registry));
     let registry = Arc::new(registry);
-    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let drop_result: fn(Result<(), oneshot::Canceled>) = drop;
-    let shutdown: ShutdownSignal = shutdown_rx.map(drop_result).shared();
-    let mut helpers = Vec::new();
+    let shutdown = CancellationToken::new();
+    let helpers = CancellationToken::new();
     let events = if config.events {
-        let (sink, workers) = events::EventSink::start(
+        let sink = events::EventSink::start(
             client.clone(),
             "meshca-signer",
             config.instance.as_deref().unwrap_or("meshca-signer"),
             metrics.clone(),
             8,
             4096,
+            helpers.clone(),
         );
-        helpers.extend(workers);
         Some(sink)
     } else {
         None
     };
-    let mut handles = Vec::new();
+    let mut cas = Vec::new();
     let mut parts = Vec::new();
     for signer in &config.signers {
         let name = signer.policy.name.clone();
-        let handle = Arc::new(CaHandle::default());
-        match ca::load_once(&client, &signer.ca).await {
-            Ok(bundle) => {
-                tracing::info!(signer = %name, source = %signer.ca, not_after = %bundle.not_after(), "CA loaded");
-                ca::install(&handle, &metrics, &name, bundle);
-            }
-            Err(e) => {
-                metrics
-                    .ca_load_errors
-                    .get_or_create(&metrics::Metrics::label(&name))
-                    .inc();
-                tracing::error!(signer = %name, error = %format!("{e:#}"), "CA does not load; this signer signs nothing until it does");
-            }
-        }
-        helpers.push(tokio::spawn(ca::keep_current(
-            client.clone(),
-            signer.ca.clone(),
-            handle.clone(),
-            metrics.clone(),
-            name.clone(),
+        let ca = ca::start(
+            &client,
+            &name,
+            &signer.ca,
             config.ca_poll_interval,
-        )));
-
+            metrics.clone(),
+            helpers.clone(),
+        )
+        .await;
         parts.push(Part {
             api: Api::<CertificateSigningRequest>::all(client.clone()),
             ctx: Arc::new(controller::SignerContext {
                 api: Api::<CertificateSigningRequest>::all(client.clone()),
                 policy: signer.policy.clone(),
-                ca: handle.clone(),
+                ca: ca.clone(),
                 metrics: metrics.clone(),
                 events: events.clone(),
             }),
-            changes: handle.subscribe(),
         });
-        handles.push(handle);
+        cas.push(ca);
     }
 
     let mut monitoring_addr = None;
     if let Some(addr) = config.monitoring_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr}"))?;
-        monitoring_addr = Some(listener.local_addr()?);
-        let app = monitoring_router(registry.clone(), handles.clone());
-        helpers.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "monitoring server");
+        let watched = cas.clone();
+        let readiness: monitoring::Readiness = Arc::new(move || {
+            if watched.iter().all(|ca| ca.borrow().is_some()) {
+                Ok(())
+            } else {
+                Err("a signer has no CA".into())
             }
-        }));
+        });
+        let app = monitoring::router(registry.clone(), readiness);
+        monitoring_addr = Some(monitoring::serve(addr, app, helpers.clone()).await?);
     }
 
     let main = tokio::spawn(lead_and_run(
@@ -291,18 +266,18 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
             trust: config
                 .trust_bundle
                 .clone()
-                .map(|target| (target, handles.clone())),
+                .map(|target| (target, cas.clone())),
         },
         metrics,
-        shutdown,
+        shutdown.clone(),
     ));
     Ok(Running {
         monitoring_addr,
-        handles,
+        cas,
         registry,
-        shutdown: Some(shutdown_tx),
-        main,
+        shutdown,
         helpers,
+        main,
     })
 }
 
@@ -310,7 +285,6 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
 struct Part {
     api: Api<CertificateSigningRequest>,
     ctx: Arc<controller::SignerContext>,
-    changes: futures::channel::mpsc::UnboundedReceiver<()>,
 }
 
 /// What only the leader does besides signing.
@@ -318,7 +292,7 @@ struct LeaderWork {
     cleaner: Option<CleanerConfig>,
     /// Publishing the roots (one writer, so replicas with CAs loaded at
     /// slightly different times never flap the Secret).
-    trust: Option<(TrustBundleTarget, Vec<Arc<CaHandle>>)>,
+    trust: Option<(TrustBundleTarget, Vec<CurrentCa>)>,
 }
 
 /// Waits for the lease (if any), then runs the controllers and the cleaner
@@ -330,13 +304,13 @@ async fn lead_and_run(
     election: Option<LeaderElection>,
     work: LeaderWork,
     metrics: Arc<metrics::Metrics>,
-    shutdown: ShutdownSignal,
+    shutdown: CancellationToken,
 ) -> Result<()> {
     let mut elector = election.map(|e| lease::Elector::new(client.clone(), e));
     if let Some(el) = elector.as_mut() {
         tokio::select! {
             _ = el.acquire() => {}
-            _ = shutdown.clone() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
     metrics.leader.set(1);
@@ -349,11 +323,11 @@ async fn lead_and_run(
             cfg,
         )));
     }
-    if let Some((target, handles)) = work.trust {
+    if let Some((target, cas)) = work.trust {
         leader_tasks.push(tokio::spawn(trust::keep_published(
             client.clone(),
             target,
-            handles,
+            cas,
             Duration::from_secs(30),
         )));
     }
@@ -369,8 +343,8 @@ async fn lead_and_run(
             .applied_objects();
         let controller = Controller::for_stream(objects, reader)
             .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-            .reconcile_all_on(part.changes)
-            .graceful_shutdown_on(shutdown.clone());
+            .reconcile_all_on(meshca_ca_store::changes(&part.ctx.ca))
+            .graceful_shutdown_on(shutdown.clone().cancelled_owned());
         let store = controller.store();
         let gauge = metrics
             .queue_depth
@@ -415,28 +389,4 @@ async fn lead_and_run(
         el.release().await;
     }
     result
-}
-
-fn monitoring_router(registry: Arc<Registry>, handles: Vec<Arc<CaHandle>>) -> axum::Router {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = handles.iter().all(|h| h.get().is_some());
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: a signer has no CA",
-                        )
-                    }
-                }
-            }),
-        )
-        .route("/metrics", meshca_server::metrics::metrics_route(registry))
 }

@@ -3,7 +3,6 @@
 //! manual `kubectl create secret generic external-ca-cert ...` step.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -14,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, PostParams};
 
-use crate::ca::CaHandle;
+use meshca_ca_store::CurrentCa;
 
 /// Where the roots go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,11 +35,11 @@ impl Default for TrustBundleTarget {
 
 /// The roots of all signers, each once, in signer order (PEM); `None`
 /// until every signer has a CA (never a partial bundle).
-pub fn roots_pem(handles: &[Arc<CaHandle>]) -> Option<String> {
+pub fn roots_pem(cas: &[CurrentCa]) -> Option<String> {
     let mut seen: Vec<Vec<u8>> = Vec::new();
     let mut out = String::new();
-    for h in handles {
-        let ca = h.get()?;
+    for current in cas {
+        let ca = current.borrow().clone()?;
         for der in ca.roots_der() {
             if !seen.contains(der) {
                 out.push_str(&meshca_pki::pem::encode("CERTIFICATE", der));
@@ -99,12 +98,15 @@ pub async fn sync_once(client: &Client, target: &TrustBundleTarget, pem: &str) -
 pub async fn keep_published(
     client: Client,
     target: TrustBundleTarget,
-    handles: Vec<Arc<CaHandle>>,
+    cas: Vec<CurrentCa>,
     resync: Duration,
 ) {
-    let mut changes = futures::stream::select_all(handles.iter().map(|h| h.subscribe()));
+    let mut changes = futures::stream::select_all(
+        cas.iter()
+            .map(|ca| Box::pin(meshca_ca_store::changes(ca)) as std::pin::Pin<Box<_>>),
+    );
     loop {
-        if let Some(pem) = roots_pem(&handles) {
+        if let Some(pem) = roots_pem(&cas) {
             match sync_once(&client, &target, &pem).await {
                 Ok(true) => {
                     tracing::info!(namespace = %target.namespace, name = %target.name, "trust bundle published")

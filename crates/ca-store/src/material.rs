@@ -1,0 +1,53 @@
+//! CA material as read, before verification: the one place a
+//! `meshca_pki::BundleSources` is put together.
+
+use anyhow::Result;
+use meshca_pki::{BundleSources, CaBundle, Source};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+/// One piece: where it came from (for error messages) and its bytes.
+pub struct Part {
+    pub name: String,
+    pub bytes: Zeroizing<Vec<u8>>,
+}
+
+impl Part {
+    pub fn new(name: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+        Part {
+            name: name.into(),
+            bytes: Zeroizing::new(bytes.into()),
+        }
+    }
+
+    fn source(&self) -> Source<'_> {
+        Source {
+            name: &self.name,
+            bytes: &self.bytes,
+        }
+    }
+}
+
+/// The signing certificate (intermediates may follow it), its key, the
+/// chain up to the root (optional) and the roots (optional: default is the
+/// last certificate of the chain).
+pub struct Material {
+    pub cert: Part,
+    pub key: Part,
+    pub chain: Option<Part>,
+    pub roots: Option<Part>,
+}
+
+impl Material {
+    /// Verifies the material (key matches, CA:TRUE, chain to a root, within
+    /// validity) into a bundle. Errors name the piece at fault.
+    pub fn load(&self, now: OffsetDateTime) -> Result<CaBundle> {
+        let sources = BundleSources {
+            cert: self.cert.source(),
+            key: self.key.source(),
+            chain: self.chain.as_ref().map(Part::source),
+            roots: self.roots.as_ref().map(Part::source),
+        };
+        Ok(CaBundle::load(&sources, now)?)
+    }
+}

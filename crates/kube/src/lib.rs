@@ -1,0 +1,24 @@
+//! Kubernetes glue shared by `meshca server` and `meshca signer`, each piece once.
+//!
+//! - [`client`]: the client from a kubeconfig, `KUBECONFIG` or the pod's account.
+//! - [`lease`]: leader election on a `coordination.k8s.io/v1` Lease.
+//! - [`api_limit`]: a fair bound (and a timeout) on API calls in flight.
+//! - [`status`]: what a `kube::Error` means (conflict, not found, forbidden).
+//! - [`last_error`]: retry loops log a failure when it starts or changes.
+//! - [`monitoring`]: `/healthz`, `/readyz` and `/metrics`.
+//! - [`shutdown`]: one `CancellationToken`, cancelled on SIGTERM or Ctrl-C.
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod api_limit;
+pub mod client;
+pub mod last_error;
+pub mod lease;
+pub mod monitoring;
+pub mod shutdown;
+pub mod status;
+
+pub use api_limit::ApiLimit;
+pub use last_error::LastError;
+pub use lease::{Elector, LeaderElection};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,347 @@
+//! `meshca server`: the Istio CA server. Flags carry Istio's environment
+//! variable names where istiod has one.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meshca_pki::{KeyType, WorkloadProfile};
+use meshca_server::backend::ra::{EXTERNAL_CA_KUBERNETES, RaConfig, SignerRoots};
+use meshca_server::ca::istio_secret::CaSecretConfig;
+use meshca_server::distribution::DistributionConfig;
+use meshca_server::grpc::tls::ServingNames;
+use meshca_server::{Server, ServerConfig, Started};
+
+use super::common::{KubeArgs, LeaderElectionArgs, LogArgs, monitoring_addr};
+use crate::duration::parse_duration;
+
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// gRPC address (istio-agent's CA_ADDR points here).
+    #[arg(long, env = "MESHCA_LISTEN", default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+    /// /healthz, /readyz and /metrics; `none` turns it off.
+    #[arg(
+        long,
+        env = "MESHCA_MONITORING_LISTEN",
+        default_value = "127.0.0.1:15014"
+    )]
+    pub monitoring_listen: String,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime for requests asking for none (Go or human durations: 24h, 24h0m0s).
+    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
+    pub default_workload_cert_ttl: Duration,
+    /// Longer requests are refused with InvalidArgument, as istiod does.
+    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", value_parser = parse_duration, default_value = "2160h")]
+    pub max_workload_cert_ttl: Duration,
+    /// Plugged-in CA in Istio's cacerts layout; watched and reloaded.
+    #[arg(long, env = "ROOT_CA_DIR", default_value = "./etc/cacerts")]
+    pub root_ca_dir: PathBuf,
+    /// State directory: the self-signed CA and the local token key.
+    #[arg(long, env = "MESHCA_STATE_DIR", default_value = "./meshca-data")]
+    pub state_dir: PathBuf,
+    /// Key type of a self-signed root created on first start.
+    #[arg(long, env = "MESHCA_SELF_SIGNED_KEY_TYPE", default_value = "rsa-2048")]
+    pub self_signed_key_type: KeyType,
+    #[arg(long, env = "CITADEL_SELF_SIGNED_CA_CERT_TTL", value_parser = parse_duration, default_value = "87600h")]
+    pub self_signed_ca_cert_ttl: Duration,
+    /// Audiences a Kubernetes token must carry (comma separated).
+    #[arg(
+        long,
+        env = "TOKEN_AUDIENCES",
+        default_value = "istio-ca",
+        value_delimiter = ','
+    )]
+    pub token_audiences: Vec<String>,
+    /// This cluster's ID; a `clusterid` header naming another cluster is refused.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    #[arg(long, env = "MESHCA_CLUSTER_ALIASES", value_delimiter = ',')]
+    pub cluster_aliases: Vec<String>,
+    /// Accounts (`<namespace>/<service account>`, comma separated) that may
+    /// ask for another workload's certificate (ztunnel's
+    /// ImpersonatedIdentity); pods are then watched (RBAC:
+    /// deploy/server/rbac-impersonation.yaml). Empty turns it off.
+    #[arg(
+        long,
+        env = "CA_TRUSTED_NODE_ACCOUNTS",
+        default_value = "istio-system/ztunnel",
+        value_delimiter = ','
+    )]
+    pub trusted_node_accounts: Vec<String>,
+    /// Refuse every impersonation and watch no pods.
+    #[arg(long, env = "MESHCA_NO_IMPERSONATION")]
+    pub no_impersonation: bool,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// Run without Kubernetes even if a kubeconfig is around.
+    #[arg(long)]
+    pub standalone: bool,
+    /// Trusted JWT issuer public keys (PEM or JWKS) for running without a cluster.
+    #[arg(long, env = "MESHCA_JWT_KEYS")]
+    pub jwt_keys: Option<PathBuf>,
+    /// Required `iss` of tokens verified with --jwt-keys.
+    #[arg(long, env = "MESHCA_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// DNS names in the serving certificate.
+    #[arg(
+        long,
+        env = "MESHCA_SERVER_DNS",
+        value_delimiter = ',',
+        default_value = "istiod.istio-system.svc,istiod.istio-system.svc.cluster.local,localhost"
+    )]
+    pub server_dns: Vec<String>,
+    /// IP addresses in the serving certificate.
+    #[arg(
+        long,
+        env = "MESHCA_SERVER_IPS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1"
+    )]
+    pub server_ips: Vec<IpAddr>,
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    pub serving_cert_ttl: Duration,
+    /// How long a TokenReview answer may be reused (never beyond the token's exp).
+    #[arg(long, env = "MESHCA_TOKEN_CACHE_TTL", value_parser = parse_duration, default_value = "60s")]
+    pub token_cache_ttl: Duration,
+    #[arg(long, default_value_t = 100_000)]
+    pub token_cache_size: usize,
+    /// Largest accepted gRPC message.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// How often the CA files are checked for changes.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub reload_interval: Duration,
+    /// `ISTIOD_RA_KUBERNETES_API`: RA mode, workload certificates come from
+    /// the Kubernetes CSR API (a signer such as `meshca signer`), as istiod's
+    /// RA mode; empty: meshca signs itself.
+    #[arg(long, env = "EXTERNAL_CA", default_value = "")]
+    pub external_ca: String,
+    /// RA mode: the signer name of requests without `CertSigner` metadata.
+    #[arg(long, env = "K8S_SIGNER")]
+    pub k8s_signer: Option<String>,
+    /// RA mode: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`.
+    #[arg(long, env = "CERT_SIGNER_DOMAIN")]
+    pub cert_signer_domain: Option<String>,
+    /// RA mode: the signer's roots; returned chains must verify to them.
+    #[arg(
+        long,
+        env = "MESHCA_EXTERNAL_CA_ROOT",
+        default_value = "./etc/external-ca-cert/root-cert.pem"
+    )]
+    pub external_ca_root: PathBuf,
+    /// RA mode: roots of one signer, SIGNER=PATH (repeatable; istiod's
+    /// MeshConfig caCertificates with certSigners); others use --external-ca-root.
+    #[arg(
+        long = "signer-roots",
+        env = "MESHCA_SIGNER_ROOTS",
+        value_delimiter = ','
+    )]
+    pub signer_roots: Vec<String>,
+    /// At most this many Kubernetes API calls in flight (TokenReview, RA
+    /// CSR calls), first come first served: a mass restart then queues here
+    /// instead of overflowing the apiserver's per-client queue (429s).
+    #[arg(long, env = "MESHCA_KUBE_API_CONCURRENCY", default_value_t = meshca_kube::api_limit::DEFAULT_CONCURRENCY)]
+    pub kube_api_concurrency: usize,
+    /// RA mode: how long to wait for the signer (Denied/Failed end it at once).
+    #[arg(long, env = "MESHCA_RA_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub ra_timeout: Duration,
+    /// Do not keep ConfigMap istio-ca-root-cert (the roots workloads trust)
+    /// in every namespace; it is kept whenever Kubernetes is configured.
+    #[arg(long, env = "MESHCA_NO_ROOT_CONFIGMAP")]
+    pub no_root_configmap: bool,
+    /// Also publish the roots as ClusterTrustBundle istio.io:istiod-ca:root-cert
+    /// (certificates.k8s.io/v1beta1; deploy/server/rbac-cluster-trust-bundle.yaml).
+    #[arg(long, env = "ENABLE_CLUSTER_TRUST_BUNDLE_API")]
+    pub cluster_trust_bundle: bool,
+    /// Lease in POD_NAMESPACE electing the one replica that writes the roots.
+    #[arg(
+        long,
+        env = "MESHCA_LEADER_ELECTION_LEASE",
+        default_value = "meshca-namespace-controller"
+    )]
+    pub leader_election_lease: String,
+    #[command(flatten)]
+    pub leader_election: LeaderElectionArgs,
+    /// meshca's own namespace: Secret istio-ca-secret (the self-signed CA
+    /// with Kubernetes and no plugged-in CA) and the root distribution Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub ca_secret_namespace: String,
+    /// Keep the self-signed CA in the state directory even with Kubernetes.
+    #[arg(long, env = "MESHCA_NO_CA_SECRET")]
+    pub no_ca_secret: bool,
+    /// How often the self-signed root's remaining life is checked (plus jitter).
+    #[arg(long, env = "CITADEL_SELF_SIGNED_ROOT_CERT_CHECK_INTERVAL", value_parser = parse_duration, default_value = "1h")]
+    pub self_signed_root_check_interval: Duration,
+    /// Re-issue the self-signed root (same key and subject) when less than
+    /// this percentage of its life remains.
+    #[arg(long, env = "CITADEL_SELF_SIGNED_ROOT_CERT_GRACE_PERIOD_PERCENTILE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub self_signed_root_grace_percentile: u32,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// The RA settings, or `None` when meshca signs itself.
+fn ra_config(args: &ServerArgs, workload: &WorkloadProfile) -> Result<Option<RaConfig>> {
+    match args.external_ca.as_str() {
+        "" => Ok(None),
+        EXTERNAL_CA_KUBERNETES => {
+            let signer_roots = args
+                .signer_roots
+                .iter()
+                .map(|spec| {
+                    let (signer, file) = spec.split_once('=').with_context(|| {
+                        format!("--signer-roots {spec:?}: expected SIGNER=PATH")
+                    })?;
+                    Ok(SignerRoots {
+                        signer: signer.to_owned(),
+                        file: file.into(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let none = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
+            if none(&args.k8s_signer) && none(&args.cert_signer_domain) {
+                bail!(
+                    "RA mode needs K8S_SIGNER (--k8s-signer) or CERT_SIGNER_DOMAIN (--cert-signer-domain)"
+                );
+            }
+            Ok(Some(RaConfig {
+                signer: args.k8s_signer.clone(),
+                signer_domain: args.cert_signer_domain.clone(),
+                roots_file: args.external_ca_root.clone(),
+                signer_roots,
+                timeout: args.ra_timeout,
+                workload: workload.clone(),
+            }))
+        }
+        other => bail!(
+            "EXTERNAL_CA={other:?} is not supported (use {EXTERNAL_CA_KUBERNETES} or leave it empty)"
+        ),
+    }
+}
+
+/// This replica's name in leases: the pod name in a pod; elsewhere the host
+/// name and pid, so two processes on one machine differ.
+pub fn run(args: ServerArgs) -> Result<ExitCode> {
+    args.log.init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listen = args.listen;
+        let state_dir = args.state_dir.clone();
+        let server = Server::build(config(args).await?).await?;
+        print_banner(listen, &state_dir, &server.started());
+        // In-flight requests may finish after SIGTERM, but clients that keep
+        // their connections open must not hold the process past the grace period.
+        let shutdown = meshca_kube::shutdown::on_signals();
+        let stopping = shutdown.clone();
+        tokio::select! {
+            result = server.serve(shutdown) => result,
+            () = async {
+                stopping.cancelled().await;
+                tracing::info!("shutting down: finishing in-flight requests");
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting");
+                Ok(())
+            }
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The server's configuration from its flags (and a cluster, unless standalone).
+async fn config(args: ServerArgs) -> Result<ServerConfig> {
+    let workload = WorkloadProfile {
+        default_ttl: args.default_workload_cert_ttl,
+        max_ttl: args.max_workload_cert_ttl,
+    };
+    let ra = ra_config(&args, &workload)?;
+    if ra.is_some() && args.standalone {
+        bail!("RA mode (EXTERNAL_CA) needs Kubernetes; it cannot run --standalone");
+    }
+    let kube = if args.standalone {
+        None
+    } else {
+        meshca_kube::client::optional(args.kube.kubeconfig.as_deref()).await?
+    };
+    if ra.is_some() && kube.is_none() {
+        bail!("RA mode (EXTERNAL_CA) needs a kubeconfig or an in-cluster config");
+    }
+    let standalone = kube.is_none();
+    let trusted_node_accounts = if args.no_impersonation {
+        Vec::new()
+    } else {
+        meshca_server::auth::impersonation::parse_trusted_accounts(&args.trusted_node_accounts)
+            .map_err(anyhow::Error::msg)?
+    };
+    Ok(ServerConfig {
+        listen: args.listen,
+        monitoring_listen: monitoring_addr(&args.monitoring_listen)?,
+        trust_domain: args.trust_domain,
+        workload,
+        ca_dir: Some(args.root_ca_dir),
+        state_dir: args.state_dir,
+        self_signed_key_type: args.self_signed_key_type,
+        self_signed_ttl: args.self_signed_ca_cert_ttl,
+        token_audiences: args.token_audiences,
+        cluster_id: args.cluster_id,
+        cluster_aliases: args.cluster_aliases,
+        trusted_node_accounts,
+        kube,
+        kube_api_concurrency: args.kube_api_concurrency,
+        jwt_keys: args.jwt_keys,
+        jwt_issuer: args.jwt_issuer,
+        local_token_issuer: standalone,
+        serving: ServingNames {
+            dns: args.server_dns,
+            ips: args.server_ips,
+            ttl: args.serving_cert_ttl,
+        },
+        token_cache_ttl: args.token_cache_ttl,
+        token_cache_size: args.token_cache_size,
+        max_message_bytes: args.max_message_bytes,
+        reload_interval: args.reload_interval,
+        ra,
+        distribution: DistributionConfig {
+            configmaps: !args.no_root_configmap,
+            cluster_trust_bundle: args.cluster_trust_bundle,
+            election: args
+                .leader_election
+                .election(&args.ca_secret_namespace, &args.leader_election_lease),
+        },
+        ca_secret: (!args.no_ca_secret).then_some(CaSecretConfig {
+            namespace: args.ca_secret_namespace,
+            check_interval: args.self_signed_root_check_interval,
+            grace_percentile: args.self_signed_root_grace_percentile,
+        }),
+    })
+}
+
+/// How long draining may take after SIGTERM (Kubernetes' default
+/// terminationGracePeriodSeconds is 30 s).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn print_banner(listen: SocketAddr, state_dir: &std::path::Path, started: &Started) {
+    println!("meshca CA server listening on {listen}");
+    println!("  root certificate: {}", started.root_cert.display());
+    if started.local_token_issuer {
+        println!(
+            "  standalone: tokens from `meshca token` (key in {}/jwt) or client certificates",
+            state_dir.display()
+        );
+        println!("  get a first certificate:");
+        println!("    meshca token --namespace default --service-account demo > demo.token");
+        println!(
+            "    meshca request --addr {listen} --root {} --token-file demo.token --out demo-certs",
+            started.root_cert.display()
+        );
+    } else {
+        println!(
+            "  authentication: Kubernetes TokenReview (kubeconfig or in-cluster) and client certificates; \
+             --standalone ignores the cluster"
+        );
+    }
+}

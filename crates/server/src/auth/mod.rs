@@ -1,0 +1,360 @@
+//! Who is calling: Istio's authenticators in Istio's order. The identity
+//! that goes into a certificate comes from here and nowhere else.
+
+pub mod impersonation;
+pub mod jwt;
+pub mod local_issuer;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::PostParams;
+use meshca_pki::SpiffeId;
+use sha2::{Digest, Sha256};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+use meshca_kube::ApiLimit;
+
+use self::jwt::JwtVerifier;
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub identities: Vec<String>,
+    /// `client_cert`, `token_review` or `jwt` (a metrics label).
+    pub authenticator: &'static str,
+    /// The Kubernetes account behind a token (not for client certificates).
+    pub kube: Option<KubeAccount>,
+}
+
+/// A ServiceAccount proven by a token; a bound token (TokenReview's
+/// `user.extra`) also names the pod it was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KubeAccount {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+impl KubeAccount {
+    fn new(namespace: String, service_account: String) -> Self {
+        KubeAccount {
+            namespace,
+            service_account,
+            ..Default::default()
+        }
+    }
+}
+
+const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// What a request carries that can prove who sent it.
+pub struct Credentials<'a> {
+    /// The verified client certificate (rustls checked it against the CA roots).
+    pub peer_cert: Option<&'a [u8]>,
+    /// The `authorization: Bearer` token.
+    pub bearer: Option<&'a str>,
+    /// The `clusterid` header.
+    pub cluster_id: Option<&'a str>,
+}
+
+pub struct Authenticator {
+    pub trust_domain: String,
+    pub cluster_id: String,
+    pub cluster_aliases: Vec<String>,
+    pub token_review: Option<TokenReviewer>,
+    pub jwt: Option<JwtVerifier>,
+    pub cache: TokenCache,
+}
+
+/// Why authentication failed; logged, never sent to the caller (who gets
+/// Istio's "request authenticate failure"). Never contains the token.
+pub type AuthError = anyhow::Error;
+
+impl Authenticator {
+    /// Client certificate first (renewals, VMs), then the bearer token.
+    pub async fn authenticate(
+        &self,
+        creds: &Credentials<'_>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Caller, AuthError> {
+        if let Some(cert) = creds.peer_cert {
+            let identities = certificate_identities(cert)?;
+            if !identities.is_empty() {
+                return Ok(Caller {
+                    identities,
+                    authenticator: "client_cert",
+                    kube: None,
+                });
+            }
+        }
+        let token = creds
+            .bearer
+            .context("no client certificate and no bearer token")?;
+        if let Some(claimed) = creds.cluster_id
+            && !claimed.is_empty()
+            && claimed != self.cluster_id
+            && !self.cluster_aliases.iter().any(|a| a == claimed)
+        {
+            bail!(
+                "client claims to be in cluster {claimed:?}, this CA serves {:?}",
+                self.cluster_id
+            );
+        }
+        // One cache for both token authenticators: a token proven once is
+        // not re-proven (TokenReview round trip, or a signature check) until
+        // its entry ends, which is never after the token's own exp.
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some((account, authenticator)) = self.cache.get(&key) {
+            metrics.token_cache_hits.inc();
+            return self.caller(account, authenticator);
+        }
+        let mut errors = Vec::new();
+        if let Some(reviewer) = &self.token_review {
+            match reviewer.review(token).await {
+                Ok(account) => {
+                    self.cache
+                        .insert(key, &account, "token_review", jwt::unverified_expiry(token));
+                    return self.caller(account, "token_review");
+                }
+                Err(e) => errors.push(format!("TokenReview: {e:#}")),
+            }
+        }
+        if let Some(verifier) = &self.jwt {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            match verifier.verify(token, now) {
+                Ok((ns, sa)) => {
+                    let account = KubeAccount::new(ns, sa);
+                    self.cache
+                        .insert(key, &account, "jwt", jwt::unverified_expiry(token));
+                    return self.caller(account, "jwt");
+                }
+                Err(e) => errors.push(format!("JWT: {e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            bail!("a bearer token was sent but no token authenticator is configured");
+        }
+        bail!("{}", errors.join("; "))
+    }
+
+    fn caller(&self, account: KubeAccount, authenticator: &'static str) -> Result<Caller> {
+        let id = SpiffeId::workload(
+            &self.trust_domain,
+            &account.namespace,
+            &account.service_account,
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok(Caller {
+            identities: vec![id.to_string()],
+            authenticator,
+            kube: Some(account),
+        })
+    }
+}
+
+/// Every SAN of a verified client certificate, as Istio reads them.
+pub fn certificate_identities(der: &[u8]) -> Result<Vec<String>> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| anyhow::anyhow!("client certificate: {e}"))?;
+    let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| anyhow::anyhow!("client certificate SAN: {e}"))?
+    else {
+        return Ok(vec![]);
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            GeneralName::DNSName(d) => Some((*d).to_owned()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::Ipv4Addr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::Ipv6Addr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
+}
+
+/// Kubernetes TokenReview with the configured audiences.
+pub struct TokenReviewer {
+    api: kube::Api<TokenReview>,
+    audiences: Vec<String>,
+    limit: ApiLimit,
+}
+
+impl TokenReviewer {
+    pub fn new(client: kube::Client, audiences: Vec<String>, limit: ApiLimit) -> Self {
+        TokenReviewer {
+            api: kube::Api::all(client),
+            audiences,
+            limit,
+        }
+    }
+
+    /// The account (and, for a bound token, its pod) a token proves.
+    pub async fn review(&self, token: &str) -> Result<KubeAccount> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(self.audiences.clone()),
+            },
+            ..Default::default()
+        };
+        let answer = self
+            .limit
+            .call(self.api.create(&PostParams::default(), &review))
+            .await
+            .context("TokenReview request")?;
+        let status = answer.status.context("TokenReview without status")?;
+        if status.authenticated != Some(true) {
+            bail!("not authenticated: {}", status.error.unwrap_or_default());
+        }
+        let user = status.user.context("TokenReview without user")?;
+        let groups = user.groups.unwrap_or_default();
+        if !groups.iter().any(|g| g == "system:serviceaccounts") {
+            bail!("not a service account (groups {groups:?})");
+        }
+        let username = user.username.unwrap_or_default();
+        let (namespace, service_account) = jwt::parse_service_account(&username)
+            .with_context(|| format!("username {username:?} is not a service account"))?;
+        let mut extra = user.extra.unwrap_or_default();
+        let mut one = |key: &str| {
+            extra
+                .remove(key)
+                .and_then(|v| v.into_iter().next())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(KubeAccount {
+            namespace,
+            service_account,
+            pod_name: one(EXTRA_POD_NAME),
+            pod_uid: one(EXTRA_POD_UID),
+        })
+    }
+}
+
+/// TokenReview answers, keyed by a hash of the token. An entry never
+/// outlives the token's own `exp` nor the configured TTL; only successes are
+/// cached, so a revoked token is refused as soon as its entry ends.
+pub struct TokenCache {
+    ttl: Duration,
+    max_entries: usize,
+    entries: Mutex<HashMap<[u8; 32], Entry>>,
+}
+
+struct Entry {
+    account: KubeAccount,
+    authenticator: &'static str,
+    expires: Instant,
+}
+
+impl TokenCache {
+    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        TokenCache {
+            ttl,
+            max_entries,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<(KubeAccount, &'static str)> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = entries.get(key)?;
+        (entry.expires > Instant::now()).then(|| (entry.account.clone(), entry.authenticator))
+    }
+
+    fn insert(
+        &self,
+        key: [u8; 32],
+        account: &KubeAccount,
+        authenticator: &'static str,
+        token_exp: Option<i64>,
+    ) {
+        if self.ttl.is_zero() || self.max_entries == 0 {
+            return;
+        }
+        // Without a readable exp the token's lifetime is unknown: don't cache.
+        let Some(exp) = token_exp else { return };
+        let left = exp - time::OffsetDateTime::now_utc().unix_timestamp();
+        if left <= 0 {
+            return;
+        }
+        let life = self.ttl.min(Duration::from_secs(left as u64));
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= self.max_entries {
+            entries.retain(|_, e| e.expires > now);
+            if entries.len() >= self.max_entries {
+                return;
+            }
+        }
+        entries.insert(
+            key,
+            Entry {
+                account: account.clone(),
+                authenticator,
+                expires: now + life,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_entries_never_outlive_the_token() {
+        let cache = TokenCache::new(Duration::from_secs(60), 10);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let a = KubeAccount::new("ns".into(), "sa".into());
+        cache.insert([1; 32], &a, "jwt", Some(now + 3600));
+        assert_eq!(cache.get(&[1; 32]), Some((a.clone(), "jwt")));
+        cache.insert([2; 32], &a, "jwt", Some(now - 1));
+        assert_eq!(cache.get(&[2; 32]), None, "expired token cached");
+        cache.insert([3; 32], &a, "jwt", None);
+        assert_eq!(cache.get(&[3; 32]), None, "token without exp cached");
+        let short = cache.entries.lock().unwrap();
+        assert!(short[&[1; 32]].expires <= Instant::now() + Duration::from_secs(60));
+    }
+
+    #[test]
+    fn cached_entries_keep_the_bound_pod() {
+        let cache = TokenCache::new(Duration::from_secs(60), 10);
+        let exp = Some(time::OffsetDateTime::now_utc().unix_timestamp() + 600);
+        let a = KubeAccount {
+            namespace: "istio-system".into(),
+            service_account: "ztunnel".into(),
+            pod_name: Some("ztunnel-abc".into()),
+            pod_uid: Some("0000-1111".into()),
+        };
+        cache.insert([7; 32], &a, "token_review", exp);
+        assert_eq!(cache.get(&[7; 32]), Some((a, "token_review")));
+    }
+
+    #[test]
+    fn a_full_cache_stops_caching_instead_of_growing() {
+        let cache = TokenCache::new(Duration::from_secs(60), 2);
+        let exp = Some(time::OffsetDateTime::now_utc().unix_timestamp() + 600);
+        let a = KubeAccount::new("ns".into(), "sa".into());
+        for i in 0..5u8 {
+            cache.insert([i; 32], &a, "jwt", exp);
+        }
+        assert_eq!(cache.entries.lock().unwrap().len(), 2);
+    }
+}

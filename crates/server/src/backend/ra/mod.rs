@@ -1,0 +1,277 @@
+//! RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`): the server does not sign
+//! workload certificates itself but forwards each request to the Kubernetes
+//! CSR API, as istiod does, and answers with what the signer issued.
+//!
+//! Flow of one request: [`signer_name`] (K8S_SIGNER, or CERT_SIGNER_DOMAIN /
+//! the `CertSigner` metadata) -> [`check_request`] (istiod's checks before
+//! submitting) -> [`new_csr`] (an istiod-shaped CSR) -> create -> approve
+//! through `/approval` -> watch until [`progress`] is final or the timeout
+//! ends (Denied and Failed end it at once, unlike istiod) -> delete the CSR
+//! (always before answering; in the background if the caller goes away) ->
+//! [`assemble_chain`] (verify against the signer's roots
+//! ([`TrustAnchors::roots_for`]: its own, else the external-ca-cert file),
+//! key and identity checks, roots last).
+//! Everything but [`KubernetesRa`] and [`TrustAnchors::read`] is a pure
+//! function. The roots files are re-read by the server's reload loop
+//! ([`KubernetesRa::reload_roots`]), so a signer's root rotation needs no
+//! restart.
+//!
+//! Files: [`request`] (checks), [`csr`] (the CSR objects), [`waiters`] (the
+//! shared watch), [`chain`] (the answer), [`trust`] (the roots).
+
+mod chain;
+mod csr;
+mod error;
+mod request;
+mod trust;
+mod waiters;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use kube::api::{Api, DeleteParams, PostParams};
+use meshca_kube::{ApiLimit, status};
+use meshca_pki::WorkloadProfile;
+use rustls_pki_types::UnixTime;
+
+pub use chain::assemble_chain;
+pub use csr::{
+    APPROVAL_REASON, MANAGED_BY, MIN_EXPIRATION_SECONDS, Progress, USAGES, approve, final_outcome,
+    new_csr, progress,
+};
+pub use error::RaError;
+pub use request::{check_request, expiration_seconds, signer_name};
+pub use trust::{Roots, TrustAnchors};
+use waiters::Waiters;
+
+/// The `EXTERNAL_CA` value that selects this backend.
+pub const EXTERNAL_CA_KUBERNETES: &str = "ISTIOD_RA_KUBERNETES_API";
+
+/// How RA mode is configured.
+#[derive(Debug, Clone)]
+pub struct RaConfig {
+    /// K8S_SIGNER: the signer of requests without `CertSigner` metadata.
+    pub signer: Option<String>,
+    /// CERT_SIGNER_DOMAIN: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`.
+    pub signer_domain: Option<String>,
+    /// The signer's roots, e.g. `./etc/external-ca-cert/root-cert.pem`; may
+    /// be missing when every signer has its own in `signer_roots`.
+    pub roots_file: PathBuf,
+    /// Roots of particular signers (istiod's MeshConfig `caCertificates`
+    /// with `certSigners`); other signers' chains are verified against `roots_file`.
+    pub signer_roots: Vec<SignerRoots>,
+    /// How long to wait for the signer.
+    pub timeout: Duration,
+    pub workload: WorkloadProfile,
+}
+
+/// The roots file of one signer.
+#[derive(Debug, Clone)]
+pub struct SignerRoots {
+    pub signer: String,
+    pub file: PathBuf,
+}
+
+/// The Kubernetes side: create, approve, wait, delete.
+pub struct KubernetesRa {
+    api: Api<CertificateSigningRequest>,
+    config: RaConfig,
+    trust: RwLock<Arc<TrustAnchors>>,
+    limit: ApiLimit,
+    waiters: Arc<Waiters>,
+}
+
+impl KubernetesRa {
+    /// Reads the roots and starts the shared CSR watch (needs a runtime).
+    pub fn new(client: kube::Client, config: RaConfig, limit: ApiLimit) -> anyhow::Result<Self> {
+        let trust = TrustAnchors::read(&config)?;
+        let api = Api::all(client);
+        let waiters = Arc::<Waiters>::default();
+        tokio::spawn(waiters::watch_csrs(api.clone(), waiters.clone()));
+        Ok(KubernetesRa {
+            api,
+            config,
+            trust: RwLock::new(Arc::new(trust)),
+            limit,
+            waiters,
+        })
+    }
+
+    pub fn trust(&self) -> Arc<TrustAnchors> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-reads the roots files; `Ok(true)` when the roots changed (and are
+    /// now in use). On error the current roots stay.
+    pub fn reload_roots(&self) -> anyhow::Result<bool> {
+        let next = TrustAnchors::read(&self.config)?;
+        let mut current = self.trust.write().unwrap_or_else(|p| p.into_inner());
+        if **current == next {
+            return Ok(false);
+        }
+        *current = Arc::new(next);
+        Ok(true)
+    }
+
+    /// Every configured root (default first), PEM.
+    pub fn all_roots_pem(&self) -> String {
+        self.trust().all_roots_pem()
+    }
+
+    /// Signs through the CSR API for an authenticated caller.
+    pub async fn sign(
+        &self,
+        csr_pem: &[u8],
+        identities: &[String],
+        ttl_seconds: i64,
+        for_ca: bool,
+        cert_signer: Option<&str>,
+    ) -> Result<Vec<String>, RaError> {
+        let signer = signer_name(&self.config, cert_signer)?;
+        let trust = self.trust();
+        let roots = trust.roots_for(&signer)?;
+        let csr = check_request(
+            csr_pem,
+            identities,
+            ttl_seconds,
+            for_ca,
+            &self.config.workload,
+        )?;
+        let object = new_csr(
+            csr_pem,
+            &signer,
+            expiration_seconds(ttl_seconds, &self.config.workload),
+        );
+        let created = self
+            .limit
+            .call(self.api.create(&PostParams::default(), &object))
+            .await
+            .map_err(api_error)?;
+        let name = created
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| RaError::Api("created CSR has no name".into()))?;
+        // Deleted before answering; if this future is dropped (the caller
+        // went away), the guard deletes it in the background.
+        let guard = DeleteOnDrop {
+            api: self.api.clone(),
+            limit: self.limit.clone(),
+            name: name.clone(),
+            armed: true,
+        };
+        let waited = tokio::time::timeout(self.config.timeout, self.approve_and_wait(created))
+            .await
+            .map_err(|_| RaError::Timeout {
+                signer: signer.clone(),
+                timeout: self.config.timeout,
+            });
+        guard.delete().await;
+        let issued = waited??;
+        tracing::debug!(csr = %name, %signer, "CSR signed");
+        assemble_chain(&issued, roots, &csr, identities, UnixTime::now())
+    }
+
+    async fn approve_and_wait(
+        &self,
+        created: CertificateSigningRequest,
+    ) -> Result<Vec<u8>, RaError> {
+        let name = created.metadata.name.clone().unwrap_or_default();
+        let (_registered, answer) = self.waiters.register(&name);
+        let mut object = created;
+        let mut approved = None;
+        for _ in 0..5 {
+            approve(&mut object);
+            let pp = PostParams::default();
+            let put = self
+                .api
+                .replace_subresource("approval", &name, &pp, &object);
+            match self.limit.call(put).await {
+                Ok(o) => {
+                    approved = Some(o);
+                    break;
+                }
+                Err(e) if status::is_conflict(&e) => {
+                    object = self
+                        .limit
+                        .call(self.api.get(&name))
+                        .await
+                        .map_err(api_error)?;
+                }
+                Err(e) => return Err(api_error(e)),
+            }
+        }
+        let approved =
+            approved.ok_or_else(|| RaError::Api(format!("approving {name} kept conflicting")))?;
+        if let Some(done) = final_outcome(&approved)? {
+            return Ok(done);
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(RaError::Api("the CSR watch stopped".into())))
+    }
+}
+
+#[tonic::async_trait]
+impl super::Backend for KubernetesRa {
+    async fn sign(
+        &self,
+        request: &super::SignRequest<'_>,
+    ) -> Result<Vec<String>, super::SignFailure> {
+        Ok(KubernetesRa::sign(
+            self,
+            request.csr_pem,
+            request.identities,
+            request.ttl_seconds,
+            false,
+            request.cert_signer,
+        )
+        .await?)
+    }
+}
+
+fn api_error(e: kube::Error) -> RaError {
+    RaError::Api(e.to_string())
+}
+
+struct DeleteOnDrop {
+    api: Api<CertificateSigningRequest>,
+    limit: ApiLimit,
+    name: String,
+    armed: bool,
+}
+
+impl DeleteOnDrop {
+    async fn delete(mut self) {
+        self.armed = false;
+        delete_csr(&self.api, &self.limit, &self.name).await;
+    }
+}
+
+async fn delete_csr(api: &Api<CertificateSigningRequest>, limit: &ApiLimit, name: &str) {
+    match limit.call(api.delete(name, &DeleteParams::default())).await {
+        Ok(_) => {}
+        Err(e) if status::is_not_found(&e) => {}
+        Err(e) => tracing::warn!(csr = %name, error = %e, "deleting the CSR failed"),
+    }
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (api, limit) = (self.api.clone(), self.limit.clone());
+        let name = std::mem::take(&mut self.name);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(csr = %name, "no runtime to delete the CSR");
+            return;
+        };
+        runtime.spawn(async move { delete_csr(&api, &limit, &name).await });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,155 @@
+//! `IstioCertificateService/CreateCertificate`: authenticate, sign, answer in
+//! Istio's layout with Istio's codes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshca_pki::{ErrorKind, GrpcCode};
+use meshca_proto::istio_certificate_service_server::IstioCertificateService;
+use meshca_proto::{IstioCertificateRequest, IstioCertificateResponse};
+use tonic::{Request, Response, Status};
+
+use crate::auth::impersonation::{self, Impersonation};
+use crate::auth::{Authenticator, Credentials};
+use crate::backend::{Backend, SignRequest};
+use crate::grpc::tls::ConnInfo;
+use crate::metrics::{AuthLabel, ErrorLabel, Metrics};
+
+/// The gRPC service: authenticate, apply impersonation, sign with the backend.
+pub struct CaService {
+    pub backend: Arc<dyn Backend>,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+    /// ztunnel impersonation; `None`: every `ImpersonatedIdentity` is refused.
+    pub impersonation: Option<Impersonation>,
+}
+
+/// The header carrying the stable reason of a refusal next to Istio's message.
+pub const REASON_HEADER: &str = "meshca-reason";
+
+fn metadata_string<'a>(request: &'a IstioCertificateRequest, key: &str) -> Option<&'a str> {
+    let value = request.metadata.as_ref()?.fields.get(key)?;
+    match value.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+fn refuse(code: tonic::Code, message: &str, reason: &str) -> Status {
+    let mut status = Status::new(code, message);
+    if let Ok(value) = reason.parse() {
+        status.metadata_mut().insert(REASON_HEADER, value);
+    }
+    status
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let started = Instant::now();
+        let m = &self.metrics;
+        m.csr.inc();
+
+        let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        let conn = request.extensions().get::<ConnInfo>();
+        let creds = Credentials {
+            peer_cert: conn.and_then(|c| c.peer_cert.as_deref()).map(Vec::as_slice),
+            bearer: header("authorization").and_then(|v| v.strip_prefix("Bearer ")),
+            cluster_id: header("clusterid"),
+        };
+        let caller = match self.auth.authenticate(&creds, m).await {
+            Ok(caller) => caller,
+            Err(e) => {
+                m.authentication_failure.inc();
+                let remote = conn.and_then(|c| c.remote);
+                tracing::info!(?remote, error = %format!("{e:#}"), "authentication failed");
+                return Err(refuse(
+                    tonic::Code::Unauthenticated,
+                    "request authenticate failure",
+                    "unauthenticated",
+                ));
+            }
+        };
+        m.authenticated
+            .get_or_create(&AuthLabel {
+                authenticator: caller.authenticator.into(),
+            })
+            .inc();
+
+        let body = request.into_inner();
+        let mut caller = caller;
+        if let Some(requested) =
+            metadata_string(&body, "ImpersonatedIdentity").filter(|s| !s.is_empty())
+        {
+            let decision = match &self.impersonation {
+                Some(imp) => impersonation::decide(
+                    &imp.trusted,
+                    &self.auth.trust_domain,
+                    &caller,
+                    requested,
+                    &imp.pods,
+                ),
+                None => Err(impersonation::Refusal {
+                    reason: "impersonation_not_allowed",
+                    detail: "impersonation is off".into(),
+                }),
+            };
+            match decision {
+                Ok(identity) => {
+                    tracing::info!(caller = ?caller.identities, impersonated = %identity, "impersonation allowed");
+                    caller.identities = vec![identity];
+                }
+                Err(refusal) => {
+                    m.authentication_failure.inc();
+                    tracing::info!(caller = ?caller.identities, requested, reason = refusal.reason, detail = %refusal.detail, "impersonation refused");
+                    return Err(refuse(
+                        tonic::Code::Unauthenticated,
+                        impersonation::REFUSAL_MESSAGE,
+                        refusal.reason,
+                    ));
+                }
+            }
+        }
+
+        let result = self
+            .backend
+            .sign(&SignRequest {
+                csr_pem: body.csr.as_bytes(),
+                identities: &caller.identities,
+                ttl_seconds: body.validity_duration,
+                cert_signer: metadata_string(&body, "CertSigner"),
+            })
+            .await;
+        m.issue_duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(cert_chain) => {
+                m.success_cert_issuance.inc();
+                tracing::debug!(identities = ?caller.identities, "certificate issued");
+                Ok(Response::new(IstioCertificateResponse { cert_chain }))
+            }
+            Err(e) => {
+                if e.kind == ErrorKind::CsrError {
+                    m.csr_parsing_err.inc();
+                }
+                m.csr_sign_err
+                    .get_or_create(&ErrorLabel {
+                        error: e.reason.into(),
+                    })
+                    .inc();
+                tracing::info!(identities = ?caller.identities, reason = e.reason, error = %e.message, "CSR signing error");
+                let code = match e.kind.grpc_code() {
+                    GrpcCode::InvalidArgument => tonic::Code::InvalidArgument,
+                    GrpcCode::Internal => tonic::Code::Internal,
+                };
+                Err(refuse(
+                    code,
+                    &format!("CSR signing error ({})", e.message),
+                    e.reason,
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! TLS for :15012: a serving certificate issued by meshca's own CA and
+//! swapped in place before it expires, optional client certificates verified
+//! against the CA roots, and connection info (the verified peer certificate)
+//! handed to the gRPC handlers.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use meshca_pki::csr::build_csr;
+use meshca_pki::{CaBundle, CertOptions, KeyType, LocalCa, SanEntry, SigningKey, cert, pem};
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+/// Names the serving certificate carries.
+#[derive(Debug, Clone)]
+pub struct ServingNames {
+    pub dns: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    pub ttl: Duration,
+}
+
+/// The TLS configuration in force; replaced whole on renewal or CA change.
+pub struct TlsState {
+    config: RwLock<Arc<ServerConfig>>,
+    not_after: RwLock<OffsetDateTime>,
+}
+
+impl TlsState {
+    pub fn new(ca: &LocalCa, names: &ServingNames) -> Result<Self> {
+        let (config, not_after) = build(ca, names)?;
+        Ok(TlsState {
+            config: RwLock::new(config),
+            not_after: RwLock::new(not_after),
+        })
+    }
+
+    /// Re-issues the serving certificate (and refreshes trusted roots).
+    pub fn renew(&self, ca: &LocalCa, names: &ServingNames) -> Result<()> {
+        let (config, not_after) = build(ca, names)?;
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.not_after.write().unwrap_or_else(|p| p.into_inner()) = not_after;
+        Ok(())
+    }
+
+    /// Renew once half of the serving certificate's life has passed.
+    pub fn needs_renewal(&self, names: &ServingNames) -> bool {
+        let not_after = *self.not_after.read().unwrap_or_else(|p| p.into_inner());
+        OffsetDateTime::now_utc() + names.ttl / 2 >= not_after
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(
+            self.config
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn build(ca: &LocalCa, names: &ServingNames) -> Result<(Arc<ServerConfig>, OffsetDateTime)> {
+    let bundle: Arc<CaBundle> = ca.bundle().context("CA not ready")?;
+    let key = SigningKey::generate(KeyType::EcdsaP256)?;
+    let identities: Vec<String> = names
+        .dns
+        .iter()
+        .cloned()
+        .chain(names.ips.iter().map(IpAddr::to_string))
+        .collect();
+    let sans: Vec<SanEntry> = identities
+        .iter()
+        .map(|i| SanEntry::from_identity(i))
+        .collect();
+    let csr = build_csr(&key, cert::EMPTY_NAME, &sans).map_err(anyhow::Error::msg)?;
+    let options = CertOptions {
+        subject_ids: &identities,
+        ttl_seconds: i64::try_from(names.ttl.as_secs()).unwrap_or(i64::MAX),
+        for_ca: false,
+    };
+    let chain = ca.sign_with_cert_chain(csr.as_bytes(), &options)?;
+    // Serve leaf and intermediates; clients hold the root.
+    let mut certs = Vec::new();
+    for element in &chain[..chain.len() - 1] {
+        for block in pem::parse_all(element.as_bytes())? {
+            certs.push(CertificateDer::from(block.der.to_vec()));
+        }
+    }
+    let (_, leaf) =
+        x509_parser::parse_x509_certificate(&certs[0]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let not_after = leaf.validity().not_after.to_datetime();
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for root in bundle.roots_der() {
+        roots
+            .add(CertificateDer::from(root.clone()))
+            .context("adding a CA root to the client verifier")?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .context("client certificate verifier")?;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_pkcs8_der()?.to_vec()));
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key_der)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(config), not_after))
+}
+
+/// What the gRPC handler learns about the connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: Option<SocketAddr>,
+    /// DER of the client's leaf certificate, verified against the CA roots.
+    pub peer_cert: Option<Arc<Vec<u8>>>,
+}
+
+/// A TLS connection that tonic can serve.
+pub struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    info: ConnInfo,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes off the accept loop;
+/// a slow or broken client never holds up others.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<TlsState>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                break;
+            }
+            let acceptor = tls.acceptor();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let peer_cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .map(|c| Arc::new(c.as_ref().to_vec()));
+                        let info = ConnInfo {
+                            remote: Some(remote),
+                            peer_cert,
+                        };
+                        let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,274 @@
+//! Wiring: [`Server::build`] opens the CA and builds every part from a
+//! [`ServerConfig`]; [`Server::serve`] runs them until the shutdown token
+//! is cancelled, then lets in-flight requests finish.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use meshca_ca_store::dir::ROOT_CERT;
+use meshca_kube::{ApiLimit, CancellationToken, monitoring};
+use meshca_proto::istio_certificate_service_server::IstioCertificateServiceServer;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::ServerConfig;
+use crate::auth::impersonation::{Impersonation, PodStore};
+use crate::auth::jwt::JwtVerifier;
+use crate::auth::local_issuer::{LOCAL_ISSUER, local_issuer};
+use crate::auth::{Authenticator, TokenCache, TokenReviewer};
+use crate::backend::Backend;
+use crate::backend::local::{LocalBackend, current_ca};
+use crate::backend::ra::KubernetesRa;
+use crate::ca::reload::Reloader;
+use crate::ca::{self, CaOrigin};
+use crate::distribution;
+use crate::grpc::service::CaService;
+use crate::grpc::tls::{self, TlsState};
+use crate::metrics::Metrics;
+
+/// Paths a standalone user needs.
+pub struct Started {
+    pub root_cert: PathBuf,
+    pub local_token_issuer: bool,
+}
+
+/// A server ready to serve: CA open, listeners bound.
+pub struct Server {
+    config: ServerConfig,
+    origin: CaOrigin,
+    service: CaService,
+    reloader: Reloader,
+    roots: watch::Receiver<String>,
+    tls: Arc<TlsState>,
+    pods: Option<PodStore>,
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    _ca_tasks: tokio_util::sync::DropGuard,
+}
+
+impl Server {
+    /// Opens the CA, builds the authenticators and the backend, binds :15012.
+    pub async fn build(config: ServerConfig) -> Result<Server> {
+        // Stops the CA's polling and rotation with the server.
+        let ca_tasks = CancellationToken::new();
+        let opened = ca::open(&config, &ca_tasks).await?;
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        if let Some(bundle) = opened.current.borrow().as_ref() {
+            metrics.observe_ca(bundle);
+        }
+        let api_limit = ApiLimit::new(config.kube_api_concurrency);
+        let auth = authenticator(&config, &api_limit)?;
+        let ra = match &config.ra {
+            None => None,
+            Some(ra_config) => {
+                let client = config.kube.clone().context(
+                    "RA mode (EXTERNAL_CA) needs a Kubernetes client (kubeconfig or in-cluster)",
+                )?;
+                let ra = KubernetesRa::new(client, ra_config.clone(), api_limit.clone())?;
+                tracing::info!(
+                    signer = ?ra_config.signer,
+                    signer_domain = ?ra_config.signer_domain,
+                    roots = %ra_config.roots_file.display(),
+                    timeout = ?ra_config.timeout,
+                    "RA mode: workload certificates come from the Kubernetes CSR API"
+                );
+                Some(Arc::new(ra))
+            }
+        };
+        let backend: Arc<dyn Backend> = match &ra {
+            Some(ra) => ra.clone(),
+            None => Arc::new(LocalBackend::new(
+                opened.current.clone(),
+                config.workload.clone(),
+            )),
+        };
+        let tls = Arc::new(TlsState::new(
+            &current_ca(&opened.current, &config.workload),
+            &config.serving,
+        )?);
+        let pods = match &config.kube {
+            Some(client) if !config.trusted_node_accounts.is_empty() => {
+                Some(PodStore::start(client.clone()))
+            }
+            _ => None,
+        };
+        let impersonation = pods.as_ref().map(|pods| Impersonation {
+            trusted: config.trusted_node_accounts.clone(),
+            pods: pods.clone(),
+        });
+        let (roots_tx, roots) =
+            watch::channel(Reloader::trusted_roots(&opened.current, ra.as_deref()));
+        let reloader = Reloader {
+            ca: opened.current,
+            profile: config.workload.clone(),
+            ra,
+            tls: tls.clone(),
+            serving: config.serving.clone(),
+            metrics: metrics.clone(),
+            interval: config.reload_interval,
+            roots: roots_tx,
+        };
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        Ok(Server {
+            service: CaService {
+                backend,
+                auth,
+                metrics,
+                impersonation,
+            },
+            origin: opened.origin,
+            reloader,
+            roots,
+            tls,
+            pods,
+            listener,
+            registry: Arc::new(registry),
+            config,
+            _ca_tasks: ca_tasks.drop_guard(),
+        })
+    }
+
+    /// What a standalone user needs to know.
+    pub fn started(&self) -> Started {
+        Started {
+            root_cert: self.origin.dir().join(ROOT_CERT),
+            local_token_issuer: self.config.local_token_issuer,
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets in-flight requests
+    /// finish and hands the distribution lease over.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
+        let Server {
+            config,
+            origin,
+            service,
+            reloader,
+            roots,
+            tls,
+            pods,
+            listener,
+            registry,
+            _ca_tasks,
+        } = self;
+        // Background work (monitoring, reload, distribution) stops after
+        // the gRPC server has drained, however serving ends.
+        let background = CancellationToken::new();
+        let _stop_background = background.clone().drop_guard();
+        let ready = Arc::new(AtomicBool::new(false));
+        if let Some(addr) = config.monitoring_listen {
+            let ready = ready.clone();
+            let readiness: monitoring::Readiness = Arc::new(move || {
+                if ready.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("starting or stopping".into())
+                }
+            });
+            monitoring::serve(
+                addr,
+                monitoring::router(registry, readiness),
+                background.clone(),
+            )
+            .await?;
+        }
+        let distribution = match config.kube.clone() {
+            Some(client) if config.distribution.enabled() => {
+                let d = &config.distribution;
+                tracing::info!(
+                    configmaps = d.configmaps,
+                    cluster_trust_bundle = d.cluster_trust_bundle,
+                    lease = ?d.election.as_ref().map(|e| format!("{}/{}", e.namespace, e.name)),
+                    "distributing the roots"
+                );
+                Some(tokio::spawn(distribution::run(
+                    client,
+                    roots,
+                    d.clone(),
+                    background.clone(),
+                )))
+            }
+            _ => None,
+        };
+        tokio::spawn(reloader.run(background.clone()));
+        // Ready once the pods for impersonation are listed (if watched).
+        tokio::spawn({
+            let ready = ready.clone();
+            async move {
+                if let Some(pods) = pods {
+                    pods.wait_synced().await;
+                }
+                ready.store(true, Ordering::SeqCst);
+            }
+        });
+        let service = IstioCertificateServiceServer::new(service)
+            .max_decoding_message_size(config.max_message_bytes);
+        tracing::info!(listen = %config.listen, ca = %origin.dir().display(), "meshca CA server ready");
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tls::incoming(listener, tls),
+                shutdown.clone().cancelled_owned(),
+            )
+            .await
+            .context("gRPC server")?;
+        ready.store(false, Ordering::SeqCst);
+        if let Some(task) = distribution {
+            // Hand the lease over rather than make a standby wait it out.
+            background.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
+        tracing::info!("meshca CA server stopped");
+        Ok(())
+    }
+}
+
+/// Istio's authenticators from the configuration: TokenReview with a
+/// cluster, JWT keys (a file, or the local issuer of standalone mode).
+fn authenticator(config: &ServerConfig, api_limit: &ApiLimit) -> Result<Authenticator> {
+    let mut verifiers_pem = Vec::new();
+    if let Some(path) = &config.jwt_keys {
+        verifiers_pem
+            .push(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    if config.local_token_issuer {
+        verifiers_pem.push(
+            local_issuer(&config.state_dir, true)?
+                .public_key_pem()
+                .into_bytes(),
+        );
+    }
+    let jwt = if verifiers_pem.is_empty() {
+        None
+    } else {
+        // Local tokens carry our issuer; a configured issuer applies to the key file.
+        let issuer = if config.jwt_keys.is_some() {
+            config.jwt_issuer.clone()
+        } else {
+            Some(LOCAL_ISSUER.into())
+        };
+        Some(JwtVerifier::new(
+            &verifiers_pem.concat(),
+            issuer,
+            &config.token_audiences,
+        )?)
+    };
+    Ok(Authenticator {
+        trust_domain: config.trust_domain.clone(),
+        cluster_id: config.cluster_id.clone(),
+        cluster_aliases: config.cluster_aliases.clone(),
+        token_review: config
+            .kube
+            .clone()
+            .map(|c| TokenReviewer::new(c, config.token_audiences.clone(), api_limit.clone())),
+        jwt,
+        cache: TokenCache::new(config.token_cache_ttl, config.token_cache_size),
+    })
+}
