@@ -134,6 +134,11 @@ impl Server {
         })
     }
 
+    /// Where :15012 listens (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
     /// What a standalone user needs to know.
     pub fn started(&self) -> Started {
         Started {
