@@ -6,16 +6,20 @@
 //! `CA_TRUSTED_NODE_ACCOUNTS`, the requested identity is a SPIFFE workload ID
 //! of this trust domain, the caller's pod (from the bound token's claims)
 //! exists with that UID under the caller's account, and some pod on the
-//! caller's node runs under the requested account. Pods come from a
-//! reflector (one watch on all pods), never from an API call per request.
+//! caller's node runs under the requested account. Pods come from one watch
+//! on all pods into an index by name and by node ([`PodIndex`]), never from
+//! an API call per request nor a scan of all pods.
 
 use std::str::FromStr;
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use meshca_pki::SpiffeId;
+use tokio::sync::watch;
 
 use crate::auth::Caller;
 use meshca_kube::LastError;
@@ -181,11 +185,75 @@ pub fn decide(
     Ok(id.to_string())
 }
 
-/// Pods of the whole cluster, kept by a reflector (only the fields the
-/// decision reads are stored).
-#[derive(Clone)]
-pub struct PodStore {
-    store: Store<Pod>,
+/// The pods, reduced to what the decision reads and indexed the way it
+/// asks: by namespace and name, and by (node, namespace, service account).
+/// Each lookup costs the same with 10 or 100,000 pods.
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    by_name: HashMap<(String, String), PodFacts>,
+    /// How many pods of `(node, namespace, service account)` exist.
+    on_node: HashMap<(String, String, String), usize>,
+}
+
+impl PodIndex {
+    /// Adds or replaces the pod `namespace/name`.
+    pub fn apply(&mut self, namespace: &str, name: &str, facts: PodFacts) {
+        self.delete(namespace, name);
+        if let Some(node) = &facts.node {
+            *self
+                .on_node
+                .entry((
+                    node.clone(),
+                    namespace.to_owned(),
+                    facts.service_account.clone(),
+                ))
+                .or_default() += 1;
+        }
+        self.by_name
+            .insert((namespace.to_owned(), name.to_owned()), facts);
+    }
+
+    pub fn delete(&mut self, namespace: &str, name: &str) {
+        let Some(old) = self
+            .by_name
+            .remove(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return;
+        };
+        if let Some(node) = old.node {
+            let key = (node, namespace.to_owned(), old.service_account);
+            if let Some(count) = self.on_node.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.on_node.remove(&key);
+                }
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+impl Pods for PodIndex {
+    fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
+        self.by_name
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    fn any_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.on_node.contains_key(&(
+            node.to_owned(),
+            namespace.to_owned(),
+            service_account.to_owned(),
+        ))
+    }
 }
 
 fn facts(pod: &Pod) -> PodFacts {
@@ -200,77 +268,103 @@ fn facts(pod: &Pod) -> PodFacts {
     }
 }
 
-/// Keeps name, namespace, UID, node and service account; drops the rest.
-fn compact(pod: &mut Pod) {
-    let spec = pod.spec.take().unwrap_or_default();
-    pod.spec = Some(PodSpec {
-        node_name: spec.node_name,
-        service_account_name: spec.service_account_name,
-        ..Default::default()
-    });
-    pod.status = None;
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.annotations = None;
-    meta.labels = None;
-    meta.owner_references = None;
+fn key(pod: &Pod) -> (String, String) {
+    (
+        pod.metadata.namespace.clone().unwrap_or_default(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The pod index, kept current by one watch on all pods (only the facts
+/// the decision reads are kept, not the pods).
+#[derive(Clone)]
+pub struct PodStore {
+    index: Arc<RwLock<PodIndex>>,
+    synced: watch::Receiver<bool>,
 }
 
 impl PodStore {
-    /// Starts the pod reflector; the store fills once the first list is in.
+    /// Starts the pod watch; the index fills once the first list is in.
     pub fn start(client: kube::Client) -> PodStore {
-        let (store, writer) = reflector::store();
-        let stream = watcher(kube::Api::<Pod>::all(client), watcher::Config::default())
-            .default_backoff()
-            .modify(compact)
-            .reflect(writer);
+        let index = Arc::new(RwLock::new(PodIndex::default()));
+        let (synced_tx, synced) = watch::channel(false);
+        let events =
+            watcher(kube::Api::<Pod>::all(client), watcher::Config::default()).default_backoff();
+        let writer = index.clone();
         tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
+            let mut events = std::pin::pin!(events);
             let mut last_error = LastError::default();
-            while let Some(event) = stream.next().await {
+            // A relist builds a fresh index, swapped in whole when complete.
+            let mut relisting: Option<PodIndex> = None;
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(event) => {
+                        last_error.clear();
+                        event
+                    }
+                    Err(e) => {
+                        if last_error.is_new(&e) {
+                            tracing::warn!(
+                                error = %e,
+                                "watching pods for impersonation failed; not ready until it works \
+                                 (RBAC: deploy/server/rbac-impersonation.yaml, or --no-impersonation); \
+                                 retrying"
+                            );
+                        }
+                        continue;
+                    }
+                };
+                let mut index = writer.write().unwrap_or_else(|p| p.into_inner());
                 match event {
-                    Err(e) if last_error.is_new(&e) => {
-                        tracing::warn!(
-                            error = %e,
-                            "watching pods for impersonation failed; not ready until it works \
-                             (RBAC: deploy/server/rbac-impersonation.yaml, or --no-impersonation); \
-                             retrying"
+                    watcher::Event::Init => relisting = Some(PodIndex::default()),
+                    watcher::Event::InitApply(pod) => {
+                        let (ns, name) = key(&pod);
+                        relisting.get_or_insert_with(PodIndex::default).apply(
+                            &ns,
+                            &name,
+                            facts(&pod),
                         );
                     }
-                    Err(_) => {}
-                    Ok(_) => last_error.clear(),
+                    watcher::Event::InitDone => {
+                        *index = relisting.take().unwrap_or_default();
+                        synced_tx.send_replace(true);
+                    }
+                    watcher::Event::Apply(pod) => {
+                        let (ns, name) = key(&pod);
+                        index.apply(&ns, &name, facts(&pod));
+                    }
+                    watcher::Event::Delete(pod) => {
+                        let (ns, name) = key(&pod);
+                        index.delete(&ns, &name);
+                    }
                 }
             }
         });
-        PodStore { store }
+        PodStore { index, synced }
     }
 
     /// Resolves when the first list of pods is in.
     pub async fn wait_synced(&self) {
-        if self.store.wait_until_ready().await.is_err() {
-            // The writer is gone: the watch task ended; stay not ready.
+        let mut synced = self.synced.clone();
+        if synced.wait_for(|s| *s).await.is_err() {
+            // The watch task ended: stay not ready.
             std::future::pending::<()>().await;
         }
         tracing::info!("pods listed for impersonation checks");
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, PodIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Pods for PodStore {
     fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
-        self.store
-            .get(&ObjectRef::new(name).within(namespace))
-            .map(|p| facts(&p))
+        self.read().pod(namespace, name)
     }
 
     fn any_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
-        self.store
-            .find(|p| {
-                p.metadata.namespace.as_deref() == Some(namespace) && {
-                    let f = facts(p);
-                    f.node.as_deref() == Some(node) && f.service_account == service_account
-                }
-            })
-            .is_some()
+        self.read().any_on_node(node, namespace, service_account)
     }
 }
 
@@ -284,6 +378,31 @@ pub struct Impersonation {
 mod tests {
     use super::*;
     use crate::auth::KubeAccount;
+
+    #[test]
+    fn the_index_follows_applies_moves_and_deletes() {
+        let facts = |sa: &str, node: &str| PodFacts {
+            uid: Some("u".into()),
+            service_account: sa.into(),
+            node: Some(node.into()),
+        };
+        let mut index = PodIndex::default();
+        index.apply("app", "a", facts("web", "n1"));
+        index.apply("app", "b", facts("web", "n1"));
+        assert!(index.any_on_node("n1", "app", "web"));
+        assert!(!index.any_on_node("n2", "app", "web"));
+        assert!(!index.any_on_node("n1", "other", "web"));
+        index.delete("app", "a");
+        assert!(index.any_on_node("n1", "app", "web"), "b still runs there");
+        index.apply("app", "b", facts("web", "n2"));
+        assert!(!index.any_on_node("n1", "app", "web"), "b moved away");
+        assert!(index.any_on_node("n2", "app", "web"));
+        assert_eq!(index.pod("app", "b").unwrap().node.as_deref(), Some("n2"));
+        index.delete("app", "b");
+        index.delete("app", "never-there");
+        assert!(index.is_empty());
+        assert!(!index.any_on_node("n2", "app", "web"));
+    }
 
     #[derive(Default)]
     struct FakePods(Vec<(String, String, PodFacts)>);
@@ -455,7 +574,7 @@ mod tests {
     }
 
     #[test]
-    fn compaction_keeps_what_the_decision_reads() {
+    fn facts_are_what_the_decision_reads() {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "n", "uid": "u",
                          "labels": {"a": "b"}, "annotations": {"c": "d"}},
@@ -464,7 +583,6 @@ mod tests {
             "status": {"phase": "Pending"},
         }))
         .unwrap();
-        compact(&mut pod);
         assert_eq!(
             facts(&pod),
             PodFacts {
@@ -473,7 +591,8 @@ mod tests {
                 node: Some("node-a".into())
             }
         );
-        assert!(pod.status.is_none() && pod.metadata.labels.is_none());
-        assert!(pod.spec.unwrap().containers.is_empty());
+        assert_eq!(key(&pod), ("n".to_string(), "p".to_string()));
+        pod.spec.as_mut().unwrap().service_account_name = None;
+        assert_eq!(facts(&pod).service_account, "default");
     }
 }
