@@ -6,7 +6,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use rustls::server::WebPkiClientVerifier;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -30,42 +31,29 @@ pub struct ServingNames {
     pub ttl: Duration,
 }
 
-/// The TLS configuration in force; replaced whole on renewal or CA change.
-pub struct TlsState {
-    config: RwLock<Arc<ServerConfig>>,
-    not_after: RwLock<OffsetDateTime>,
-}
+/// The TLS configuration in force and its certificate's expiry; replaced
+/// whole on renewal or CA change.
+pub struct TlsState(watch::Sender<(Arc<ServerConfig>, OffsetDateTime)>);
 
 impl TlsState {
     pub fn new(ca: &LocalCa, names: &ServingNames) -> Result<Self> {
-        let (config, not_after) = build(ca, names)?;
-        Ok(TlsState {
-            config: RwLock::new(config),
-            not_after: RwLock::new(not_after),
-        })
+        Ok(TlsState(watch::Sender::new(build(ca, names)?)))
     }
 
     /// Re-issues the serving certificate (and refreshes trusted roots).
     pub fn renew(&self, ca: &LocalCa, names: &ServingNames) -> Result<()> {
-        let (config, not_after) = build(ca, names)?;
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
-        *self.not_after.write().unwrap_or_else(|p| p.into_inner()) = not_after;
+        self.0.send_replace(build(ca, names)?);
         Ok(())
     }
 
     /// Renew once half of the serving certificate's life has passed.
     pub fn needs_renewal(&self, names: &ServingNames) -> bool {
-        let not_after = *self.not_after.read().unwrap_or_else(|p| p.into_inner());
+        let not_after = self.0.borrow().1;
         OffsetDateTime::now_utc() + names.ttl / 2 >= not_after
     }
 
     fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(
-            self.config
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        TlsAcceptor::from(self.0.borrow().0.clone())
     }
 }
 

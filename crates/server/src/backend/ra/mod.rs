@@ -27,7 +27,7 @@ mod trust;
 mod waiters;
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
@@ -35,6 +35,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use meshca_kube::{ApiLimit, status};
 use meshca_pki::WorkloadProfile;
 use rustls_pki_types::UnixTime;
+use tokio::sync::watch;
 
 pub use chain::assemble_chain;
 pub use csr::{
@@ -78,7 +79,7 @@ pub struct SignerRoots {
 pub struct KubernetesRa {
     api: Api<CertificateSigningRequest>,
     config: RaConfig,
-    trust: RwLock<Arc<TrustAnchors>>,
+    trust: watch::Sender<Arc<TrustAnchors>>,
     limit: ApiLimit,
     waiters: Arc<Waiters>,
 }
@@ -93,26 +94,27 @@ impl KubernetesRa {
         Ok(KubernetesRa {
             api,
             config,
-            trust: RwLock::new(Arc::new(trust)),
+            trust: watch::Sender::new(Arc::new(trust)),
             limit,
             waiters,
         })
     }
 
     pub fn trust(&self) -> Arc<TrustAnchors> {
-        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.trust.borrow().clone()
     }
 
     /// Re-reads the roots files; `Ok(true)` when the roots changed (and are
     /// now in use). On error the current roots stay.
     pub fn reload_roots(&self) -> anyhow::Result<bool> {
         let next = TrustAnchors::read(&self.config)?;
-        let mut current = self.trust.write().unwrap_or_else(|p| p.into_inner());
-        if **current == next {
-            return Ok(false);
-        }
-        *current = Arc::new(next);
-        Ok(true)
+        Ok(self.trust.send_if_modified(|current| {
+            if **current == next {
+                return false;
+            }
+            *current = Arc::new(next);
+            true
+        }))
     }
 
     /// Every configured root (default first), PEM.
