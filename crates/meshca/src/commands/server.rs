@@ -115,6 +115,24 @@ pub struct ServerArgs {
     /// How often the CA files are checked for changes.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub reload_interval: Duration,
+    #[command(flatten)]
+    pub ra: RaArgs,
+    /// At most this many Kubernetes API calls in flight (TokenReview, RA
+    /// CSR calls), first come first served: a mass restart then queues here
+    /// instead of overflowing the apiserver's per-client queue (429s).
+    #[arg(long, env = "MESHCA_KUBE_API_CONCURRENCY", default_value_t = meshca_kube::api_limit::DEFAULT_CONCURRENCY)]
+    pub kube_api_concurrency: usize,
+    #[command(flatten)]
+    pub distribution: DistributionArgs,
+    #[command(flatten)]
+    pub ca_secret: CaSecretArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`).
+#[derive(clap::Args)]
+pub struct RaArgs {
     /// `ISTIOD_RA_KUBERNETES_API`: RA mode, workload certificates come from
     /// the Kubernetes CSR API (a signer such as `meshca signer`), as istiod's
     /// RA mode; empty: meshca signs itself.
@@ -141,14 +159,14 @@ pub struct ServerArgs {
         value_delimiter = ','
     )]
     pub signer_roots: Vec<String>,
-    /// At most this many Kubernetes API calls in flight (TokenReview, RA
-    /// CSR calls), first come first served: a mass restart then queues here
-    /// instead of overflowing the apiserver's per-client queue (429s).
-    #[arg(long, env = "MESHCA_KUBE_API_CONCURRENCY", default_value_t = meshca_kube::api_limit::DEFAULT_CONCURRENCY)]
-    pub kube_api_concurrency: usize,
     /// RA mode: how long to wait for the signer (Denied/Failed end it at once).
     #[arg(long, env = "MESHCA_RA_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub ra_timeout: Duration,
+}
+
+/// Where the roots go and who writes them.
+#[derive(clap::Args)]
+pub struct DistributionArgs {
     /// Do not keep ConfigMap istio-ca-root-cert (the roots workloads trust)
     /// in every namespace; it is kept whenever Kubernetes is configured.
     #[arg(long, env = "MESHCA_NO_ROOT_CONFIGMAP")]
@@ -166,6 +184,11 @@ pub struct ServerArgs {
     pub leader_election_lease: String,
     #[command(flatten)]
     pub leader_election: LeaderElectionArgs,
+}
+
+/// The self-signed CA in Secret `istio-ca-secret`.
+#[derive(clap::Args)]
+pub struct CaSecretArgs {
     /// meshca's own namespace: Secret istio-ca-secret (the self-signed CA
     /// with Kubernetes and no plugged-in CA) and the root distribution Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
@@ -180,51 +203,74 @@ pub struct ServerArgs {
     /// this percentage of its life remains.
     #[arg(long, env = "CITADEL_SELF_SIGNED_ROOT_CERT_GRACE_PERIOD_PERCENTILE", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub self_signed_root_grace_percentile: u32,
-    #[command(flatten)]
-    pub log: LogArgs,
 }
 
-/// The RA settings, or `None` when meshca signs itself.
-fn ra_config(args: &ServerArgs, workload: &WorkloadProfile) -> Result<Option<RaConfig>> {
-    match args.external_ca.as_str() {
-        "" => Ok(None),
-        EXTERNAL_CA_KUBERNETES => {
-            let signer_roots = args
-                .signer_roots
-                .iter()
-                .map(|spec| {
-                    let (signer, file) = spec.split_once('=').with_context(|| {
-                        format!("--signer-roots {spec:?}: expected SIGNER=PATH")
-                    })?;
-                    Ok(SignerRoots {
-                        signer: signer.to_owned(),
-                        file: file.into(),
+impl RaArgs {
+    /// The RA settings, or `None` when meshca signs itself.
+    fn config(&self, workload: &WorkloadProfile) -> Result<Option<RaConfig>> {
+        let args = self;
+        match args.external_ca.as_str() {
+            "" => Ok(None),
+            EXTERNAL_CA_KUBERNETES => {
+                let signer_roots = args
+                    .signer_roots
+                    .iter()
+                    .map(|spec| {
+                        let (signer, file) = spec.split_once('=').with_context(|| {
+                            format!("--signer-roots {spec:?}: expected SIGNER=PATH")
+                        })?;
+                        Ok(SignerRoots {
+                            signer: signer.to_owned(),
+                            file: file.into(),
+                        })
                     })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let none = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
-            if none(&args.k8s_signer) && none(&args.cert_signer_domain) {
-                bail!(
-                    "RA mode needs K8S_SIGNER (--k8s-signer) or CERT_SIGNER_DOMAIN (--cert-signer-domain)"
-                );
+                    .collect::<Result<Vec<_>>>()?;
+                let none = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
+                if none(&args.k8s_signer) && none(&args.cert_signer_domain) {
+                    bail!(
+                        "RA mode needs K8S_SIGNER (--k8s-signer) or CERT_SIGNER_DOMAIN (--cert-signer-domain)"
+                    );
+                }
+                Ok(Some(RaConfig {
+                    signer: args.k8s_signer.clone(),
+                    signer_domain: args.cert_signer_domain.clone(),
+                    roots_file: args.external_ca_root.clone(),
+                    signer_roots,
+                    timeout: args.ra_timeout,
+                    workload: workload.clone(),
+                }))
             }
-            Ok(Some(RaConfig {
-                signer: args.k8s_signer.clone(),
-                signer_domain: args.cert_signer_domain.clone(),
-                roots_file: args.external_ca_root.clone(),
-                signer_roots,
-                timeout: args.ra_timeout,
-                workload: workload.clone(),
-            }))
+            other => bail!(
+                "EXTERNAL_CA={other:?} is not supported (use {EXTERNAL_CA_KUBERNETES} or leave it empty)"
+            ),
         }
-        other => bail!(
-            "EXTERNAL_CA={other:?} is not supported (use {EXTERNAL_CA_KUBERNETES} or leave it empty)"
-        ),
     }
 }
 
-/// This replica's name in leases: the pod name in a pod; elsewhere the host
-/// name and pid, so two processes on one machine differ.
+impl DistributionArgs {
+    /// The distribution settings; the Lease lives in `namespace`.
+    fn config(&self, namespace: &str) -> DistributionConfig {
+        DistributionConfig {
+            configmaps: !self.no_root_configmap,
+            cluster_trust_bundle: self.cluster_trust_bundle,
+            election: self
+                .leader_election
+                .election(namespace, &self.leader_election_lease),
+        }
+    }
+}
+
+impl CaSecretArgs {
+    /// The Secret's settings, or `None` to keep the CA in the state directory.
+    fn config(&self) -> Option<CaSecretConfig> {
+        (!self.no_ca_secret).then(|| CaSecretConfig {
+            namespace: self.ca_secret_namespace.clone(),
+            check_interval: self.self_signed_root_check_interval,
+            grace_percentile: self.self_signed_root_grace_percentile,
+        })
+    }
+}
+
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
     args.log.init();
     let runtime = tokio::runtime::Runtime::new()?;
@@ -258,7 +304,7 @@ async fn config(args: ServerArgs) -> Result<ServerConfig> {
         default_ttl: args.default_workload_cert_ttl,
         max_ttl: args.max_workload_cert_ttl,
     };
-    let ra = ra_config(&args, &workload)?;
+    let ra = args.ra.config(&workload)?;
     if ra.is_some() && args.standalone {
         bail!("RA mode (EXTERNAL_CA) needs Kubernetes; it cannot run --standalone");
     }
@@ -305,18 +351,10 @@ async fn config(args: ServerArgs) -> Result<ServerConfig> {
         max_message_bytes: args.max_message_bytes,
         reload_interval: args.reload_interval,
         ra,
-        distribution: DistributionConfig {
-            configmaps: !args.no_root_configmap,
-            cluster_trust_bundle: args.cluster_trust_bundle,
-            election: args
-                .leader_election
-                .election(&args.ca_secret_namespace, &args.leader_election_lease),
-        },
-        ca_secret: (!args.no_ca_secret).then_some(CaSecretConfig {
-            namespace: args.ca_secret_namespace,
-            check_interval: args.self_signed_root_check_interval,
-            grace_percentile: args.self_signed_root_grace_percentile,
-        }),
+        distribution: args
+            .distribution
+            .config(&args.ca_secret.ca_secret_namespace),
+        ca_secret: args.ca_secret.config(),
     })
 }
 
