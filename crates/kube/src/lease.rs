@@ -213,3 +213,81 @@ impl Elector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::{self, MockApi};
+    use serde_json::json;
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/l";
+
+    fn lease(holder: &str, transitions: i32) -> serde_json::Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "l", "namespace": "ns", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                     "renewTime": "2026-01-01T00:00:00.000000Z", "leaseTransitions": transitions},
+        })
+    }
+
+    fn elector() -> (Elector, MockApi) {
+        let (client, api) = mock::client();
+        (Elector::new(client, LeaderElection::new("ns", "l", "me")), api)
+    }
+
+    #[tokio::test]
+    async fn a_missing_lease_is_created_with_this_replica_as_holder() {
+        let (mut elector, mut api) = elector();
+        let attempt = tokio::spawn(async move { elector.try_acquire_or_renew().await });
+        api.expect("GET", LEASE, 404, mock::status(404, "NotFound"))
+            .await;
+        let created = api.expect("POST", LEASES, 201, lease("me", 0)).await;
+        assert_eq!(created["spec"]["holderIdentity"], "me");
+        assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
+        assert!(attempt.await.unwrap().unwrap(), "this replica leads");
+    }
+
+    #[tokio::test]
+    async fn losing_the_create_race_is_not_leadership() {
+        let (mut elector, mut api) = elector();
+        let attempt = tokio::spawn(async move { elector.try_acquire_or_renew().await });
+        api.expect("GET", LEASE, 404, mock::status(404, "NotFound"))
+            .await;
+        api.expect("POST", LEASES, 409, mock::status(409, "AlreadyExists"))
+            .await;
+        assert!(!attempt.await.unwrap().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_holder_is_waited_out_by_this_replicas_clock_then_taken_over() {
+        let (mut elector, mut api) = elector();
+        let answer = tokio::spawn(async move {
+            // A record unchanged for the lease duration, by our clock.
+            api.expect("GET", LEASE, 200, lease("other", 3)).await;
+            api.expect("GET", LEASE, 200, lease("other", 3)).await;
+            let taken = api.expect("PUT", LEASE, 200, lease("me", 4)).await;
+            assert_eq!(taken["spec"]["holderIdentity"], "me");
+            assert_eq!(taken["spec"]["leaseTransitions"], 4);
+            assert_eq!(
+                taken["metadata"]["resourceVersion"], "7",
+                "the update carries the version read"
+            );
+        });
+        assert!(!elector.try_acquire_or_renew().await.unwrap(), "fresh: wait");
+        tokio::time::advance(Duration::from_secs(16)).await;
+        assert!(elector.try_acquire_or_renew().await.unwrap(), "expired: taken");
+        answer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_renewal_that_conflicts_is_not_leadership() {
+        let (mut elector, mut api) = elector();
+        let attempt = tokio::spawn(async move { elector.try_acquire_or_renew().await });
+        api.expect("GET", LEASE, 200, lease("me", 1)).await;
+        api.expect("PUT", LEASE, 409, mock::status(409, "Conflict"))
+            .await;
+        assert!(!attempt.await.unwrap().unwrap());
+    }
+}

@@ -7,6 +7,7 @@
 //! - [`last_error`]: retry loops log a failure when it starts or changes.
 //! - [`monitoring`]: `/healthz`, `/readyz` and `/metrics`.
 //! - [`shutdown`]: one `CancellationToken`, cancelled on SIGTERM or Ctrl-C.
+//! - `mock` (feature `mock`): a scripted API server for tests without a cluster.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,8 @@ pub mod api_limit;
 pub mod client;
 pub mod last_error;
 pub mod lease;
+#[cfg(feature = "mock")]
+pub mod mock;
 pub mod monitoring;
 pub mod shutdown;
 pub mod status;
