@@ -234,7 +234,10 @@ mod tests {
 
     fn elector() -> (Elector, MockApi) {
         let (client, api) = mock::client();
-        (Elector::new(client, LeaderElection::new("ns", "l", "me")), api)
+        (
+            Elector::new(client, LeaderElection::new("ns", "l", "me")),
+            api,
+        )
     }
 
     #[tokio::test]
@@ -275,9 +278,15 @@ mod tests {
                 "the update carries the version read"
             );
         });
-        assert!(!elector.try_acquire_or_renew().await.unwrap(), "fresh: wait");
+        assert!(
+            !elector.try_acquire_or_renew().await.unwrap(),
+            "fresh: wait"
+        );
         tokio::time::advance(Duration::from_secs(16)).await;
-        assert!(elector.try_acquire_or_renew().await.unwrap(), "expired: taken");
+        assert!(
+            elector.try_acquire_or_renew().await.unwrap(),
+            "expired: taken"
+        );
         answer.await.unwrap();
     }
 
