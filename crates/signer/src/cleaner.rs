@@ -93,13 +93,19 @@ pub fn due(
 /// Deletes due CSRs of `signers` every `cfg.interval`, forever.
 pub async fn run(client: Client, signers: Vec<String>, cfg: CleanerConfig) {
     let api = Api::<CertificateSigningRequest>::all(client);
+    let mut last_error = meshca_kube::LastError::default();
     loop {
         for signer in &signers {
             let lp = ListParams::default().fields(&format!("spec.signerName={signer}"));
             let list = match api.list(&lp).await {
-                Ok(l) => l,
+                Ok(l) => {
+                    last_error.clear();
+                    l
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cleaner: listing CSRs");
+                    if last_error.is_new(&e) {
+                        tracing::warn!(error = %e, "cleaner: listing CSRs failed; retrying");
+                    }
                     continue;
                 }
             };

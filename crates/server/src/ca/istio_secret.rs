@@ -197,8 +197,13 @@ pub async fn rotation_loop(
     // Never hammer the API server, whatever the flag says.
     let interval = config.check_interval.max(Duration::from_millis(100));
     tokio::time::sleep(jitter(interval)).await;
+    let mut last_error = meshca_kube::LastError::default();
     loop {
-        match check_once(&api, &config, ttl, &served).await {
+        let checked = check_once(&api, &config, ttl, &served).await;
+        if checked.is_ok() {
+            last_error.clear();
+        }
+        match checked {
             Ok(Some(bundle)) => {
                 served = bundle.signing_cert_der().to_vec();
                 if let Some(path) = &root_file
@@ -209,11 +214,16 @@ pub async fn rotation_loop(
                 on_change(bundle);
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(
-                error = %format!("{e:#}"),
-                namespace = %config.namespace,
-                "self-signed root check failed; retrying at the next check"
-            ),
+            Err(e) => {
+                let error = format!("{e:#}");
+                if last_error.is_new(&error) {
+                    tracing::warn!(
+                        %error,
+                        namespace = %config.namespace,
+                        "self-signed root check failed; retrying at the next check"
+                    );
+                }
+            }
         }
         let pause = interval + jitter(interval / 10);
         tokio::time::sleep(pause).await;
