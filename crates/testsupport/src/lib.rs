@@ -41,12 +41,11 @@
 //! - `names.rs`: [`unique_name`] and the label on every object made here.
 //! - `process.rs`: [`Proc`] and [`free_port`] for processes a test starts.
 //! - `openssl.rs`: [`openssl`], keys, CSRs and certificates made with the CLI.
-//! - `kube_errors.rs`: [`is_not_found`], [`api_status_code`].
+//! - [`is_not_found`], [`api_status_code`]: `meshca_kube::status`, re-exported.
 #![forbid(unsafe_code)]
 
 mod env;
 mod identity;
-mod kube_errors;
 mod names;
 mod namespace;
 pub mod openssl;
@@ -56,7 +55,7 @@ mod tokens;
 
 pub use env::{TestEnv, TestEnvConfig, bin};
 pub use identity::{Identity, client_from_kubeconfig};
-pub use kube_errors::{api_status_code, is_not_found};
+pub use meshca_kube::status::{code as api_status_code, is_not_found};
 pub use names::{TESTSUPPORT_LABEL, unique_name};
 pub use namespace::TestNamespace;
 pub use process::{Proc, free_port};

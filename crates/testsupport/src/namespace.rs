@@ -13,10 +13,10 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBind
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
+use meshca_kube::status;
 
 use crate::TestEnv;
 use crate::identity::client_from_kubeconfig;
-use crate::kube_errors::is_not_found;
 use crate::names::{labels, unique_name};
 
 /// A unique namespace for one test. Deleted (with the cluster-scoped objects
@@ -169,7 +169,7 @@ async fn cleanup_objects(client: Client, ns: &str, owned: Vec<Owned>) -> Result<
     let mut errors = Vec::new();
     let mut note = |r: Result<(), kube::Error>, what: String| {
         if let Err(e) = r {
-            if !is_not_found(&e) {
+            if !status::is_not_found(&e) {
                 errors.push(format!("{what}: {e}"));
             }
         }
