@@ -120,7 +120,7 @@ async fn open_ca(config: &ServerConfig) -> Result<(CaSource, CaBundle)> {
             org: &config.trust_domain,
             ttl: config.self_signed_ttl,
         };
-        let bundle = ca_secret::load_or_create(client.clone(), secret, &spec).await?;
+        let (bundle, _) = ca_secret::load_or_create(client.clone(), secret, &spec).await?;
         let dir = config.state_dir.join("ca-secret");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join(cadir::ROOT_CERT), bundle.roots_pem())
