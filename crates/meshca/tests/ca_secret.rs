@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{free_port, meshca};
+use common::{Proc, free_port, meshca};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -22,7 +22,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use meshca_server::ca_secret::Origin;
-use meshca_testsupport::{Identity, TestEnv, TestNamespace};
+use meshca_testsupport::{Identity, RbacSpec, TestEnv, TestNamespace, rule};
 
 const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
 const CA_SECRET_RBAC: &str = include_str!("../../../deploy/server/rbac-ca-secret.yaml");
@@ -507,6 +507,76 @@ async fn concurrent_creators_all_use_the_one_secret_that_won() {
             .unwrap()
             .remove(0);
         assert_eq!(stored.der.to_vec(), certs[0]);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_ca_namespace_is_named_with_the_ways_out() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("cas-no-ns").await.unwrap();
+        // Secrets everywhere (as an admin kubeconfig has): what stops the
+        // server is the namespace, not RBAC.
+        let identity = ns
+            .identity(
+                "meshca",
+                &[RbacSpec::Rules(vec![
+                    rule(&[""], &["secrets"], &[], &["get", "create", "update"]),
+                    rule(
+                        &["authentication.k8s.io"],
+                        &["tokenreviews"],
+                        &[],
+                        &["create"],
+                    ),
+                ])],
+            )
+            .await
+            .unwrap();
+        let missing = ns.unique_name("absent");
+        let state = tempfile::tempdir().unwrap();
+        let mut child = Proc(
+            Command::new(env!("CARGO_BIN_EXE_meshca"))
+                .args(["server", "--listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--monitoring-listen", "none"])
+                .arg("--root-ca-dir")
+                .arg(state.path().join("no-plugged-ca"))
+                .arg("--state-dir")
+                .arg(state.path())
+                .arg("--no-root-configmap")
+                .arg("--no-impersonation")
+                .args(["--ca-secret-namespace", &missing])
+                .arg("--kubeconfig")
+                .arg(identity.kubeconfig_path())
+                .args(["--self-signed-key-type", "ecdsa-p256"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the server kept running");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{stderr}");
+        for needle in [
+            format!("namespace {missing} does not exist"),
+            format!("kubectl create namespace {missing}"),
+            "POD_NAMESPACE".into(),
+            "--ca-secret-namespace".into(),
+            "--no-ca-secret".into(),
+        ] {
+            assert!(stderr.contains(&needle), "{needle:?} not in: {stderr}");
+        }
+        assert!(!stderr.contains("rbac-ca-secret.yaml"), "{stderr}");
         ns.cleanup().await.unwrap();
     })
     .await

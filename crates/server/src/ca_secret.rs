@@ -238,6 +238,16 @@ pub async fn load_or_create(
             tracing::info!(secret = %place(), "another replica created the CA Secret; using it");
             Ok((bundle, Origin::LostRace))
         }
+        // Only a missing namespace makes a create answer 404.
+        Err(e) if status_code(&e) == Some(404) => Err(e).with_context(|| {
+            let ns = &config.namespace;
+            format!(
+                "{}: namespace {ns} does not exist. Create it (kubectl create namespace {ns}), \
+                 or give meshca's namespace with POD_NAMESPACE or --ca-secret-namespace, or \
+                 use --no-ca-secret to keep the CA in the state directory",
+                place()
+            )
+        }),
         Err(e) => Err(e).with_context(|| format!("creating {}", failed())),
     }
 }
