@@ -8,18 +8,21 @@
 
 mod common;
 
-use common::{free_port, meshca};
+use common::{Proc, free_port, meshca};
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
-use meshca_testsupport::{Identity, TestEnv, TestNamespace};
+use meshca_server::ca::istio_secret::Origin;
+use meshca_testsupport::{Identity, RbacSpec, TestEnv, TestNamespace, rule};
 
 const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
 const CA_SECRET_RBAC: &str = include_str!("../../../deploy/server/rbac-ca-secret.yaml");
@@ -29,6 +32,8 @@ struct Server {
     child: Child,
     addr: String,
     _state: tempfile::TempDir,
+    /// Its stderr so far (also passed through to the test's stderr).
+    log: Arc<Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -54,7 +59,7 @@ impl Server {
         let state = tempfile::tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port());
         let monitoring = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshca"))
             .args(["server", "--listen", &addr])
             .args(["--monitoring-listen", &monitoring])
             .arg("--root-ca-dir")
@@ -70,17 +75,36 @@ impl Server {
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .context("starting meshca server")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().context("stderr")?;
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
         Ok((
             Server {
                 child,
                 addr,
                 _state: state,
+                log,
             },
             monitoring,
         ))
+    }
+
+    fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(text)
     }
 
     async fn wait_ready(&mut self, monitoring: &str) -> Result<()> {
@@ -203,6 +227,27 @@ async fn replicas_starting_at_once_share_one_secret_and_one_root() {
         let (mut b, mon_b) = Server::spawn(&ns, &identity, &[]).unwrap();
         a.wait_ready(&mon_a).await.unwrap();
         b.wait_ready(&mon_b).await.unwrap();
+        // Exactly one created the CA; the other took the winner's, after a
+        // 409 or having found it (which one depends on the two processes'
+        // timing; the in-process test below forces the conflict).
+        let created = "created a self-signed root CA in the Secret";
+        let adopted = [
+            "another replica created the CA Secret; using it",
+            "using the self-signed CA in the Secret",
+        ];
+        let decided = |s: &Server| s.logged(created) || adopted.iter().any(|t| s.logged(t));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(decided(&a) && decided(&b)) {
+            assert!(Instant::now() < deadline, "no CA Secret log line");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (winner, loser) = match (a.logged(created), b.logged(created)) {
+            (true, false) => (&a, &b),
+            (false, true) => (&b, &a),
+            both => panic!("created by (a, b): {both:?}; exactly one expected"),
+        };
+        assert!(!adopted.iter().any(|t| winner.logged(t)));
+        assert!(adopted.iter().any(|t| loser.logged(t)));
 
         let all = Api::<Secret>::namespaced(env.client(), ns.name())
             .list(&ListParams::default())
@@ -400,6 +445,21 @@ async fn a_root_near_its_end_is_reissued_with_the_same_key_and_subject() {
     .expect("test timed out");
 }
 
+/// `client` with every POST held until `n` POSTs are waiting.
+fn creates_held_until(client: kube::Client, n: usize) -> kube::Client {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let (client, barrier) = (client.clone(), barrier.clone());
+        async move {
+            if req.method() == http::Method::POST {
+                barrier.wait().await;
+            }
+            client.send(req).await
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creators_all_use_the_one_secret_that_won() {
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -417,20 +477,107 @@ async fn concurrent_creators_all_use_the_one_secret_that_won() {
             org: "race.example",
             ttl: Duration::from_secs(86_400),
         };
-        // All look before any creates: the losers get 409 and read the winner's.
+        // All look before any creates: each POST waits until all four have
+        // been sent, so every GET has answered "missing" by then. One create
+        // wins; the losers get 409 and read the winner's.
+        let client = creates_held_until(client, 4);
         let load =
             || meshca_server::ca::istio_secret::load_or_create(client.clone(), &config, &spec);
         let (a, b, c, d) = tokio::join!(load(), load(), load(), load());
-        let certs: Vec<Vec<u8>> = [a, b, c, d]
+        let (certs, mut origins): (Vec<Vec<u8>>, Vec<Origin>) = [a, b, c, d]
             .into_iter()
-            .map(|r| r.unwrap().signing_cert_der().to_vec())
-            .collect();
+            .map(|r| {
+                let (bundle, origin) = r.unwrap();
+                (bundle.signing_cert_der().to_vec(), origin)
+            })
+            .unzip();
         assert!(certs.windows(2).all(|w| w[0] == w[1]), "one root for all");
+        origins.sort_by_key(|o| *o != Origin::Created);
+        assert_eq!(
+            origins,
+            [
+                Origin::Created,
+                Origin::LostRace,
+                Origin::LostRace,
+                Origin::LostRace
+            ],
+            "one winner, three losers that saw the conflict"
+        );
         let secret = get_secret(&ns).await.unwrap();
         let stored = meshca_pki::pem::parse_all(&data(&secret, "ca-cert.pem"))
             .unwrap()
             .remove(0);
         assert_eq!(stored.der.to_vec(), certs[0]);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_ca_namespace_is_named_with_the_ways_out() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("cas-no-ns").await.unwrap();
+        // Secrets everywhere (as an admin kubeconfig has): what stops the
+        // server is the namespace, not RBAC.
+        let identity = ns
+            .identity(
+                "meshca",
+                &[RbacSpec::Rules(vec![
+                    rule(&[""], &["secrets"], &[], &["get", "create", "update"]),
+                    rule(
+                        &["authentication.k8s.io"],
+                        &["tokenreviews"],
+                        &[],
+                        &["create"],
+                    ),
+                ])],
+            )
+            .await
+            .unwrap();
+        let missing = ns.unique_name("absent");
+        let state = tempfile::tempdir().unwrap();
+        let mut child = Proc(
+            Command::new(env!("CARGO_BIN_EXE_meshca"))
+                .args(["server", "--listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--monitoring-listen", "none"])
+                .arg("--root-ca-dir")
+                .arg(state.path().join("no-plugged-ca"))
+                .arg("--state-dir")
+                .arg(state.path())
+                .arg("--no-root-configmap")
+                .arg("--no-impersonation")
+                .args(["--ca-secret-namespace", &missing])
+                .arg("--kubeconfig")
+                .arg(identity.kubeconfig_path())
+                .args(["--self-signed-key-type", "ecdsa-p256"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the server kept running");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{stderr}");
+        for needle in [
+            format!("namespace {missing} does not exist"),
+            format!("kubectl create namespace {missing}"),
+            "POD_NAMESPACE".into(),
+            "--ca-secret-namespace".into(),
+            "--no-ca-secret".into(),
+        ] {
+            assert!(stderr.contains(&needle), "{needle:?} not in: {stderr}");
+        }
+        assert!(!stderr.contains("rbac-ca-secret.yaml"), "{stderr}");
         ns.cleanup().await.unwrap();
     })
     .await

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Proc, free_port, leaf_uris, meshca};
+use common::{Proc, free_port, leaf_uris, meshca, pem_der};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -527,6 +527,20 @@ async fn without_an_answer_the_request_times_out_and_the_csr_is_deleted() {
         let token = ns.token("workload").await.unwrap();
         let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
         let mut client = server.grpc().await.unwrap();
+        // A tampered CSR (the signature's last bit flipped) is refused at
+        // once, with the pki's reason, before anything is submitted.
+        let mut der = pem_der(&workload_csr(&spiffe));
+        *der.last_mut().unwrap() ^= 1;
+        let tampered = meshca_pki::pem::encode("CERTIFICATE REQUEST", &der);
+        let e = client
+            .create_certificate(request(tampered, 0, "", &token))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert_eq!(
+            e.metadata().get("meshca-reason").unwrap().to_str().unwrap(),
+            "csr_signature_invalid"
+        );
         let started = Instant::now();
         let e = client
             .create_certificate(request(workload_csr(&spiffe), 0, "", &token))

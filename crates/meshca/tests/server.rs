@@ -369,12 +369,14 @@ async fn bad_requests_get_istios_codes_nothing_is_issued_and_the_server_keeps_se
         "broken signature",
     );
     let big = format!("{}{}", good(), "A".repeat(40 * 1024));
-    expect(
-        client
-            .create_certificate(request(big, 0, Some(&token), None))
-            .await,
-        Code::InvalidArgument,
-        "oversized CSR",
+    let status = client
+        .create_certificate(request(big, 0, Some(&token), None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "oversized CSR");
+    assert_eq!(
+        status.metadata().get("meshca-reason").unwrap(),
+        "csr_too_large"
     );
     let huge = "A".repeat(100 * 1024);
     expect(

@@ -12,6 +12,10 @@
 //!   - name: example.com/tenant-a
 //!     caDir: /etc/tenant-a
 //!     trustDomains: [tenant-a.example]
+//!   - name: example.com/tenant-b
+//!     caCertPath: /etc/tenant-b/tls.crt              # signer-ca's --ca-cert-path
+//!     caKeyPath: /etc/tenant-b/tls.key
+//!     caRootsPath: /etc/tenant-b/ca.crt              # optional: default the chain's last
 //! ```
 
 use std::path::PathBuf;
@@ -119,11 +123,22 @@ impl SignerSpec {
     pub fn build(&self) -> Result<SignerConfig> {
         let ctx = || format!("signer {}", self.name);
         validate_signer_name(&self.name).with_context(ctx)?;
-        let ca = match (&self.ca_dir, &self.ca_secret) {
-            (Some(d), None) => CaSource::Dir(d.clone()),
-            (None, Some(s)) => s.parse().map_err(anyhow::Error::msg).with_context(ctx)?,
+        let files = match (&self.ca_cert_path, &self.ca_key_path) {
+            (Some(cert), Some(key)) => Some(CaSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                roots: self.ca_roots_path.clone(),
+            }),
+            (None, None) if self.ca_roots_path.is_none() => None,
+            (None, None) => bail!("signer {}: caRootsPath needs caCertPath", self.name),
+            _ => bail!("signer {}: caCertPath and caKeyPath go together", self.name),
+        };
+        let ca = match (&self.ca_dir, &self.ca_secret, files) {
+            (Some(d), None, None) => CaSource::Dir(d.clone()),
+            (None, Some(s), None) => s.parse().map_err(anyhow::Error::msg).with_context(ctx)?,
+            (None, None, Some(files)) => files,
             _ => bail!(
-                "signer {}: give exactly one of caDir and caSecret",
+                "signer {}: give exactly one of caDir, caSecret and caCertPath/caKeyPath",
                 self.name
             ),
         };
@@ -245,6 +260,32 @@ mod tests {
     }
 
     #[test]
+    fn ca_from_separate_files() {
+        let signers = parse(
+            "signers:\n\
+             - name: example.com/foo\n  caCertPath: /ca/tls.crt\n  caKeyPath: /ca/tls.key\n\
+             - name: example.com/bar\n  caCertPath: /b/c.pem\n  caKeyPath: /b/k.pem\n  caRootsPath: /b/r.pem\n",
+        )
+        .unwrap();
+        assert_eq!(
+            signers[0].ca,
+            CaSource::Files {
+                cert: "/ca/tls.crt".into(),
+                key: "/ca/tls.key".into(),
+                roots: None
+            }
+        );
+        assert_eq!(
+            signers[1].ca,
+            CaSource::Files {
+                cert: "/b/c.pem".into(),
+                key: "/b/k.pem".into(),
+                roots: Some("/b/r.pem".into())
+            }
+        );
+    }
+
+    #[test]
     fn refuses_bad_configs() {
         for (text, needle) in [
             ("signers: []", "no signers"),
@@ -255,6 +296,22 @@ mod tests {
             (
                 "signers:\n- name: example.com/foo\n  caDir: /a\n  caSecret: a/b\n",
                 "exactly one",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caDir: /a\n  caCertPath: /c\n  caKeyPath: /k\n",
+                "exactly one",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caCertPath: /c\n",
+                "caCertPath and caKeyPath go together",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caKeyPath: /k\n",
+                "caCertPath and caKeyPath go together",
+            ),
+            (
+                "signers:\n- name: example.com/foo\n  caDir: /a\n  caRootsPath: /r\n",
+                "caRootsPath needs caCertPath",
             ),
             ("signers:\n- name: foo\n  caDir: /a\n", "<domain>/<path>"),
             (

@@ -182,3 +182,40 @@ pub fn signer(args: SignerArgs) -> Result<ExitCode> {
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use meshca_signer::CaSource;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SignerArgs,
+    }
+
+    #[test]
+    fn ca_cert_path_and_ca_key_path_flags_give_a_files_ca() {
+        let cli = Cli::try_parse_from([
+            "signer",
+            "--ca-cert-path",
+            "/ca/tls.crt",
+            "--ca-key-path",
+            "/ca/tls.key",
+            "--ca-roots-path",
+            "/ca/ca.crt",
+        ])
+        .unwrap();
+        let signers = signers(&cli.args).unwrap();
+        assert_eq!(signers.len(), 1);
+        assert_eq!(
+            signers[0].ca,
+            CaSource::Files {
+                cert: "/ca/tls.crt".into(),
+                key: "/ca/tls.key".into(),
+                roots: Some("/ca/ca.crt".into()),
+            }
+        );
+    }
+}

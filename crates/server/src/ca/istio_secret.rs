@@ -128,12 +128,24 @@ fn read_bundle(secret: &Secret, now: OffsetDateTime) -> Result<CaBundle> {
     bundle_from_data(secret.data.as_ref().unwrap_or(&empty), now)
 }
 
+/// How [`load_or_create`] got the CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The Secret was there.
+    Existing,
+    /// This call created the Secret.
+    Created,
+    /// The Secret was missing, but another replica created it first (409):
+    /// its CA is used.
+    LostRace,
+}
+
 /// The CA in Secret `istio-ca-secret`, created (race-safely) if missing.
 pub async fn load_or_create(
     client: kube::Client,
     config: &CaSecretConfig,
     spec: &RootSpec<'_>,
-) -> Result<CaBundle> {
+) -> Result<(CaBundle, Origin)> {
     let api = Api::<Secret>::namespaced(client, &config.namespace);
     let place = || format!("Secret {}/{SECRET_NAME}", config.namespace);
     // Errors say what to check: the RBAC, the namespace, or the way out.
@@ -147,7 +159,7 @@ pub async fn load_or_create(
     if let Some(secret) = api.get_opt(SECRET_NAME).await.with_context(failed)? {
         let bundle = read_bundle(&secret, OffsetDateTime::now_utc()).with_context(place)?;
         tracing::info!(secret = %place(), "using the self-signed CA in the Secret");
-        return Ok(bundle);
+        return Ok((bundle, Origin::Existing));
     }
     let now = OffsetDateTime::now_utc();
     let bundle = new_root(spec, now).context("creating the self-signed CA")?;
@@ -155,15 +167,25 @@ pub async fn load_or_create(
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             tracing::info!(secret = %place(), "created a self-signed root CA in the Secret");
-            Ok(bundle)
+            Ok((bundle, Origin::Created))
         }
         Err(e) if meshca_kube::status::is_conflict(&e) => {
             // Another replica was first: use its CA.
             let secret = api.get(SECRET_NAME).await.with_context(failed)?;
             let bundle = read_bundle(&secret, OffsetDateTime::now_utc()).with_context(place)?;
             tracing::info!(secret = %place(), "another replica created the CA Secret; using it");
-            Ok(bundle)
+            Ok((bundle, Origin::LostRace))
         }
+        // Only a missing namespace makes a create answer 404.
+        Err(e) if meshca_kube::status::is_not_found(&e) => Err(e).with_context(|| {
+            let ns = &config.namespace;
+            format!(
+                "{}: namespace {ns} does not exist. Create it (kubectl create namespace {ns}), \
+                 or give meshca's namespace with POD_NAMESPACE or --ca-secret-namespace, or \
+                 use --no-ca-secret to keep the CA in the state directory",
+                place()
+            )
+        }),
         Err(e) => Err(e).with_context(|| format!("creating {}", failed())),
     }
 }

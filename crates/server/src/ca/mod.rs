@@ -70,7 +70,7 @@ pub async fn open(config: &ServerConfig, stop: &CancellationToken) -> Result<Ope
             org: &config.trust_domain,
             ttl: config.self_signed_ttl,
         };
-        let bundle = istio_secret::load_or_create(client.clone(), secret, &spec).await?;
+        let (bundle, _) = istio_secret::load_or_create(client.clone(), secret, &spec).await?;
         let copy = config.state_dir.join("ca-secret");
         std::fs::create_dir_all(&copy).with_context(|| format!("creating {}", copy.display()))?;
         let root_file = copy.join(dir::ROOT_CERT);

@@ -251,12 +251,18 @@ fn requests_istiod_refuses_are_refused_before_anything_is_submitted() {
 
     let e = refused("not a csr", &ids(), 0, false);
     assert_eq!(e.kind(), ErrorKind::CsrError);
-    let mut tampered = ok.clone().into_bytes();
-    // Flip a bit inside the base64 body: the self-signature breaks.
-    let at = tampered.len() / 2;
-    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
-    let e = check_request(&tampered, &ids(), 0, false, &p).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::CsrError);
+    // The signature's last bit flipped: the DER stays well formed, the
+    // self-signature breaks.
+    let mut der = pem::parse_all(ok.as_bytes())
+        .unwrap()
+        .remove(0)
+        .der
+        .to_vec();
+    *der.last_mut().unwrap() ^= 1;
+    let tampered = pem::encode("CERTIFICATE REQUEST", &der);
+    let e = refused(&tampered, &ids(), 0, false);
+    assert_eq!(e.kind().grpc_code(), GrpcCode::InvalidArgument);
+    assert_eq!(e.reason(), "csr_signature_invalid");
 
     for e in [
         RaError::ForCa,

@@ -1,0 +1,279 @@
+//! `meshca signer` started as a user starts it, with its CA as two separate
+//! files (signer-ca's `--ca-cert-path`/`--ca-key-path`, or `caCertPath`/
+//! `caKeyPath`/`caRootsPath` in a `--config` file), against a real
+//! kube-apiserver: running with exactly deploy/signer/rbac.yaml's RBAC, it
+//! signs a CSR approved by an identity with deploy/signer/istiod.yaml's.
+
+mod common;
+
+use common::{Proc, meshca};
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
+    CertificateSigningRequestStatus,
+};
+use kube::api::{Api, ObjectMeta, PostParams};
+use meshca_signer::manifests;
+use meshca_testsupport::{Identity, TestEnv, TestNamespace};
+
+const USAGES: [&str; 4] = [
+    "digital signature",
+    "key encipherment",
+    "server auth",
+    "client auth",
+];
+
+/// A root and an intermediate under it (`meshca ca init`, cacerts layout);
+/// returns the intermediate's directory.
+fn make_ca(base: &Path) -> Result<PathBuf> {
+    let root = base.join("root");
+    let dir = base.join("intermediate");
+    let (root_s, dir_s) = (root.to_str().unwrap(), dir.to_str().unwrap());
+    meshca(&[
+        "ca",
+        "init",
+        "--out",
+        root_s,
+        "--key-type",
+        "ecdsa-p256",
+        "--org",
+        "signer-cli",
+    ])?;
+    meshca(&[
+        "ca",
+        "init",
+        "--out",
+        dir_s,
+        "--intermediate-of",
+        root_s,
+        "--key-type",
+        "ecdsa-p256",
+        "--org",
+        "signer-cli",
+    ])?;
+    Ok(dir)
+}
+
+/// The signer's and istiod's identities, with exactly their manifests' RBAC.
+async fn identities(ns: &TestNamespace, signer: &str) -> Result<(Identity, kube::Client)> {
+    let o = manifests::Options {
+        name: ns.unique_name("m"),
+        namespace: ns.name().to_string(),
+        istio_namespace: ns.name().to_string(),
+        signer_names: vec![signer.to_string()],
+        image: "meshca:test".into(),
+    };
+    let rbac = manifests::render_text(manifests::FILES[1].1, &o);
+    let controller = ns
+        .identity_from_manifest("signer-ca-controller-manager", &rbac)
+        .await?;
+    let istiod_rbac = manifests::render_text(manifests::FILES[4].1, &o);
+    let istiod = ns
+        .identity_from_manifest("istiod", &istiod_rbac)
+        .await?
+        .client()
+        .await?;
+    Ok((controller, istiod))
+}
+
+/// `meshca signer ARGS` as `identity`.
+fn start_signer(identity: &Identity, args: &[&str]) -> Result<Proc> {
+    let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .arg("signer")
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(identity.kubeconfig_path())
+        .args(["--no-trust-bundle", "--monitoring-listen", "none"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting meshca signer")?;
+    Ok(Proc(child))
+}
+
+/// Creates an istiod-shaped CSR for `signer` and approves it, as istiod.
+async fn approved_csr(ns: &TestNamespace, istiod: &kube::Client, signer: &str) -> Result<String> {
+    let key = meshca_pki::SigningKey::generate(meshca_pki::KeyType::EcdsaP256)?;
+    let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+    let pem = meshca_pki::csr::build_csr(
+        &key,
+        meshca_pki::cert::EMPTY_NAME,
+        &[meshca_pki::SanEntry::Uri(spiffe)],
+    )
+    .map_err(anyhow::Error::msg)?;
+    let name = ns.unique_name("csr");
+    ns.delete_csr_on_cleanup(&name);
+    let api = Api::<CertificateSigningRequest>::all(istiod.clone());
+    let mut csr = api
+        .create(
+            &PostParams::default(),
+            &CertificateSigningRequest {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                },
+                spec: CertificateSigningRequestSpec {
+                    request: ByteString(pem.into_bytes()),
+                    signer_name: signer.to_string(),
+                    expiration_seconds: Some(3600),
+                    usages: Some(USAGES.iter().map(|u| u.to_string()).collect()),
+                    ..Default::default()
+                },
+                status: None,
+            },
+        )
+        .await
+        .with_context(|| format!("creating CSR {name}"))?;
+    csr.status
+        .get_or_insert_with(CertificateSigningRequestStatus::default)
+        .conditions
+        .get_or_insert_with(Vec::new)
+        .push(CertificateSigningRequestCondition {
+            type_: "Approved".into(),
+            status: "True".into(),
+            reason: Some("TestApproved".into()),
+            message: Some("approved by the signer CLI test".into()),
+            ..Default::default()
+        });
+    api.replace_subresource("approval", &name, &PostParams::default(), &csr)
+        .await
+        .with_context(|| format!("approving CSR {name}"))?;
+    Ok(name)
+}
+
+/// Waits for `status.certificate` of CSR `name`; fails at once if the
+/// signer exits or the CSR gets a Failed condition.
+async fn wait_issued(istiod: &kube::Client, name: &str, signer: &mut Proc) -> Result<String> {
+    let api = Api::<CertificateSigningRequest>::all(istiod.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = signer.0.try_wait()? {
+            bail!("meshca signer exited: {status}");
+        }
+        let status = api.get(name).await?.status.unwrap_or_default();
+        if let Some(cert) = status.certificate {
+            return Ok(String::from_utf8(cert.0)?);
+        }
+        let conditions = status.conditions.unwrap_or_default();
+        if let Some(failed) = conditions.iter().find(|c| c.type_ == "Failed") {
+            bail!("CSR {name} failed: {failed:?}");
+        }
+        if Instant::now() > deadline {
+            bail!("CSR {name} not signed in 30 s: {conditions:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `openssl verify` of the chain's leaf against the root file, the rest of
+/// the chain untrusted.
+fn verify(dir: &Path, chain: &str, root: &Path) -> Result<()> {
+    let blocks = meshca_pki::pem::parse_all(chain.as_bytes())?;
+    if blocks.len() < 2 {
+        bail!(
+            "expected leaf and intermediate, got {} blocks",
+            blocks.len()
+        );
+    }
+    let leaf = dir.join("leaf.pem");
+    let rest = dir.join("untrusted.pem");
+    std::fs::write(
+        &leaf,
+        meshca_pki::pem::encode("CERTIFICATE", &blocks[0].der),
+    )?;
+    let untrusted: String = blocks[1..]
+        .iter()
+        .map(|b| meshca_pki::pem::encode("CERTIFICATE", &b.der))
+        .collect();
+    std::fs::write(&rest, untrusted)?;
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(root)
+        .arg("-untrusted")
+        .arg(&rest)
+        .arg(&leaf)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "openssl verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_cert_path_and_ca_key_path_flags_sign_an_approved_csr() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("signer-cli-flags").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let (controller, istiod) = identities(&ns, &signer).await.unwrap();
+        let ca = make_ca(&dir).unwrap();
+        // cert-chain.pem: intermediate then root, so the roots default to its end.
+        let mut proc = start_signer(
+            &controller,
+            &[
+                "--signer-name",
+                &signer,
+                "--ca-cert-path",
+                ca.join("cert-chain.pem").to_str().unwrap(),
+                "--ca-key-path",
+                ca.join("ca-key.pem").to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+        let name = approved_csr(&ns, &istiod, &signer).await.unwrap();
+        let chain = wait_issued(&istiod, &name, &mut proc).await.unwrap();
+        verify(&dir, &chain, &dir.join("root/root-cert.pem")).unwrap();
+        drop(proc);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_cert_path_and_ca_key_path_in_a_config_file_sign_an_approved_csr() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("signer-cli-config").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let (controller, istiod) = identities(&ns, &signer).await.unwrap();
+        let ca = make_ca(&dir).unwrap();
+        let config = dir.join("signers.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "signers:\n\
+                 - name: {signer}\n  \
+                   caCertPath: {}\n  \
+                   caKeyPath: {}\n  \
+                   caRootsPath: {}\n",
+                ca.join("ca-cert.pem").display(),
+                ca.join("ca-key.pem").display(),
+                ca.join("root-cert.pem").display(),
+            ),
+        )
+        .unwrap();
+        let mut proc = start_signer(&controller, &["--config", config.to_str().unwrap()]).unwrap();
+        let name = approved_csr(&ns, &istiod, &signer).await.unwrap();
+        let chain = wait_issued(&istiod, &name, &mut proc).await.unwrap();
+        verify(&dir, &chain, &dir.join("root/root-cert.pem")).unwrap();
+        drop(proc);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
