@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1beta1::ClusterTrustBundle;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -246,6 +247,15 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
             .replace("istio-ca-root-cert", &other_manager, &cm)
             .await
             .unwrap();
+        // The key moved to binaryData (the same key in both is invalid).
+        let in_home = Api::<ConfigMap>::namespaced(admin.clone(), home.name());
+        let mut cm = in_home.get("istio-ca-root-cert").await.unwrap();
+        cm.data.as_mut().unwrap().remove("root-cert.pem");
+        cm.binary_data = Some([("root-cert.pem".to_string(), ByteString(b"x".to_vec()))].into());
+        in_home
+            .replace("istio-ca-root-cert", &other_manager, &cm)
+            .await
+            .unwrap();
         let bundles = Api::<ClusterTrustBundle>::all(admin.clone());
         let mut bundle = bundles.get(BUNDLE).await.unwrap();
         bundle.spec.trust_bundle = std::fs::read_to_string(plugged.join("ca-cert.pem")).unwrap();
@@ -264,6 +274,12 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
             applied_by_meshca(&cm.metadata, &["f:data", "f:root-cert.pem"]),
             "root-cert.pem not owned by meshca-server's apply: {:?}",
             cm.metadata.managed_fields
+        );
+        let cm = in_home.get("istio-ca-root-cert").await.unwrap();
+        assert!(
+            cm.binary_data
+                .is_none_or(|b| !b.contains_key("root-cert.pem")),
+            "binaryData still has root-cert.pem"
         );
         let bundle = bundles.get(BUNDLE).await.unwrap();
         assert!(
