@@ -3,7 +3,8 @@
 //! rbac-cluster-trust-bundle.yaml, two replicas sharing one plugged-in CA:
 //! ConfigMap `istio-ca-root-cert` appears in existing and new namespaces and
 //! ClusterTrustBundle `istio.io:istiod-ca:root-cert` is created; both are
-//! put back after tampering or deletion, by whichever replica holds the
+//! put back after tampering or deletion (server-side apply as field manager
+//! `meshca-server`, keeping other managers' keys), by whichever replica holds the
 //! Lease (the other takes over when the holder stops), and follow a root
 //! change of the CA files.
 
@@ -16,9 +17,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1beta1::ClusterTrustBundle;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use meshca_testsupport::{Identity, TestEnv};
 
@@ -89,6 +92,20 @@ async fn wait_roots(client: &kube::Client, namespaces: &[&str], roots: &[Vec<u8>
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether field manager `meshca-server` owns `field` (a fieldsV1 path)
+/// through server-side apply.
+fn applied_by_meshca(meta: &ObjectMeta, field: &[&str]) -> bool {
+    meta.managed_fields.iter().flatten().any(|entry| {
+        let owned = entry
+            .fields_v1
+            .as_ref()
+            .is_some_and(|f| field.iter().try_fold(&f.0, |v, key| v.get(*key)).is_some());
+        entry.manager.as_deref() == Some("meshca-server")
+            && entry.operation.as_deref() == Some("Apply")
+            && owned
+    })
 }
 
 /// Waits until the Lease names `holder`.
@@ -214,15 +231,36 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
         assert_eq!(first.len(), 1);
         wait_roots(&admin, &all, &first, "initial sync").await;
 
-        // Tampering is undone; a deleted ConfigMap comes back.
+        // Tampering (a plain update by another field manager) is undone by
+        // meshca's server-side apply, which keeps the other manager's key;
+        // a deleted ConfigMap comes back.
+        let other_manager = PostParams {
+            field_manager: Some("someone-else".into()),
+            ..Default::default()
+        };
         let in_before = Api::<ConfigMap>::namespaced(admin.clone(), before.name());
         let mut cm = in_before.get("istio-ca-root-cert").await.unwrap();
-        cm.data
-            .as_mut()
-            .unwrap()
-            .insert("root-cert.pem".into(), "not a root".into());
+        let data = cm.data.as_mut().unwrap();
+        data.insert("root-cert.pem".into(), "not a root".into());
+        data.insert("note".into(), "kept".into());
         in_before
-            .replace("istio-ca-root-cert", &PostParams::default(), &cm)
+            .replace("istio-ca-root-cert", &other_manager, &cm)
+            .await
+            .unwrap();
+        // The key moved to binaryData (the same key in both is invalid).
+        let in_home = Api::<ConfigMap>::namespaced(admin.clone(), home.name());
+        let mut cm = in_home.get("istio-ca-root-cert").await.unwrap();
+        cm.data.as_mut().unwrap().remove("root-cert.pem");
+        cm.binary_data = Some([("root-cert.pem".to_string(), ByteString(b"x".to_vec()))].into());
+        in_home
+            .replace("istio-ca-root-cert", &other_manager, &cm)
+            .await
+            .unwrap();
+        let bundles = Api::<ClusterTrustBundle>::all(admin.clone());
+        let mut bundle = bundles.get(BUNDLE).await.unwrap();
+        bundle.spec.trust_bundle = std::fs::read_to_string(plugged.join("ca-cert.pem")).unwrap();
+        bundles
+            .replace(BUNDLE, &other_manager, &bundle)
             .await
             .unwrap();
         Api::<ConfigMap>::namespaced(admin.clone(), after.name())
@@ -230,6 +268,25 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
             .await
             .unwrap();
         wait_roots(&admin, &all, &first, "after tampering and deletion").await;
+        let cm = in_before.get("istio-ca-root-cert").await.unwrap();
+        assert_eq!(cm.data.as_ref().unwrap()["note"], "kept");
+        assert!(
+            applied_by_meshca(&cm.metadata, &["f:data", "f:root-cert.pem"]),
+            "root-cert.pem not owned by meshca-server's apply: {:?}",
+            cm.metadata.managed_fields
+        );
+        let cm = in_home.get("istio-ca-root-cert").await.unwrap();
+        assert!(
+            cm.binary_data
+                .is_none_or(|b| !b.contains_key("root-cert.pem")),
+            "binaryData still has root-cert.pem"
+        );
+        let bundle = bundles.get(BUNDLE).await.unwrap();
+        assert!(
+            applied_by_meshca(&bundle.metadata, &["f:spec", "f:trustBundle"]),
+            "trustBundle not owned by meshca-server's apply: {:?}",
+            bundle.metadata.managed_fields
+        );
 
         // The holder stops and hands the Lease over; the standby repairs.
         terminate(first_replica);

@@ -11,9 +11,11 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
 
 use meshca_ca_store::CurrentCa;
+use meshca_kube::{LastError, apply};
 
 /// Where the roots go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,74 +52,152 @@ pub fn roots_pem(cas: &[CurrentCa]) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
-/// Makes the Secret hold exactly `pem` under the key; returns whether it
-/// wrote. Updates carry the resourceVersion read.
-pub async fn sync_once(client: &Client, target: &TrustBundleTarget, pem: &str) -> Result<bool> {
-    let api = Api::<Secret>::namespaced(client.clone(), &target.namespace);
-    let want = ByteString(pem.as_bytes().to_vec());
-    match api
-        .get_opt(&target.name)
-        .await
-        .with_context(|| format!("reading Secret {}/{}", target.namespace, target.name))?
-    {
-        None => {
-            let secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(target.name.clone()),
-                    namespace: Some(target.namespace.clone()),
-                    labels: Some(BTreeMap::from([(
-                        "app.kubernetes.io/managed-by".to_string(),
-                        "meshca-signer".to_string(),
-                    )])),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([(target.key.clone(), want)])),
-                type_: Some("Opaque".into()),
-                ..Default::default()
-            };
-            api.create(&PostParams::default(), &secret)
-                .await
-                .with_context(|| format!("creating Secret {}/{}", target.namespace, target.name))?;
-            Ok(true)
-        }
-        Some(mut secret) => {
-            let data = secret.data.get_or_insert_with(BTreeMap::new);
-            if data.get(&target.key) == Some(&want) {
-                return Ok(false);
-            }
-            data.insert(target.key.clone(), want);
-            api.replace(&target.name, &PostParams::default(), &secret)
-                .await
-                .with_context(|| format!("updating Secret {}/{}", target.namespace, target.name))?;
-            Ok(true)
-        }
+/// The label on the Secret.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshca-signer");
+
+/// The Secret meshca applies: the roots under the key, and the label. No
+/// `type`: a new Secret gets `Opaque`, and one made by hand keeps its own.
+pub fn desired(target: &TrustBundleTarget, pem: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(target.name.clone()),
+            namespace: Some(target.namespace.clone()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY.0.to_string(),
+                MANAGED_BY.1.to_string(),
+            )])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            target.key.clone(),
+            ByteString(pem.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
     }
 }
 
-/// Publishes on every CA change and re-checks every `resync`.
+/// Whether the Secret needs a write: missing, or the roots under the key
+/// differ. Other keys and labels do not count.
+pub fn needs_write(existing: Option<&Secret>, target: &TrustBundleTarget, pem: &str) -> bool {
+    let have = existing
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| d.get(&target.key));
+    have.is_none_or(|b| b.0 != pem.as_bytes())
+}
+
+/// Makes the Secret hold exactly `pem` under the key (server-side apply as
+/// `meshca-signer`); returns whether it wrote.
+pub async fn sync_once(client: &Client, target: &TrustBundleTarget, pem: &str) -> Result<bool> {
+    let api = Api::<Secret>::namespaced(client.clone(), &target.namespace);
+    let existing = api
+        .get_opt(&target.name)
+        .await
+        .with_context(|| format!("reading Secret {}/{}", target.namespace, target.name))?;
+    if !needs_write(existing.as_ref(), target, pem) {
+        return Ok(false);
+    }
+    apply::apply(&api, apply::SIGNER, &desired(target, pem))
+        .await
+        .with_context(|| format!("applying Secret {}/{}", target.namespace, target.name))?;
+    Ok(true)
+}
+
+/// After a failed write, the next try comes this much later (or at the next
+/// change).
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Publishes on every CA change and puts the Secret back when someone else
+/// changes or deletes it (a watch on it by name); re-checks every `resync`.
 pub async fn keep_published(
     client: Client,
     target: TrustBundleTarget,
     cas: Vec<CurrentCa>,
     resync: Duration,
 ) {
-    let mut changes = futures::stream::select_all(
+    let mut ca_changes = futures::stream::select_all(
         cas.iter()
             .map(|ca| Box::pin(meshca_ca_store::changes(ca)) as std::pin::Pin<Box<_>>),
-    );
+    )
+    .chain(futures::stream::pending());
+    let api = Api::<Secret>::namespaced(client.clone(), &target.namespace);
+    let mut secret_events = watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={}", target.name)),
+    )
+    .default_backoff()
+    .boxed();
+    let mut last_error = LastError::default();
     loop {
+        let mut delay = resync;
         if let Some(pem) = roots_pem(&cas) {
             match sync_once(&client, &target, &pem).await {
-                Ok(true) => {
-                    tracing::info!(namespace = %target.namespace, name = %target.name, "trust bundle published")
+                Ok(wrote) => {
+                    last_error.clear();
+                    if wrote {
+                        tracing::info!(namespace = %target.namespace, name = %target.name, "trust bundle published");
+                    }
                 }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "publishing the trust bundle"),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if last_error.is_new(&e) {
+                        tracing::warn!(error = %e, "publishing the trust bundle; retrying");
+                    } else {
+                        tracing::debug!(error = %e, "publishing the trust bundle");
+                    }
+                    delay = RETRY;
+                }
             }
         }
         tokio::select! {
-            _ = changes.next() => {}
-            _ = tokio::time::sleep(resync) => {}
+            _ = ca_changes.next() => {}
+            // Our own writes come back here too: one cheap GET each.
+            _ = secret_events.next() => {}
+            _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn the_applied_secret_is_the_roots_under_the_key_and_the_label() {
+        let target = TrustBundleTarget::default();
+        assert_eq!(
+            serde_json::to_value(desired(&target, ROOT)).unwrap(),
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": "external-ca-cert",
+                    "namespace": "istio-system",
+                    "labels": { "app.kubernetes.io/managed-by": "meshca-signer" },
+                },
+                "data": { "root-cert.pem": ByteString(ROOT.as_bytes().to_vec()) },
+            })
+        );
+    }
+
+    #[test]
+    fn only_a_missing_or_different_root_is_written() {
+        let target = TrustBundleTarget::default();
+        assert!(needs_write(None, &target, ROOT));
+        let mut secret = desired(&target, ROOT);
+        assert!(!needs_write(Some(&secret), &target, ROOT));
+        // Labels and keys of others do not count.
+        secret.metadata.labels = None;
+        let data = secret.data.as_mut().unwrap();
+        data.insert("extra".into(), ByteString(b"x".to_vec()));
+        assert!(!needs_write(Some(&secret), &target, ROOT));
+        assert!(needs_write(
+            Some(&secret),
+            &target,
+            &ROOT.replace("AAAA", "BBBB")
+        ));
+        secret.data.as_mut().unwrap().remove("root-cert.pem");
+        assert!(needs_write(Some(&secret), &target, ROOT));
     }
 }

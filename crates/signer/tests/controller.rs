@@ -494,6 +494,38 @@ async fn ca_secret_rotation_under_load_and_trust_bundle_publication() {
         )
         .await;
         wait_trust_bundle(&secrets, &ca1.root_pem).await;
+        let published = secrets.get("external-ca-cert").await.unwrap();
+        assert_eq!(published.type_.as_deref(), Some("Opaque"));
+        assert_eq!(
+            published.metadata.labels.unwrap()["app.kubernetes.io/managed-by"],
+            "meshca-signer"
+        );
+
+        // Someone else's plain update of the roots is put back at once (the
+        // Secret is watched; the resync is 30 s), keeping their own key.
+        let mut edited = secrets.get("external-ca-cert").await.unwrap();
+        let data = edited.data.as_mut().unwrap();
+        data.insert("root-cert.pem".into(), ByteString(b"not a root".to_vec()));
+        data.insert("note".into(), ByteString(b"kept".to_vec()));
+        let other_manager = PostParams {
+            field_manager: Some("someone-else".into()),
+            ..Default::default()
+        };
+        secrets
+            .replace("external-ca-cert", &other_manager, &edited)
+            .await
+            .unwrap();
+        wait_trust_bundle(&secrets, &ca1.root_pem).await;
+        let restored = secrets.get("external-ca-cert").await.unwrap();
+        assert_eq!(restored.data.unwrap()["note"].0, b"kept");
+        let applied = restored.metadata.managed_fields.iter().flatten().any(|m| {
+            m.manager.as_deref() == Some("meshca-signer") && m.operation.as_deref() == Some("Apply")
+        });
+        assert!(
+            applied,
+            "not applied by meshca-signer: {:?}",
+            restored.metadata.managed_fields
+        );
 
         // Load: CSRs keep coming while the CA rotates to a new root and
         // intermediate, with both roots trusted during the rotation.

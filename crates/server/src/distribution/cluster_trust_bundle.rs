@@ -13,11 +13,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::certificates::v1beta1::{ClusterTrustBundle, ClusterTrustBundleSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 
-use meshca_kube::LastError;
+use meshca_kube::{LastError, apply};
 
 /// Istio's names.
 pub const BUNDLE_NAME: &str = "istio.io:istiod-ca:root-cert";
@@ -28,15 +28,14 @@ pub const SIGNER_NAME: &str = "istio.io/istiod-ca";
 const RESYNC: Duration = Duration::from_secs(300);
 
 /// What the cluster needs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
     InSync,
-    Create(ClusterTrustBundle),
-    /// Replace the existing object, resourceVersion kept (a concurrent change
-    /// conflicts and is retried).
-    Update(ClusterTrustBundle),
+    /// Server-side apply [`desired`]: creates the bundle or puts its roots back.
+    Apply,
 }
 
+/// The bundle istiod would write: all that meshca applies.
 pub fn desired(roots_pem: &str) -> ClusterTrustBundle {
     ClusterTrustBundle {
         metadata: ObjectMeta {
@@ -54,32 +53,23 @@ pub fn desired(roots_pem: &str) -> ClusterTrustBundle {
 /// signer, and the signer is immutable, so only the bundle can differ.
 pub fn plan(existing: Option<&ClusterTrustBundle>, roots_pem: &str) -> Plan {
     match existing {
-        None => Plan::Create(desired(roots_pem)),
         Some(b) if b.spec.trust_bundle == roots_pem => Plan::InSync,
-        Some(b) => {
-            let mut fixed = b.clone();
-            fixed.spec.trust_bundle = roots_pem.into();
-            fixed.metadata.managed_fields = None;
-            Plan::Update(fixed)
-        }
+        _ => Plan::Apply,
     }
 }
 
 async fn sync(api: &Api<ClusterTrustBundle>, roots_pem: &str) -> Result<(), kube::Error> {
-    match plan(api.get_opt(BUNDLE_NAME).await?.as_ref(), roots_pem) {
-        Plan::InSync => Ok(()),
-        Plan::Create(bundle) => {
-            api.create(&PostParams::default(), &bundle).await?;
-            tracing::info!("created ClusterTrustBundle {BUNDLE_NAME}");
-            Ok(())
-        }
-        Plan::Update(bundle) => {
-            api.replace(BUNDLE_NAME, &PostParams::default(), &bundle)
-                .await?;
-            tracing::info!("re-synced ClusterTrustBundle {BUNDLE_NAME}");
-            Ok(())
-        }
+    let existing = api.get_opt(BUNDLE_NAME).await?;
+    if plan(existing.as_ref(), roots_pem) == Plan::Apply {
+        apply::apply(api, apply::SERVER, &desired(roots_pem)).await?;
+        let action = if existing.is_some() {
+            "re-synced"
+        } else {
+            "created"
+        };
+        tracing::info!("{action} ClusterTrustBundle {BUNDLE_NAME}");
     }
+    Ok(())
 }
 
 /// Runs until dropped: keeps the bundle equal to the latest `roots`, put
@@ -133,28 +123,25 @@ mod tests {
     const ROOT: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
 
     #[test]
-    fn a_missing_bundle_is_created_with_istios_name_and_signer() {
-        let Plan::Create(b) = plan(None, ROOT) else {
-            panic!("expected Create");
-        };
+    fn a_missing_bundle_is_applied_with_istios_name_and_signer() {
+        assert_eq!(plan(None, ROOT), Plan::Apply);
         assert_eq!(
-            b.metadata.name.as_deref(),
-            Some("istio.io:istiod-ca:root-cert")
+            serde_json::to_value(desired(ROOT)).unwrap(),
+            serde_json::json!({
+                "apiVersion": "certificates.k8s.io/v1beta1",
+                "kind": "ClusterTrustBundle",
+                "metadata": { "name": "istio.io:istiod-ca:root-cert" },
+                "spec": { "signerName": "istio.io/istiod-ca", "trustBundle": ROOT },
+            })
         );
-        assert_eq!(b.spec.signer_name.as_deref(), Some("istio.io/istiod-ca"));
-        assert_eq!(b.spec.trust_bundle, ROOT);
     }
 
     #[test]
-    fn an_equal_bundle_is_left_alone_and_another_is_replaced_keeping_its_version() {
+    fn an_equal_bundle_is_left_alone_and_another_is_applied_again() {
         let mut existing = desired(ROOT);
         existing.metadata.resource_version = Some("7".into());
         assert_eq!(plan(Some(&existing), ROOT), Plan::InSync);
         let other = ROOT.replace("AAAA", "BBBB");
-        let Plan::Update(fixed) = plan(Some(&existing), &other) else {
-            panic!("expected Update");
-        };
-        assert_eq!(fixed.spec.trust_bundle, other);
-        assert_eq!(fixed.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(plan(Some(&existing), &other), Plan::Apply);
     }
 }

@@ -18,14 +18,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
-use meshca_kube::LastError;
+use meshca_kube::{LastError, apply};
 
 /// Istio's names.
 pub const CONFIGMAP_NAME: &str = "istio-ca-root-cert";
@@ -41,16 +41,18 @@ pub const IGNORED_NAMESPACES: [&str; 4] = [
 ];
 
 /// What a namespace needs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
     InSync,
-    Create(ConfigMap),
-    /// Replace the existing object (its resourceVersion kept: a concurrent
-    /// change makes the write conflict and the namespace is retried).
-    Update(ConfigMap),
+    /// Server-side apply [`desired`]: creates the ConfigMap, or puts the
+    /// root and the label back; keys and labels others own stay.
+    Apply,
+    /// `binaryData` holds the key too, which would make the object invalid:
+    /// remove that key, then apply.
+    DropBinaryKeyThenApply,
 }
 
-/// The ConfigMap istiod would create.
+/// The ConfigMap istiod would create: all that meshca applies.
 pub fn desired(namespace: &str, root_pem: &str) -> ConfigMap {
     ConfigMap {
         metadata: ObjectMeta {
@@ -65,10 +67,12 @@ pub fn desired(namespace: &str, root_pem: &str) -> ConfigMap {
 }
 
 /// Compares what is there with what should be: the root under its key and
-/// the label. Other keys and labels someone added are kept.
-pub fn plan(existing: Option<&ConfigMap>, namespace: &str, root_pem: &str) -> Plan {
+/// the label. Other keys and labels someone added do not count. A write
+/// happens only when something differs: a resync of 10,000 namespaces costs
+/// reads, not writes.
+pub fn plan(existing: Option<&ConfigMap>, root_pem: &str) -> Plan {
     let Some(existing) = existing else {
-        return Plan::Create(desired(namespace, root_pem));
+        return Plan::Apply;
     };
     let data_ok = existing
         .data
@@ -85,24 +89,11 @@ pub fn plan(existing: Option<&ConfigMap>, namespace: &str, root_pem: &str) -> Pl
         .binary_data
         .as_ref()
         .is_some_and(|b| b.contains_key(DATA_KEY));
-    if data_ok && label_ok && !binary_clash {
-        return Plan::InSync;
+    match (binary_clash, data_ok && label_ok) {
+        (true, _) => Plan::DropBinaryKeyThenApply,
+        (false, true) => Plan::InSync,
+        (false, false) => Plan::Apply,
     }
-    let mut fixed = existing.clone();
-    fixed
-        .data
-        .get_or_insert_with(BTreeMap::new)
-        .insert(DATA_KEY.into(), root_pem.into());
-    fixed
-        .metadata
-        .labels
-        .get_or_insert_with(BTreeMap::new)
-        .insert(LABEL_KEY.into(), LABEL_VALUE.into());
-    if let Some(b) = fixed.binary_data.as_mut() {
-        b.remove(DATA_KEY);
-    }
-    fixed.metadata.managed_fields = None;
-    Plan::Update(fixed)
 }
 
 /// Whether a namespace gets the ConfigMap: not an ignored system namespace,
@@ -150,24 +141,27 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Sync
     }
     let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), &name);
     let existing = api.get_opt(CONFIGMAP_NAME).await?;
-    match plan(existing.as_ref(), &name, &root) {
-        Plan::InSync => {}
-        Plan::Create(cm) => {
-            match api.create(&PostParams::default(), &cm).await {
-                // Created meanwhile (another replica): the watch brings it back here.
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                other => {
-                    other?;
-                    tracing::info!(namespace = %name, "created {CONFIGMAP_NAME}");
-                }
-            }
-        }
-        Plan::Update(cm) => {
-            api.replace(CONFIGMAP_NAME, &PostParams::default(), &cm)
-                .await?;
-            tracing::info!(namespace = %name, "re-synced {CONFIGMAP_NAME}");
-        }
+    let plan = plan(existing.as_ref(), &root);
+    if plan == Plan::InSync {
+        return Ok(Action::await_change());
     }
+    if plan == Plan::DropBinaryKeyThenApply {
+        // Apply leaves fields of other managers alone; this one must go.
+        let patch = serde_json::json!({ "binaryData": { DATA_KEY: null } });
+        api.patch(
+            CONFIGMAP_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    apply::apply(&api, apply::SERVER, &desired(&name, &root)).await?;
+    let action = if existing.is_some() {
+        "re-synced"
+    } else {
+        "created"
+    };
+    tracing::info!(namespace = %name, "{action} {CONFIGMAP_NAME}");
     Ok(Action::await_change())
 }
 
@@ -246,26 +240,41 @@ mod tests {
     const ROOT: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
 
     #[test]
-    fn a_missing_configmap_is_created_in_istios_shape() {
-        let Plan::Create(cm) = plan(None, "app", ROOT) else {
-            panic!("expected Create");
-        };
-        assert_eq!(cm.metadata.name.as_deref(), Some("istio-ca-root-cert"));
-        assert_eq!(cm.metadata.namespace.as_deref(), Some("app"));
-        assert_eq!(cm.metadata.labels.unwrap()["istio.io/config"], "true");
-        assert_eq!(cm.data.unwrap()["root-cert.pem"], ROOT);
+    fn a_missing_configmap_is_applied_in_istios_shape() {
+        assert_eq!(plan(None, ROOT), Plan::Apply);
+        // All of it, nothing else: whatever the body holds, meshca owns.
+        let body = serde_json::to_value(desired("app", ROOT)).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": "istio-ca-root-cert",
+                    "namespace": "app",
+                    "labels": { "istio.io/config": "true" },
+                },
+                "data": { "root-cert.pem": ROOT },
+            })
+        );
     }
 
     #[test]
-    fn an_equal_configmap_is_left_alone_and_a_tampered_one_is_fixed_keeping_extras() {
+    fn an_equal_configmap_is_left_alone_and_a_tampered_one_is_applied_again() {
         let mut cm = desired("app", ROOT);
-        assert_eq!(plan(Some(&cm), "app", ROOT), Plan::InSync);
+        assert_eq!(plan(Some(&cm), ROOT), Plan::InSync);
 
+        // Keys and labels of others do not make a write.
         cm.data
             .as_mut()
             .unwrap()
             .insert("extra".into(), "kept".into());
-        assert_eq!(plan(Some(&cm), "app", ROOT), Plan::InSync);
+        cm.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("team".into(), "a".into());
+        assert_eq!(plan(Some(&cm), ROOT), Plan::InSync);
 
         let mut tampered = cm.clone();
         tampered
@@ -273,22 +282,15 @@ mod tests {
             .as_mut()
             .unwrap()
             .insert(DATA_KEY.into(), "evil".into());
-        let Plan::Update(fixed) = plan(Some(&tampered), "app", ROOT) else {
-            panic!("expected Update");
-        };
-        assert_eq!(fixed.data.as_ref().unwrap()[DATA_KEY], ROOT);
-        assert_eq!(fixed.data.as_ref().unwrap()["extra"], "kept");
+        assert_eq!(plan(Some(&tampered), ROOT), Plan::Apply);
 
         let mut unlabeled = cm.clone();
         unlabeled.metadata.labels = None;
-        assert!(matches!(
-            plan(Some(&unlabeled), "app", ROOT),
-            Plan::Update(_)
-        ));
+        assert_eq!(plan(Some(&unlabeled), ROOT), Plan::Apply);
 
         let mut emptied = cm.clone();
         emptied.data = None;
-        assert!(matches!(plan(Some(&emptied), "app", ROOT), Plan::Update(_)));
+        assert_eq!(plan(Some(&emptied), ROOT), Plan::Apply);
 
         // The same key in binaryData would make the object invalid.
         let mut binary = cm.clone();
@@ -296,14 +298,11 @@ mod tests {
             DATA_KEY.to_string(),
             ByteString(b"x".to_vec()),
         )]));
-        let Plan::Update(fixed) = plan(Some(&binary), "app", ROOT) else {
-            panic!("expected Update");
-        };
-        assert!(!fixed.binary_data.unwrap().contains_key(DATA_KEY));
+        assert_eq!(plan(Some(&binary), ROOT), Plan::DropBinaryKeyThenApply);
 
         // A new root re-syncs.
         let other = ROOT.replace("AAAA", "BBBB");
-        assert!(matches!(plan(Some(&cm), "app", &other), Plan::Update(_)));
+        assert_eq!(plan(Some(&cm), &other), Plan::Apply);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! too, for the same reason: during a root change, replicas reload the CA
 //! files at slightly different moments, and two writers with different roots
 //! would make the ConfigMaps flap (each write also wakes every kubelet that
-//! mounts them). Correctness does not depend on the lease: every write
-//! carries the resourceVersion it read.
+//! mounts them). Correctness does not depend on the lease: every write is a
+//! server-side apply of the whole intent (field manager `meshca-server`), so
+//! the roots of the last writer win and the next check fixes a stale one.
 
 pub mod cluster_trust_bundle;
 pub mod configmap;
