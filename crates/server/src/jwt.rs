@@ -195,13 +195,15 @@ fn jwks_keys(input: &[u8]) -> Result<Vec<(Option<String>, Algorithm, DecodingKey
             AlgorithmParameters::RSA(_) => RSA,
             AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => P256,
             AlgorithmParameters::Other(other) => {
-                // An RSA or EC key without its numbers is a broken file, not
-                // a key type to skip.
-                if let Some(kty @ ("RSA" | "EC")) = other.fields.get("kty").and_then(Value::as_str)
-                {
-                    bail!("JWK {kid:?} of type {kty} lacks its key parameters");
+                // An RSA or P-256 key without its numbers is a broken file,
+                // not a key type to skip (keys on other curves are skipped).
+                let field = |name| other.fields.get(name).and_then(Value::as_str);
+                match (field("kty"), field("crv")) {
+                    (Some("RSA"), _) | (Some("EC"), Some("P-256")) => {
+                        bail!("JWK {kid:?} lacks its key parameters")
+                    }
+                    _ => continue,
                 }
-                continue;
             }
             _ => continue,
         };
@@ -545,14 +547,21 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(err.to_string(), "no usable public key found");
-        let broken = json!({"keys": [{"kty": "RSA", "kid": "k", "e": "AQAB"}]}).to_string();
-        let err = JwtVerifier::new(broken.as_bytes(), None, &[])
+        for broken in [
+            json!({"kty": "RSA", "kid": "k", "e": "AQAB"}),
+            json!({"kty": "EC", "kid": "k", "crv": "P-256", "x": "AQAB"}),
+        ] {
+            let jwks = json!({"keys": [broken]}).to_string();
+            let err = JwtVerifier::new(jwks.as_bytes(), None, &[]).err().unwrap();
+            assert_eq!(err.to_string(), "JWK Some(\"k\") lacks its key parameters");
+        }
+        // Keys on curves meshca does not verify with are skipped, as before.
+        let other_curve =
+            json!({"keys": [{"kty": "EC", "crv": "secp256k1", "x": "AQ", "y": "AQ"}]});
+        let err = JwtVerifier::new(other_curve.to_string().as_bytes(), None, &[])
             .err()
             .unwrap();
-        assert_eq!(
-            err.to_string(),
-            "JWK Some(\"k\") of type RSA lacks its key parameters"
-        );
+        assert_eq!(err.to_string(), "no usable public key found");
         let err = JwtVerifier::new(b"{\"nokeys\": []}", None, &[])
             .err()
             .unwrap();
