@@ -55,49 +55,58 @@ struct Key {
     kid: Option<String>,
     key: DecodingKey,
     /// Names the key's one algorithm (`jsonwebtoken` refuses any other
-    /// `alg`, `none` included), the audiences and the issuer.
+    /// `alg`, `none` included), the audiences and the key file's issuer.
     validation: Validation,
+    /// The `iss` required of tokens this key signed, if any.
+    issuer: Option<String>,
 }
 
 /// Public keys of trusted token issuers, from PEM public keys or a JWKS file.
 pub struct JwtVerifier {
     keys: Vec<Key>,
-    issuer: Option<String>,
 }
 
 impl JwtVerifier {
     /// `keys` is a PEM file of SubjectPublicKeyInfo blocks or a JWKS JSON.
     pub fn new(keys: &[u8], issuer: Option<String>, audiences: &[String]) -> Result<Self> {
-        let keys = if keys.trim_ascii_start().starts_with(b"{") {
-            jwks_keys(keys)?
-        } else {
-            pem_keys(keys)?
-        };
-        if keys.is_empty() {
-            bail!("no usable public key found");
-        }
-        let keys = keys
-            .into_iter()
-            .map(|(kid, alg, key)| {
+        Self::from_sources(&[(keys, issuer)], audiences)
+    }
+
+    /// Several key files (each PEM or JWKS), each with the `iss` required of
+    /// the tokens its keys sign: e.g. `--jwt-keys` with `--jwt-issuer`
+    /// beside standalone mode's local key with its own issuer.
+    pub fn from_sources(sources: &[(&[u8], Option<String>)], audiences: &[String]) -> Result<Self> {
+        let mut keys = Vec::new();
+        for (file, issuer) in sources {
+            let parsed = if file.trim_ascii_start().starts_with(b"{") {
+                jwks_keys(file)?
+            } else {
+                pem_keys(file)?
+            };
+            for (kid, alg, key) in parsed {
                 let mut validation = Validation::new(alg);
                 // Time is checked against the caller's `now` in `verify`.
                 validation.validate_exp = false;
                 validation.validate_nbf = false;
                 validation.set_audience(audiences);
                 let mut required = vec!["exp", "sub", "aud"];
-                if let Some(issuer) = &issuer {
+                if let Some(issuer) = issuer {
                     validation.set_issuer(&[issuer]);
                     required.push("iss");
                 }
                 validation.set_required_spec_claims(&required);
-                Key {
+                keys.push(Key {
                     kid,
                     key,
                     validation,
-                }
-            })
-            .collect();
-        Ok(JwtVerifier { keys, issuer })
+                    issuer: issuer.clone(),
+                });
+            }
+        }
+        if keys.is_empty() {
+            bail!("no usable public key found");
+        }
+        Ok(JwtVerifier { keys })
     }
 
     /// Verifies signature, time, audience and issuer; returns `(namespace, service account)`.
@@ -117,7 +126,7 @@ impl JwtVerifier {
                 }
                 // Another key (same alg, no or the same kid) may have signed it.
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
-                Err(e) => return Err(self.refusal(e)),
+                Err(e) => return Err(refusal(e, key.issuer.as_deref())),
             }
         }
         let claims = claims.with_context(|| {
@@ -136,20 +145,18 @@ impl JwtVerifier {
         let sub = claims.sub.context("token has no sub")?;
         parse_service_account(&sub).context("sub is not system:serviceaccount:<ns>:<sa>")
     }
+}
 
-    /// Why a token whose signature verified (or that could not be read) is refused.
-    fn refusal(&self, e: jsonwebtoken::errors::Error) -> anyhow::Error {
-        match e.into_kind() {
-            ErrorKind::InvalidAudience => {
-                anyhow::anyhow!("token audiences do not include an accepted audience")
-            }
-            ErrorKind::InvalidIssuer => {
-                anyhow::anyhow!("token issuer is not {:?}", self.issuer.as_deref())
-            }
-            ErrorKind::MissingRequiredClaim(claim) => anyhow::anyhow!("token has no {claim}"),
-            ErrorKind::InvalidClaimFormat(claim) => anyhow::anyhow!("token's {claim} is malformed"),
-            kind => anyhow::anyhow!("token refused: {}", jsonwebtoken::errors::Error::from(kind)),
+/// Why a token whose signature verified (or that could not be read) is refused.
+fn refusal(e: jsonwebtoken::errors::Error, issuer: Option<&str>) -> anyhow::Error {
+    match e.into_kind() {
+        ErrorKind::InvalidAudience => {
+            anyhow::anyhow!("token audiences do not include an accepted audience")
         }
+        ErrorKind::InvalidIssuer => anyhow::anyhow!("token issuer is not {issuer:?}"),
+        ErrorKind::MissingRequiredClaim(claim) => anyhow::anyhow!("token has no {claim}"),
+        ErrorKind::InvalidClaimFormat(claim) => anyhow::anyhow!("token's {claim} is malformed"),
+        kind => anyhow::anyhow!("token refused: {}", jsonwebtoken::errors::Error::from(kind)),
     }
 }
 
@@ -537,6 +544,35 @@ mod tests {
         assert_eq!(
             refusal(&verifier, &rs256(&rsa, None, &c), 1_100),
             "sub is not system:serviceaccount:<ns>:<sa>"
+        );
+    }
+
+    #[test]
+    fn each_key_file_requires_its_own_issuer() {
+        // A JWKS from a cluster (its issuer) beside the local key (meshca-local).
+        let rsa = rsa_key();
+        let jwks = json!({"keys": [rsa_jwk(&rsa, "k")]}).to_string();
+        let local = issuer();
+        let pem = local.public_key_pem();
+        let verifier = JwtVerifier::from_sources(
+            &[
+                (jwks.as_bytes(), Some("https://issuer".into())),
+                (pem.as_bytes(), Some("meshca-local".into())),
+            ],
+            &["istio-ca".into()],
+        )
+        .unwrap();
+        let ok = ("ns1".to_string(), "sa1".to_string());
+        let cluster = rs256(&rsa, Some("k"), &claims("istio-ca", 1_600));
+        assert_eq!(verifier.verify(&cluster, 1_100).unwrap(), ok);
+        let minted = local.mint("ns1", "sa1", "istio-ca", 600, 1_000).unwrap();
+        assert_eq!(verifier.verify(&minted, 1_100).unwrap(), ok);
+        // The cluster's key does not vouch for the local issuer's name.
+        let mut c = claims("istio-ca", 1_600);
+        c["iss"] = "meshca-local".into();
+        assert_eq!(
+            refusal(&verifier, &rs256(&rsa, Some("k"), &c), 1_100),
+            "token issuer is not Some(\"https://issuer\")"
         );
     }
 
