@@ -238,30 +238,26 @@ impl Server {
 /// Istio's authenticators from the configuration: TokenReview with a
 /// cluster, JWT keys (a file, or the local issuer of standalone mode).
 fn authenticator(config: &ServerConfig, api_limit: &ApiLimit) -> Result<Authenticator> {
-    let mut verifiers_pem = Vec::new();
+    // Each key file with its own issuer: --jwt-keys with --jwt-issuer, the
+    // local key with the local issuer.
+    let mut sources: Vec<(Vec<u8>, Option<String>)> = Vec::new();
     if let Some(path) = &config.jwt_keys {
-        verifiers_pem
-            .push(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+        let keys = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        sources.push((keys, config.jwt_issuer.clone()));
     }
     if config.local_token_issuer {
-        verifiers_pem.push(
-            local_issuer(&config.state_dir, true)?
-                .public_key_pem()
-                .into_bytes(),
-        );
+        let pem = local_issuer(&config.state_dir, true)?.public_key_pem();
+        sources.push((pem.into_bytes(), Some(LOCAL_ISSUER.into())));
     }
-    let jwt = if verifiers_pem.is_empty() {
+    let jwt = if sources.is_empty() {
         None
     } else {
-        // Local tokens carry our issuer; a configured issuer applies to the key file.
-        let issuer = if config.jwt_keys.is_some() {
-            config.jwt_issuer.clone()
-        } else {
-            Some(LOCAL_ISSUER.into())
-        };
-        Some(JwtVerifier::new(
-            &verifiers_pem.concat(),
-            issuer,
+        let sources: Vec<(&[u8], Option<String>)> = sources
+            .iter()
+            .map(|(keys, issuer)| (keys.as_slice(), issuer.clone()))
+            .collect();
+        Some(JwtVerifier::from_sources(
+            &sources,
             &config.token_audiences,
         )?)
     };

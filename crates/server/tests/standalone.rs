@@ -133,3 +133,40 @@ async fn a_local_token_gets_a_chain_to_the_printed_root_and_a_forged_one_is_refu
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn jwt_keys_with_their_issuer_and_the_local_issuer_each_check_their_own_tokens() {
+    use meshca_server::auth::jwt::JwtIssuer;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let state = tempfile::tempdir().unwrap();
+    let corp = JwtIssuer::from_pkcs8(&JwtIssuer::generate_pkcs8().unwrap(), "corp-issuer").unwrap();
+    let keys = state.path().join("corp-keys.pem");
+    std::fs::write(&keys, corp.public_key_pem()).unwrap();
+    let mut config = standalone(state.path());
+    config.jwt_keys = Some(keys);
+    config.jwt_issuer = Some("corp-issuer".into());
+    let server = Server::build(config).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let root_pem = std::fs::read_to_string(server.started().root_cert).unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.serve(stop.clone()));
+
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let local = local_issuer(state.path(), false).unwrap();
+    let by_local = local.mint("default", "a", "istio-ca", 600, now).unwrap();
+    ask(addr, &root_pem, &by_local)
+        .await
+        .expect("a local token is checked against the local issuer, not --jwt-issuer");
+    let by_corp = corp.mint("default", "b", "istio-ca", 600, now).unwrap();
+    ask(addr, &root_pem, &by_corp)
+        .await
+        .expect("a token of the --jwt-keys issuer");
+    // An unknown key that claims the corp issuer: refused.
+    let mismatched = JwtIssuer::from_pkcs8(&JwtIssuer::generate_pkcs8().unwrap(), "corp-issuer")
+        .unwrap()
+        .mint("default", "c", "istio-ca", 600, now)
+        .unwrap();
+    let refused = ask(addr, &root_pem, &mismatched).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    stop.cancel();
+}

@@ -1,16 +1,14 @@
 //! JSON Web Tokens: local verification against issuer keys (running without
-//! a cluster) and minting with a local key (`meshca token`).
-
-use std::collections::HashSet;
+//! a cluster) and minting with a local key (`meshca token`). The JWS work
+//! (header, algorithm, signature, audience, issuer) is `jsonwebtoken`'s on
+//! aws-lc-rs; this module picks the keys and reads the Kubernetes claims.
 
 use anyhow::{Context, Result, bail};
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{
-    self, ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair,
-    RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
-};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -39,79 +37,104 @@ fn audiences<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::E
 /// Reads the claims without checking the signature: only to bound how long a
 /// TokenReview answer may be cached (the token's `exp`).
 pub fn unverified_expiry(token: &str) -> Option<i64> {
-    let payload = token.split('.').nth(1)?;
-    let claims: Claims = serde_json::from_slice(&B64URL.decode(payload).ok()?).ok()?;
-    claims.exp
+    #[derive(Deserialize)]
+    struct Expiry {
+        exp: Option<i64>,
+    }
+    jsonwebtoken::dangerous::insecure_decode_claims::<Expiry>(token)
+        .ok()?
+        .exp
 }
 
-enum Key {
-    Rsa(Vec<u8>),
-    P256(Vec<u8>),
+/// The algorithms accepted: RS256 with RSA keys, ES256 with P-256 keys.
+const RSA: Algorithm = Algorithm::RS256;
+const P256: Algorithm = Algorithm::ES256;
+
+/// One trusted public key and the checks a token signed by it must pass.
+struct Key {
+    kid: Option<String>,
+    key: DecodingKey,
+    /// Names the key's one algorithm (`jsonwebtoken` refuses any other
+    /// `alg`, `none` included), the audiences and the key file's issuer.
+    validation: Validation,
+    /// The `iss` required of tokens this key signed, if any.
+    issuer: Option<String>,
 }
 
 /// Public keys of trusted token issuers, from PEM public keys or a JWKS file.
 pub struct JwtVerifier {
-    keys: Vec<(Option<String>, Key)>,
-    issuer: Option<String>,
-    audiences: HashSet<String>,
+    keys: Vec<Key>,
 }
 
 impl JwtVerifier {
     /// `keys` is a PEM file of SubjectPublicKeyInfo blocks or a JWKS JSON.
     pub fn new(keys: &[u8], issuer: Option<String>, audiences: &[String]) -> Result<Self> {
-        let keys = if keys.trim_ascii_start().starts_with(b"{") {
-            jwks_keys(keys)?
-        } else {
-            pem_keys(keys)?
-        };
+        Self::from_sources(&[(keys, issuer)], audiences)
+    }
+
+    /// Several key files (each PEM or JWKS), each with the `iss` required of
+    /// the tokens its keys sign: e.g. `--jwt-keys` with `--jwt-issuer`
+    /// beside standalone mode's local key with its own issuer.
+    pub fn from_sources(sources: &[(&[u8], Option<String>)], audiences: &[String]) -> Result<Self> {
+        let mut keys = Vec::new();
+        for (file, issuer) in sources {
+            let parsed = if file.trim_ascii_start().starts_with(b"{") {
+                jwks_keys(file)?
+            } else {
+                pem_keys(file)?
+            };
+            for (kid, alg, key) in parsed {
+                let mut validation = Validation::new(alg);
+                // Time is checked against the caller's `now` in `verify`.
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
+                validation.set_audience(audiences);
+                let mut required = vec!["exp", "sub", "aud"];
+                if let Some(issuer) = issuer {
+                    validation.set_issuer(&[issuer]);
+                    required.push("iss");
+                }
+                validation.set_required_spec_claims(&required);
+                keys.push(Key {
+                    kid,
+                    key,
+                    validation,
+                    issuer: issuer.clone(),
+                });
+            }
+        }
         if keys.is_empty() {
             bail!("no usable public key found");
         }
-        Ok(JwtVerifier {
-            keys,
-            issuer,
-            audiences: audiences.iter().cloned().collect(),
-        })
+        Ok(JwtVerifier { keys })
     }
 
     /// Verifies signature, time, audience and issuer; returns `(namespace, service account)`.
     pub fn verify(&self, token: &str, now: i64) -> Result<(String, String)> {
-        let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            bail!("not a compact JWS");
-        };
-        let header: Value = serde_json::from_slice(&B64URL.decode(h).context("header encoding")?)?;
-        let alg = header
-            .get("alg")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let kid = header.get("kid").and_then(Value::as_str);
-        let sig = B64URL.decode(s).context("signature encoding")?;
-        let signed = &token[..h.len() + 1 + p.len()];
-        let verified = self
-            .keys
-            .iter()
-            .filter(|(k, _)| kid.is_none() || k.is_none() || k.as_deref() == kid)
-            .any(|(_, key)| match (alg, key) {
-                ("RS256", Key::Rsa(der)) => {
-                    UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der)
-                        .verify(signed.as_bytes(), &sig)
-                        .is_ok()
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| anyhow::anyhow!("not a compact JWS: {e}"))?;
+        let kid = header.kid.as_deref();
+        let mut claims = None;
+        for key in self.keys.iter().filter(|k| {
+            k.validation.algorithms.contains(&header.alg)
+                && (kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)
+        }) {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
                 }
-                ("ES256", Key::P256(point)) => {
-                    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
-                        .verify(signed.as_bytes(), &sig)
-                        .is_ok()
-                }
-                _ => false,
-            });
-        if !verified {
-            bail!("signature does not verify with any trusted key (alg {alg:?})");
+                // Another key (same alg, no or the same kid) may have signed it.
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
+                Err(e) => return Err(refusal(e, key.issuer.as_deref())),
+            }
         }
-        let claims: Claims =
-            serde_json::from_slice(&B64URL.decode(p).context("payload encoding")?)?;
+        let claims = claims.with_context(|| {
+            format!(
+                "signature does not verify with any trusted key (alg {:?})",
+                header.alg
+            )
+        })?;
         let exp = claims.exp.context("token has no exp")?;
         if now >= exp {
             bail!("token expired");
@@ -119,19 +142,21 @@ impl JwtVerifier {
         if claims.nbf.is_some_and(|nbf| now < nbf) {
             bail!("token not yet valid");
         }
-        if !claims.aud.iter().any(|a| self.audiences.contains(a)) {
-            bail!(
-                "token audiences {:?} do not include an accepted audience",
-                claims.aud
-            );
-        }
-        if let Some(issuer) = &self.issuer
-            && claims.iss.as_deref() != Some(issuer)
-        {
-            bail!("token issuer {:?} is not {issuer:?}", claims.iss);
-        }
         let sub = claims.sub.context("token has no sub")?;
         parse_service_account(&sub).context("sub is not system:serviceaccount:<ns>:<sa>")
+    }
+}
+
+/// Why a token whose signature verified (or that could not be read) is refused.
+fn refusal(e: jsonwebtoken::errors::Error, issuer: Option<&str>) -> anyhow::Error {
+    match e.into_kind() {
+        ErrorKind::InvalidAudience => {
+            anyhow::anyhow!("token audiences do not include an accepted audience")
+        }
+        ErrorKind::InvalidIssuer => anyhow::anyhow!("token issuer is not {issuer:?}"),
+        ErrorKind::MissingRequiredClaim(claim) => anyhow::anyhow!("token has no {claim}"),
+        ErrorKind::InvalidClaimFormat(claim) => anyhow::anyhow!("token's {claim} is malformed"),
+        kind => anyhow::anyhow!("token refused: {}", jsonwebtoken::errors::Error::from(kind)),
     }
 }
 
@@ -145,7 +170,7 @@ pub fn parse_service_account(username: &str) -> Option<(String, String)> {
     Some((ns.to_owned(), sa.to_owned()))
 }
 
-fn pem_keys(input: &[u8]) -> Result<Vec<(Option<String>, Key)>> {
+fn pem_keys(input: &[u8]) -> Result<Vec<(Option<String>, Algorithm, DecodingKey)>> {
     use x509_parser::prelude::FromDer;
     use x509_parser::x509::SubjectPublicKeyInfo;
     let mut out = Vec::new();
@@ -155,65 +180,51 @@ fn pem_keys(input: &[u8]) -> Result<Vec<(Option<String>, Key)>> {
         }
         let (_, spki) = SubjectPublicKeyInfo::from_der(&block.der)
             .map_err(|e| anyhow::anyhow!("public key: {e}"))?;
-        let bits = spki.subject_public_key.data.to_vec();
+        // The BIT STRING holds PKCS#1 RSAPublicKey or the EC point, which is
+        // what the aws-lc-rs verifiers take.
+        let bits = &spki.subject_public_key.data;
         let alg = spki.algorithm.algorithm.to_id_string();
         match alg.as_str() {
-            "1.2.840.113549.1.1.1" => out.push((None, Key::Rsa(bits))),
-            "1.2.840.10045.2.1" => out.push((None, Key::P256(bits))),
+            "1.2.840.113549.1.1.1" => out.push((None, RSA, DecodingKey::from_rsa_der(bits))),
+            "1.2.840.10045.2.1" => out.push((None, P256, DecodingKey::from_ec_der(bits))),
             other => bail!("unsupported public key algorithm {other}"),
         }
     }
     Ok(out)
 }
 
-fn jwks_keys(input: &[u8]) -> Result<Vec<(Option<String>, Key)>> {
-    let jwks: Value = serde_json::from_slice(input).context("JWKS is not JSON")?;
+fn jwks_keys(input: &[u8]) -> Result<Vec<(Option<String>, Algorithm, DecodingKey)>> {
+    let jwks: JwkSet = serde_json::from_slice(input).context("JWKS is not a JWK set")?;
     let mut out = Vec::new();
-    for jwk in jwks
-        .get("keys")
-        .and_then(Value::as_array)
-        .context("JWKS has no keys array")?
-    {
-        let field = |name: &str| -> Result<Vec<u8>> {
-            let v = jwk
-                .get(name)
-                .and_then(Value::as_str)
-                .with_context(|| format!("JWK lacks {name}"))?;
-            Ok(B64URL.decode(v)?)
+    for jwk in &jwks.keys {
+        let kid = jwk.common.key_id.clone();
+        let alg = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => RSA,
+            AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => P256,
+            AlgorithmParameters::Other(other) => {
+                // An RSA or P-256 key without its numbers is a broken file,
+                // not a key type to skip (keys on other curves are skipped).
+                let field = |name| other.fields.get(name).and_then(Value::as_str);
+                match (field("kty"), field("crv")) {
+                    (Some("RSA"), _) | (Some("EC"), Some("P-256")) => {
+                        bail!("JWK {kid:?} lacks its key parameters")
+                    }
+                    _ => continue,
+                }
+            }
+            _ => continue,
         };
-        let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_owned);
-        match jwk.get("kty").and_then(Value::as_str) {
-            Some("RSA") => {
-                let components = signature::RsaPublicKeyComponents {
-                    n: field("n")?,
-                    e: field("e")?,
-                };
-                out.push((
-                    kid,
-                    Key::Rsa(rsa_public_key_der(&components.n, &components.e)),
-                ));
-            }
-            Some("EC") if jwk.get("crv").and_then(Value::as_str) == Some("P-256") => {
-                let mut point = vec![4u8];
-                point.extend(field("x")?);
-                point.extend(field("y")?);
-                out.push((kid, Key::P256(point)));
-            }
-            _ => {}
-        }
+        let key = DecodingKey::from_jwk(jwk).with_context(|| format!("JWK {kid:?}"))?;
+        out.push((kid, alg, key));
     }
     Ok(out)
 }
 
-/// PKCS#1 RSAPublicKey DER, which aws-lc-rs verifies with.
-fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
-    use meshca_pki::der;
-    der::sequence(&[&der::unsigned_integer(n), &der::unsigned_integer(e)])
-}
-
 /// A local ES256 token issuer (standalone mode's `meshca token`).
 pub struct JwtIssuer {
+    /// For the public key only; `encoding` holds the same PKCS#8 key.
     key: EcdsaKeyPair,
+    encoding: EncodingKey,
     issuer: String,
 }
 
@@ -230,6 +241,7 @@ impl JwtIssuer {
             .map_err(|e| anyhow::anyhow!("JWT signing key: {e}"))?;
         Ok(JwtIssuer {
             key,
+            encoding: EncodingKey::from_ec_der(der),
             issuer: issuer.to_owned(),
         })
     }
@@ -254,7 +266,6 @@ impl JwtIssuer {
         ttl_secs: i64,
         now: i64,
     ) -> Result<String> {
-        let header = serde_json::json!({"alg": "ES256", "typ": "JWT"});
         let claims = serde_json::json!({
             "iss": self.issuer,
             "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
@@ -263,25 +274,67 @@ impl JwtIssuer {
             "nbf": now,
             "exp": now + ttl_secs,
         });
-        let signed = format!(
-            "{}.{}",
-            B64URL.encode(serde_json::to_vec(&header)?),
-            B64URL.encode(serde_json::to_vec(&claims)?)
-        );
-        let sig = self
-            .key
-            .sign(&SystemRandom::new(), signed.as_bytes())
-            .map_err(|_| anyhow::anyhow!("signing failed"))?;
-        Ok(format!("{signed}.{}", B64URL.encode(sig.as_ref())))
+        jsonwebtoken::encode(&Header::new(P256), &claims, &self.encoding)
+            .map_err(|e| anyhow::anyhow!("signing the token: {e}"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+    use serde_json::json;
 
     fn issuer() -> JwtIssuer {
         JwtIssuer::from_pkcs8(&JwtIssuer::generate_pkcs8().unwrap(), "meshca-local").unwrap()
+    }
+
+    /// A compact JWS built by hand, so that the tests do not check the
+    /// crate against itself.
+    fn jws(header: &Value, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+        let signed = format!(
+            "{}.{}",
+            B64URL.encode(serde_json::to_vec(header).unwrap()),
+            B64URL.encode(serde_json::to_vec(claims).unwrap())
+        );
+        let sig = sign(signed.as_bytes());
+        format!("{signed}.{}", B64URL.encode(sig))
+    }
+
+    fn claims(aud: &str, exp: i64) -> Value {
+        json!({"iss": "https://issuer", "sub": "system:serviceaccount:ns1:sa1", "aud": [aud], "exp": exp})
+    }
+
+    fn rsa_key() -> meshca_pki::SigningKey {
+        meshca_pki::SigningKey::generate(meshca_pki::KeyType::Rsa2048).unwrap()
+    }
+
+    /// An RS256 JWS signed with `key`.
+    fn rs256(key: &meshca_pki::SigningKey, kid: Option<&str>, claims: &Value) -> String {
+        let mut header = json!({"alg": "RS256", "typ": "JWT"});
+        if let Some(kid) = kid {
+            header["kid"] = kid.into();
+        }
+        jws(&header, claims, |m| key.sign(m).unwrap())
+    }
+
+    fn rsa_jwk(key: &meshca_pki::SigningKey, kid: &str) -> Value {
+        let public = aws_lc_rs::rsa::PublicKey::from_der(key.public_key_bits()).unwrap();
+        let c = aws_lc_rs::signature::RsaPublicKeyComponents::<Vec<u8>>::from(&public);
+        json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+               "n": B64URL.encode(c.n), "e": B64URL.encode(c.e)})
+    }
+
+    fn ec_jwk(issuer: &JwtIssuer, kid: &str) -> Value {
+        use aws_lc_rs::signature::KeyPair;
+        let point = issuer.key.public_key().as_ref();
+        json!({"kty": "EC", "crv": "P-256", "kid": kid,
+               "x": B64URL.encode(&point[1..33]), "y": B64URL.encode(&point[33..])})
+    }
+
+    fn refusal(verifier: &JwtVerifier, token: &str, now: i64) -> String {
+        format!("{:#}", verifier.verify(token, now).unwrap_err())
     }
 
     #[test]
@@ -299,6 +352,7 @@ mod tests {
             ("ns1".into(), "sa1".into())
         );
         assert_eq!(unverified_expiry(&token), Some(1_600));
+        assert_eq!(unverified_expiry("not.a-token"), None);
     }
 
     #[test]
@@ -342,6 +396,217 @@ mod tests {
             .mint("ns1", "sa1", "istio-ca", 600, 1_000)
             .unwrap();
         assert!(verifier.verify(&stranger, 1_100).is_err());
+    }
+
+    #[test]
+    fn expiry_and_not_before_are_exact_to_the_second() {
+        let issuer = issuer();
+        let verifier = JwtVerifier::new(
+            issuer.public_key_pem().as_bytes(),
+            None,
+            &["istio-ca".into()],
+        )
+        .unwrap();
+        // nbf = 1_000, exp = 1_600: valid on [1_000, 1_600).
+        let token = issuer.mint("ns1", "sa1", "istio-ca", 600, 1_000).unwrap();
+        assert!(verifier.verify(&token, 1_000).is_ok());
+        assert!(verifier.verify(&token, 1_599).is_ok());
+        assert_eq!(refusal(&verifier, &token, 1_600), "token expired");
+        assert_eq!(refusal(&verifier, &token, 999), "token not yet valid");
+    }
+
+    #[test]
+    fn a_flipped_signature_byte_is_refused() {
+        let issuer = issuer();
+        let verifier = JwtVerifier::new(
+            issuer.public_key_pem().as_bytes(),
+            None,
+            &["istio-ca".into()],
+        )
+        .unwrap();
+        let token = issuer.mint("ns1", "sa1", "istio-ca", 600, 1_000).unwrap();
+        let (signed, sig) = token.rsplit_once('.').unwrap();
+        let mut sig = B64URL.decode(sig).unwrap();
+        sig[10] ^= 1;
+        let tampered = format!("{signed}.{}", B64URL.encode(sig));
+        assert!(refusal(&verifier, &tampered, 1_100).starts_with("signature does not verify"));
+    }
+
+    #[test]
+    fn alg_none_and_hmac_with_the_public_key_are_refused() {
+        let issuer = issuer();
+        let pem = issuer.public_key_pem();
+        let verifier = JwtVerifier::new(pem.as_bytes(), None, &["istio-ca".into()]).unwrap();
+        let claims = claims("istio-ca", 1_600);
+        let none = jws(&json!({"alg": "none"}), &claims, |_| vec![]);
+        assert!(refusal(&verifier, &none, 1_100).starts_with("not a compact JWS"));
+        // The classic confusion: the public key used as an HMAC secret.
+        let hmac_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, pem.as_bytes());
+        let hs256 = jws(&json!({"alg": "HS256"}), &claims, |m| {
+            aws_lc_rs::hmac::sign(&hmac_key, m).as_ref().to_vec()
+        });
+        assert_eq!(
+            refusal(&verifier, &hs256, 1_100),
+            "signature does not verify with any trusted key (alg HS256)"
+        );
+        // An RS256 token where only an EC key is trusted: no key of that alg.
+        let rs = rs256(&rsa_key(), None, &claims);
+        assert!(refusal(&verifier, &rs, 1_100).contains("(alg RS256)"));
+    }
+
+    #[test]
+    fn jwks_keys_are_chosen_by_kid_and_algorithm() {
+        let rsa = rsa_key();
+        let ec = issuer();
+        let jwks = json!({"keys": [
+            rsa_jwk(&rsa, "rsa-1"),
+            ec_jwk(&ec, "ec-1"),
+            {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},
+            {"kty": "EC", "crv": "P-384", "kid": "p384",
+             "x": B64URL.encode([1u8; 48]), "y": B64URL.encode([2u8; 48])},
+        ]});
+        let verifier = JwtVerifier::new(
+            jwks.to_string().as_bytes(),
+            Some("https://issuer".into()),
+            &["istio-ca".into(), "other".into()],
+        )
+        .unwrap();
+        let ok = ("ns1".to_string(), "sa1".to_string());
+        let claims = claims("istio-ca", 1_600);
+        assert_eq!(
+            verifier
+                .verify(&rs256(&rsa, Some("rsa-1"), &claims), 1_100)
+                .unwrap(),
+            ok
+        );
+        assert_eq!(
+            verifier.verify(&rs256(&rsa, None, &claims), 1_100).unwrap(),
+            ok
+        );
+        // Any accepted audience will do.
+        let other_aud = self::claims("other", 1_600);
+        assert_eq!(
+            verifier
+                .verify(&rs256(&rsa, None, &other_aud), 1_100)
+                .unwrap(),
+            ok
+        );
+        // A kid the set does not have, or one naming the EC key, finds no key.
+        assert_eq!(
+            refusal(&verifier, &rs256(&rsa, Some("rsa-2"), &claims), 1_100),
+            "signature does not verify with any trusted key (alg RS256)"
+        );
+        assert!(
+            refusal(&verifier, &rs256(&rsa, Some("ec-1"), &claims), 1_100)
+                .starts_with("signature does not verify")
+        );
+        // ES256 through the JWK's x and y.
+        let mut es = json!({"iss": "https://issuer"});
+        es["sub"] = "system:serviceaccount:ns1:sa1".into();
+        es["aud"] = "istio-ca".into();
+        es["exp"] = 1_600.into();
+        let es_token = jws(&json!({"alg": "ES256", "kid": "ec-1"}), &es, |m| {
+            ec.key
+                .sign(&SystemRandom::new(), m)
+                .unwrap()
+                .as_ref()
+                .to_vec()
+        });
+        assert_eq!(verifier.verify(&es_token, 1_100).unwrap(), ok);
+    }
+
+    #[test]
+    fn issuer_and_required_claims_are_checked() {
+        let rsa = rsa_key();
+        let jwks = json!({"keys": [rsa_jwk(&rsa, "k")]}).to_string();
+        let verifier = JwtVerifier::new(
+            jwks.as_bytes(),
+            Some("https://issuer".into()),
+            &["istio-ca".into()],
+        )
+        .unwrap();
+        let mut c = claims("istio-ca", 1_600);
+        c["iss"] = "https://elsewhere".into();
+        assert_eq!(
+            refusal(&verifier, &rs256(&rsa, None, &c), 1_100),
+            "token issuer is not Some(\"https://issuer\")"
+        );
+        for missing in ["iss", "exp", "sub", "aud"] {
+            let mut c = claims("istio-ca", 1_600);
+            c.as_object_mut().unwrap().remove(missing);
+            assert_eq!(
+                refusal(&verifier, &rs256(&rsa, None, &c), 1_100),
+                format!("token has no {missing}")
+            );
+        }
+        let mut c = claims("istio-ca", 1_600);
+        c["sub"] = "admin".into();
+        assert_eq!(
+            refusal(&verifier, &rs256(&rsa, None, &c), 1_100),
+            "sub is not system:serviceaccount:<ns>:<sa>"
+        );
+    }
+
+    #[test]
+    fn each_key_file_requires_its_own_issuer() {
+        // A JWKS from a cluster (its issuer) beside the local key (meshca-local).
+        let rsa = rsa_key();
+        let jwks = json!({"keys": [rsa_jwk(&rsa, "k")]}).to_string();
+        let local = issuer();
+        let pem = local.public_key_pem();
+        let verifier = JwtVerifier::from_sources(
+            &[
+                (jwks.as_bytes(), Some("https://issuer".into())),
+                (pem.as_bytes(), Some("meshca-local".into())),
+            ],
+            &["istio-ca".into()],
+        )
+        .unwrap();
+        let ok = ("ns1".to_string(), "sa1".to_string());
+        let cluster = rs256(&rsa, Some("k"), &claims("istio-ca", 1_600));
+        assert_eq!(verifier.verify(&cluster, 1_100).unwrap(), ok);
+        let minted = local.mint("ns1", "sa1", "istio-ca", 600, 1_000).unwrap();
+        assert_eq!(verifier.verify(&minted, 1_100).unwrap(), ok);
+        // The cluster's key does not vouch for the local issuer's name.
+        let mut c = claims("istio-ca", 1_600);
+        c["iss"] = "meshca-local".into();
+        assert_eq!(
+            refusal(&verifier, &rs256(&rsa, Some("k"), &c), 1_100),
+            "token issuer is not Some(\"https://issuer\")"
+        );
+    }
+
+    #[test]
+    fn key_files_without_a_usable_key_are_refused() {
+        let only_hmac = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}).to_string();
+        let err = JwtVerifier::new(only_hmac.as_bytes(), None, &[])
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "no usable public key found");
+        for broken in [
+            json!({"kty": "RSA", "kid": "k", "e": "AQAB"}),
+            json!({"kty": "EC", "kid": "k", "crv": "P-256", "x": "AQAB"}),
+        ] {
+            let jwks = json!({"keys": [broken]}).to_string();
+            let err = JwtVerifier::new(jwks.as_bytes(), None, &[]).err().unwrap();
+            assert_eq!(err.to_string(), "JWK Some(\"k\") lacks its key parameters");
+        }
+        // Keys on curves meshca does not verify with are skipped, as before.
+        let other_curve =
+            json!({"keys": [{"kty": "EC", "crv": "secp256k1", "x": "AQ", "y": "AQ"}]});
+        let err = JwtVerifier::new(other_curve.to_string().as_bytes(), None, &[])
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "no usable public key found");
+        let err = JwtVerifier::new(b"{\"nokeys\": []}", None, &[])
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "JWKS is not a JWK set");
+        let only_private = meshca_pki::pem::encode("PRIVATE KEY", &[0x30, 0x00]);
+        let err = JwtVerifier::new(only_private.as_bytes(), None, &[])
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "no usable public key found");
     }
 
     #[test]
