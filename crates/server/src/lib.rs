@@ -322,7 +322,11 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
 
     if let Some(addr) = config.monitoring_listen {
-        let app = monitoring_router(Arc::new(registry), ready.clone());
+        let app = monitoring_router(
+            shared.metrics.istio_registry(),
+            Arc::new(registry),
+            ready.clone(),
+        );
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
@@ -486,7 +490,11 @@ async fn reload_loop(
     }
 }
 
-fn monitoring_router(registry: Arc<Registry>, ready: Arc<AtomicBool>) -> axum::Router {
+fn monitoring_router(
+    istio: Arc<Registry>,
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
     axum::Router::new()
@@ -504,5 +512,5 @@ fn monitoring_router(registry: Arc<Registry>, ready: Arc<AtomicBool>) -> axum::R
                 }
             }),
         )
-        .route("/metrics", metrics::metrics_route(registry))
+        .route("/metrics", metrics::istio_metrics_route(istio, registry))
 }
