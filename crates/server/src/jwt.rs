@@ -130,8 +130,11 @@ impl JwtVerifier {
         {
             bail!("token issuer {:?} is not {issuer:?}", claims.iss);
         }
-        let sub = claims.sub.context("token has no sub")?;
-        parse_service_account(&sub).context("sub is not system:serviceaccount:<ns>:<sa>")
+        // Verified: from here on, a failure is a missing identity.
+        let no_identity = |what: &str| crate::auth::NoIdentity(what.into());
+        let sub = claims.sub.ok_or_else(|| no_identity("token has no sub"))?;
+        Ok(parse_service_account(&sub)
+            .ok_or_else(|| no_identity("sub is not system:serviceaccount:<ns>:<sa>"))?)
     }
 }
 
