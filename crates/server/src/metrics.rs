@@ -104,6 +104,11 @@ impl CertExpiry {
         self.not_after.store(not_after, Ordering::Relaxed);
     }
 
+    /// Stops exposing the gauges.
+    pub fn clear(&self) {
+        self.not_after.store(UNSET, Ordering::Relaxed);
+    }
+
     pub fn not_after(&self) -> Option<i64> {
         Some(self.not_after.load(Ordering::Relaxed)).filter(|&t| t != UNSET)
     }
@@ -166,9 +171,10 @@ pub struct Metrics {
     pub id_extraction_err: IstioCounter,
     pub csr_sign_err: Family<ErrorLabel, IstioCounter>,
     pub success_cert_issuance: IstioCounter,
-    /// The earliest-expiring root.
+    /// The earliest-expiring root (istiod: the first root).
     pub root_cert_expiry: CertExpiry,
-    /// The CA's signing certificate.
+    /// The CA's signing certificate when it is not itself a root, i.e. when
+    /// Istio's `cert-chain.pem` is not empty (istiod's condition).
     pub cert_chain_expiry: CertExpiry,
     istio: Arc<Registry>,
     // meshca's own.
@@ -227,8 +233,7 @@ impl Metrics {
         );
         istio.register(
             format!("{c}_root_cert_expiry_timestamp"),
-            "The unix timestamp, in seconds, when Citadel root cert will expire. \
-             A negative time indicates the cert is expired",
+            "The unix timestamp, in seconds, when the root cert will expire",
             ExpiryTimestamp(root_cert_expiry.clone()),
         );
         istio.register(
@@ -239,13 +244,12 @@ impl Metrics {
         );
         istio.register(
             format!("{c}_cert_chain_expiry_timestamp"),
-            "The unix timestamp, in seconds, when Citadel cert chain will expire. \
-             A negative time indicates the cert is expired",
+            "The unix timestamp, in seconds, when Istio generated cert chain will expire",
             ExpiryTimestamp(cert_chain_expiry.clone()),
         );
         istio.register(
             format!("{c}_cert_chain_expiry_seconds"),
-            "The time remaining, in seconds, before the cert chain will expire. \
+            "The time remaining, in seconds, before the Istio Generated cert chain will expire. \
              A negative value indicates the cert is expired",
             ExpirySeconds(cert_chain_expiry.clone()),
         );
@@ -295,10 +299,15 @@ impl Metrics {
     /// Records the not-after times of the CA in use (the expiry gauges
     /// compute the time left when scraped).
     pub fn observe_ca(&self, bundle: &meshca_pki::CaBundle) {
-        self.cert_chain_expiry
-            .set(bundle.not_after().unix_timestamp());
-        if let Some(root) = bundle.roots_not_after() {
-            self.root_cert_expiry.set(root.unix_timestamp());
+        if bundle.cert_chain_pem().is_empty() {
+            self.cert_chain_expiry.clear();
+        } else {
+            self.cert_chain_expiry
+                .set(bundle.not_after().unix_timestamp());
+        }
+        match bundle.roots_not_after() {
+            Some(root) => self.root_cert_expiry.set(root.unix_timestamp()),
+            None => self.root_cert_expiry.clear(),
         }
     }
 }
@@ -514,6 +523,78 @@ mod tests {
         FAKE_NOW.fetch_add(86_400, Ordering::SeqCst);
         let expired = scrape(&m, &own);
         assert_eq!(sample(&expired, chain), Some(-3600.0), "{expired}");
+    }
+
+    /// A self-signed root CA (root TTL 10 days) and an intermediate under it
+    /// (TTL 1 day).
+    fn cas() -> (meshca_pki::CaBundle, meshca_pki::CaBundle) {
+        use meshca_pki::profile::{CaCertRequest, intermediate_ca, self_signed_root};
+        use meshca_pki::{CaBundle, KeyType, SigningKey, cert};
+        let now = time::OffsetDateTime::now_utc();
+        let day = std::time::Duration::from_secs(86_400);
+        let root_key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let root_der = self_signed_root(
+            &CaCertRequest {
+                subject_der: &cert::organization_name("root"),
+                key: &root_key,
+                ttl: 10 * day,
+            },
+            now,
+        )
+        .unwrap();
+        let root = CaBundle::from_parts(
+            root_key,
+            root_der.clone(),
+            vec![],
+            vec![root_der.clone()],
+            now,
+        )
+        .unwrap();
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let inter_der = intermediate_ca(
+            &CaCertRequest {
+                subject_der: &cert::organization_name("intermediate"),
+                key: &key,
+                ttl: day,
+            },
+            &root,
+            now,
+        )
+        .unwrap();
+        let inter = CaBundle::from_parts(key, inter_der, vec![], vec![root_der], now).unwrap();
+        (root, inter)
+    }
+
+    /// As istiod: the root's expiry always, the cert chain's only when the
+    /// CA has one (its `cert-chain.pem` is not empty).
+    #[test]
+    fn cert_chain_expiry_only_for_a_ca_below_a_root() {
+        let (root, inter) = cas();
+        let mut own = Registry::default();
+        let m = Metrics::new(&mut own);
+        m.observe_ca(&inter);
+        let text = scrape(&m, &own);
+        let root_end = root.not_after().unix_timestamp() as f64;
+        let inter_end = inter.not_after().unix_timestamp() as f64;
+        assert_eq!(
+            sample(&text, "citadel_server_root_cert_expiry_timestamp"),
+            Some(root_end)
+        );
+        assert_eq!(
+            sample(&text, "citadel_server_cert_chain_expiry_timestamp"),
+            Some(inter_end)
+        );
+        let left = sample(&text, "citadel_server_cert_chain_expiry_seconds").unwrap();
+        assert!((86_000.0..=86_400.0).contains(&left), "{left}");
+
+        // Back to a self-signed CA: no cert chain.
+        m.observe_ca(&root);
+        let text = scrape(&m, &own);
+        assert_eq!(
+            sample(&text, "citadel_server_root_cert_expiry_timestamp"),
+            Some(root_end)
+        );
+        assert!(!text.contains("citadel_server_cert_chain_expiry"), "{text}");
     }
 
     #[test]
