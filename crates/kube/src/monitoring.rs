@@ -12,8 +12,43 @@ use tokio_util::sync::CancellationToken;
 /// Answers `/readyz`: `Ok(())` when ready, else why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// The monitoring routes over a metrics registry and a readiness check.
-pub fn router(registry: Arc<Registry>, readiness: Readiness) -> axum::Router {
+/// What `/metrics` serves, in the Prometheus text format 0.0.4 (what istiod
+/// serves): families written exactly as named (istiod's counters carry no
+/// `_total`; the OpenMetrics text encoder writes them, without its `# EOF`,
+/// and for counters encoded as such and unitless gauges every line it writes
+/// is also 0.0.4), then a registry by prometheus-client's 0.0.4 encoder.
+#[derive(Clone)]
+pub struct Registries {
+    pub as_named: Option<Arc<Registry>>,
+    pub registry: Arc<Registry>,
+}
+
+impl Registries {
+    /// Just one registry.
+    pub fn one(registry: Arc<Registry>) -> Self {
+        Registries {
+            as_named: None,
+            registry,
+        }
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        encode(self.as_named.as_deref(), &self.registry)
+    }
+}
+
+/// See [`Registries`].
+pub fn encode(as_named: Option<&Registry>, registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    if let Some(as_named) = as_named {
+        prometheus_client::encoding::text::encode_registry(&mut text, as_named)?;
+    }
+    prometheus_client::encoding::prometheus_text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+/// The monitoring routes over the metrics and a readiness check.
+pub fn router(registries: Registries, readiness: Readiness) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -26,19 +61,18 @@ pub fn router(registry: Arc<Registry>, readiness: Readiness) -> axum::Router {
                 async move { answer }
             }),
         )
-        .route("/metrics", get(move || metrics(registry.clone())))
+        .route("/metrics", get(move || metrics(registries.clone())))
 }
 
 async fn metrics(
-    registry: Arc<Registry>,
+    registries: Registries,
 ) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-        Ok(()) => (
+    match registries.encode() {
+        Ok(text) => (
             StatusCode::OK,
             [(
                 header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             )],
             text,
         ),

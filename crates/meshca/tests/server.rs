@@ -498,9 +498,9 @@ async fn bad_requests_get_istios_codes_nothing_is_issued_and_the_server_keeps_se
     }
     let metrics = server.metrics();
     for line in [
-        "citadel_server_success_cert_issuance_count_total 4",
-        "citadel_server_csr_sign_err_count_total{error=\"ttl_too_long\"} 1",
-        "citadel_server_csr_sign_err_count_total{error=\"csr_signature_invalid\"} 1",
+        "citadel_server_success_cert_issuance_count 4",
+        "citadel_server_csr_sign_err_count{error=\"ttl_too_long\"} 1",
+        "citadel_server_csr_sign_err_count{error=\"csr_signature_invalid\"} 1",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }

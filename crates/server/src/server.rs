@@ -178,7 +178,13 @@ impl Server {
             });
             monitoring::serve(
                 addr,
-                monitoring::router(registry, readiness),
+                monitoring::router(
+                    monitoring::Registries {
+                        as_named: Some(service.metrics.istio_registry()),
+                        registry,
+                    },
+                    readiness,
+                ),
                 background.clone(),
             )
             .await?;

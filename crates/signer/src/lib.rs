@@ -252,7 +252,7 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
                 Err("a signer has no CA".into())
             }
         });
-        let app = monitoring::router(registry.clone(), readiness);
+        let app = monitoring::router(monitoring::Registries::one(registry.clone()), readiness);
         monitoring_addr = Some(monitoring::serve(addr, app, helpers.clone()).await?);
     }
 

@@ -199,6 +199,8 @@ pub struct Istiod {
     /// The root of its serving certificate (from istio-ca-secret).
     pub root: PathBuf,
     pub log: PathBuf,
+    /// Its monitoring address (`/metrics`).
+    pub monitoring: String,
 }
 
 /// Starts istiod and waits (120 s at most) until it is ready; its serving
@@ -270,5 +272,6 @@ pub async fn start_istiod(client: kube::Client, o: &IstiodOptions<'_>) -> Result
         addr,
         root,
         log,
+        monitoring: format!("127.0.0.1:{}", ports[4]),
     })
 }

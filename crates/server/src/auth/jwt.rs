@@ -142,8 +142,11 @@ impl JwtVerifier {
         if claims.nbf.is_some_and(|nbf| now < nbf) {
             bail!("token not yet valid");
         }
-        let sub = claims.sub.context("token has no sub")?;
-        parse_service_account(&sub).context("sub is not system:serviceaccount:<ns>:<sa>")
+        // Verified: from here on, a failure is a missing identity.
+        let no_identity = |what: &str| crate::auth::NoIdentity(what.into());
+        let sub = claims.sub.ok_or_else(|| no_identity("token has no sub"))?;
+        Ok(parse_service_account(&sub)
+            .ok_or_else(|| no_identity("sub is not system:serviceaccount:<ns>:<sa>"))?)
     }
 }
 
@@ -543,7 +546,8 @@ mod tests {
         c["sub"] = "admin".into();
         assert_eq!(
             refusal(&verifier, &rs256(&rsa, None, &c), 1_100),
-            "sub is not system:serviceaccount:<ns>:<sa>"
+            "no identity: sub is not system:serviceaccount:<ns>:<sa>",
+            "verified, but names no service account: counts in id_extraction_err"
         );
     }
 

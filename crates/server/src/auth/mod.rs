@@ -75,15 +75,46 @@ pub struct Authenticator {
 /// Istio's "request authenticate failure"). Never contains the token.
 pub type AuthError = anyhow::Error;
 
+/// A credential was proven (a verified client certificate, a token the API
+/// server or a trusted key vouches for) but names no identity a certificate
+/// can carry: what `citadel_server_id_extraction_err_count` counts.
+#[derive(Debug)]
+pub struct NoIdentity(pub String);
+
+impl std::fmt::Display for NoIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no identity: {}", self.0)
+    }
+}
+
+impl std::error::Error for NoIdentity {}
+
 impl Authenticator {
     /// Client certificate first (renewals, VMs), then the bearer token.
+    /// A failure because a proven credential names no usable identity
+    /// ([`NoIdentity`]) also counts in `id_extraction_err`.
     pub async fn authenticate(
         &self,
         creds: &Credentials<'_>,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Caller, AuthError> {
+        let result = self.try_authenticate(creds, metrics).await;
+        if let Err(e) = &result
+            && e.is::<NoIdentity>()
+        {
+            metrics.id_extraction_err.inc();
+        }
+        result
+    }
+
+    async fn try_authenticate(
+        &self,
+        creds: &Credentials<'_>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Caller, AuthError> {
         if let Some(cert) = creds.peer_cert {
-            let identities = certificate_identities(cert)?;
+            let identities =
+                certificate_identities(cert).map_err(|e| NoIdentity(format!("{e:#}")))?;
             if !identities.is_empty() {
                 return Ok(Caller {
                     identities,
@@ -114,6 +145,8 @@ impl Authenticator {
             return self.caller(account, authenticator);
         }
         let mut errors = Vec::new();
+        // A token proven by one authenticator but naming no identity.
+        let mut no_identity = false;
         if let Some(reviewer) = &self.token_review {
             match reviewer.review(token).await {
                 Ok(account) => {
@@ -121,7 +154,10 @@ impl Authenticator {
                         .insert(key, &account, "token_review", jwt::unverified_expiry(token));
                     return self.caller(account, "token_review");
                 }
-                Err(e) => errors.push(format!("TokenReview: {e:#}")),
+                Err(e) => {
+                    no_identity |= e.is::<NoIdentity>();
+                    errors.push(format!("TokenReview: {e:#}"))
+                }
             }
         }
         if let Some(verifier) = &self.jwt {
@@ -133,11 +169,17 @@ impl Authenticator {
                         .insert(key, &account, "jwt", jwt::unverified_expiry(token));
                     return self.caller(account, "jwt");
                 }
-                Err(e) => errors.push(format!("JWT: {e:#}")),
+                Err(e) => {
+                    no_identity |= e.is::<NoIdentity>();
+                    errors.push(format!("JWT: {e:#}"))
+                }
             }
         }
         if errors.is_empty() {
             bail!("a bearer token was sent but no token authenticator is configured");
+        }
+        if no_identity {
+            return Err(NoIdentity(errors.join("; ")).into());
         }
         bail!("{}", errors.join("; "))
     }
@@ -148,7 +190,7 @@ impl Authenticator {
             &account.namespace,
             &account.service_account,
         )
-        .map_err(anyhow::Error::msg)?;
+        .map_err(NoIdentity)?;
         Ok(Caller {
             identities: vec![id.to_string()],
             authenticator,
@@ -222,14 +264,17 @@ impl TokenReviewer {
         if status.authenticated != Some(true) {
             bail!("not authenticated: {}", status.error.unwrap_or_default());
         }
-        let user = status.user.context("TokenReview without user")?;
+        // Authenticated: from here on, a failure is a missing identity.
+        let user = status
+            .user
+            .ok_or_else(|| NoIdentity("TokenReview without user".into()))?;
         let groups = user.groups.unwrap_or_default();
         if !groups.iter().any(|g| g == "system:serviceaccounts") {
-            bail!("not a service account (groups {groups:?})");
+            return Err(NoIdentity(format!("not a service account (groups {groups:?})")).into());
         }
         let username = user.username.unwrap_or_default();
         let (namespace, service_account) = jwt::parse_service_account(&username)
-            .with_context(|| format!("username {username:?} is not a service account"))?;
+            .ok_or_else(|| NoIdentity(format!("username {username:?} is not a service account")))?;
         let mut extra = user.extra.unwrap_or_default();
         let mut one = |key: &str| {
             extra
@@ -415,6 +460,83 @@ mod tests {
         };
         cache.insert([7; 32], &a, "token_review", exp);
         assert_eq!(cache.get(&[7; 32]), Some((a, "token_review")));
+    }
+
+    fn jwt_authenticator(issuer: &jwt::JwtIssuer) -> Authenticator {
+        Authenticator {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            cluster_aliases: vec![],
+            token_review: None,
+            jwt: Some(
+                JwtVerifier::new(
+                    issuer.public_key_pem().as_bytes(),
+                    Some("meshca-local".into()),
+                    &["istio-ca".into()],
+                )
+                .unwrap(),
+            ),
+            cache: TokenCache::new(Duration::ZERO, 0),
+        }
+    }
+
+    fn issuer() -> jwt::JwtIssuer {
+        jwt::JwtIssuer::from_pkcs8(&jwt::JwtIssuer::generate_pkcs8().unwrap(), "meshca-local")
+            .unwrap()
+    }
+
+    async fn authenticate(
+        auth: &Authenticator,
+        metrics: &crate::metrics::Metrics,
+        token: &str,
+    ) -> Result<Caller, AuthError> {
+        let creds = Credentials {
+            peer_cert: None,
+            bearer: Some(token),
+            cluster_id: None,
+        };
+        auth.authenticate(&creds, metrics).await
+    }
+
+    #[tokio::test]
+    async fn only_a_proven_credential_without_identity_counts_as_id_extraction_error() {
+        let metrics = crate::metrics::Metrics::new(&mut Default::default());
+        let issuer = issuer();
+        let auth = jwt_authenticator(&issuer);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+
+        let good = issuer.mint("ns1", "sa1", "istio-ca", 600, now).unwrap();
+        let caller = authenticate(&auth, &metrics, &good).await.unwrap();
+        assert_eq!(caller.identities, ["spiffe://cluster.local/ns/ns1/sa/sa1"]);
+
+        // Not proven: another key's signature, another audience.
+        let stranger = issuer_token_of_another_key(now);
+        assert!(authenticate(&auth, &metrics, &stranger).await.is_err());
+        let wrong_audience = issuer.mint("ns1", "sa1", "other", 600, now).unwrap();
+        assert!(
+            authenticate(&auth, &metrics, &wrong_audience)
+                .await
+                .is_err()
+        );
+        assert_eq!(metrics.id_extraction_err.get(), 0);
+
+        // Proven, but `sub` (system:serviceaccount:ns1:a:b) names no account.
+        let no_account = issuer.mint("ns1", "a:b", "istio-ca", 600, now).unwrap();
+        let e = authenticate(&auth, &metrics, &no_account)
+            .await
+            .unwrap_err();
+        assert!(e.is::<NoIdentity>(), "{e:#}");
+        assert_eq!(metrics.id_extraction_err.get(), 1);
+
+        // Proven, but the account makes no valid SPIFFE ID.
+        let bad_id = issuer.mint("ns 1", "sa1", "istio-ca", 600, now).unwrap();
+        let e = authenticate(&auth, &metrics, &bad_id).await.unwrap_err();
+        assert!(e.is::<NoIdentity>(), "{e:#}");
+        assert_eq!(metrics.id_extraction_err.get(), 2);
+    }
+
+    fn issuer_token_of_another_key(now: i64) -> String {
+        issuer().mint("ns1", "sa1", "istio-ca", 600, now).unwrap()
     }
 
     #[test]
