@@ -82,14 +82,16 @@ async fn identities(ns: &TestNamespace, signer: &str) -> Result<(Identity, kube:
     Ok((controller, istiod))
 }
 
-/// `meshca signer ARGS` as `identity`.
-fn start_signer(identity: &Identity, args: &[&str]) -> Result<Proc> {
+/// `meshca signer ARGS` as `identity`, as deployed: leader election (on by
+/// default) on the manifests' Lease in its own namespace.
+fn start_signer(identity: &Identity, namespace: &str, args: &[&str]) -> Result<Proc> {
     let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
         .arg("signer")
         .args(args)
         .arg("--kubeconfig")
         .arg(identity.kubeconfig_path())
         .args(["--no-trust-bundle", "--monitoring-listen", "none"])
+        .env("POD_NAMESPACE", namespace)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -223,6 +225,7 @@ async fn ca_cert_path_and_ca_key_path_flags_sign_an_approved_csr() {
         // cert-chain.pem: intermediate then root, so the roots default to its end.
         let mut proc = start_signer(
             &controller,
+            ns.name(),
             &[
                 "--signer-name",
                 &signer,
@@ -267,7 +270,12 @@ async fn ca_cert_path_and_ca_key_path_in_a_config_file_sign_an_approved_csr() {
             ),
         )
         .unwrap();
-        let mut proc = start_signer(&controller, &["--config", config.to_str().unwrap()]).unwrap();
+        let mut proc = start_signer(
+            &controller,
+            ns.name(),
+            &["--config", config.to_str().unwrap()],
+        )
+        .unwrap();
         let name = approved_csr(&ns, &istiod, &signer).await.unwrap();
         let chain = wait_issued(&istiod, &name, &mut proc).await.unwrap();
         verify(&dir, &chain, &dir.join("root/root-cert.pem")).unwrap();
