@@ -362,8 +362,8 @@ async fn expired_ca_fails_csrs_and_a_new_ca_in_the_dir_is_picked_up() {
             controller_id,
             istiod,
         } = setup(&env, "signer-expiry").await;
-        // An intermediate that expires 3 s from now.
-        let ca = make_ca(&dir.join("ca"), "short", Duration::from_secs(3));
+        // An intermediate that expires 5 s from now.
+        let ca = make_ca(&dir.join("ca"), "short", Duration::from_secs(5));
         let running = start(
             &controller_id,
             vec![SignerConfig {
@@ -374,7 +374,10 @@ async fn expired_ca_fails_csrs_and_a_new_ca_in_the_dir_is_picked_up() {
         )
         .await;
         assert!(running.ready());
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // Wait for the CA's own notAfter (as the signer reports it), not a guess.
+        let expiry = ca_expiry(&running, &signer);
+        let left = expiry - ::time::OffsetDateTime::now_utc().unix_timestamp();
+        tokio::time::sleep(Duration::from_secs(u64::try_from(left + 1).unwrap_or(0))).await;
 
         let uri = format!("spiffe://cluster.local/ns/{}/sa/x", ns.name());
         let name = create_csr(
@@ -394,7 +397,15 @@ async fn expired_ca_fails_csrs_and_a_new_ca_in_the_dir_is_picked_up() {
 
         // A new CA written into the directory is used without a restart.
         let fresh = make_ca(&dir.join("ca"), "fresh", Duration::from_secs(86400));
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Until the signer reports the new CA's expiry: it has loaded it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while ca_expiry(&running, &signer) == expiry {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the new CA was not loaded"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let name = create_csr(
             &ns,
             &istiod,
@@ -415,6 +426,16 @@ async fn expired_ca_fails_csrs_and_a_new_ca_in_the_dir_is_picked_up() {
     })
     .await
     .expect("test timed out");
+}
+
+/// The signer's reported notAfter of its CA (Unix seconds).
+fn ca_expiry(running: &meshca_signer::Running, signer: &str) -> i64 {
+    let text = running.metrics_text();
+    let line = format!("meshca_signer_ca_expiry_timestamp_seconds{{signer=\"{signer}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no CA expiry for {signer} in {text}"))
 }
 
 fn tls_secret(name: &str, ns: &str, cert: &str, key: &str, roots: &str) -> Secret {
