@@ -314,11 +314,14 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
                 .spawn()
                 .with_context(|| format!("starting the {kind} signer"))?,
         );
-        let pid = child.0.id();
-        return finish(
-            o, kind, &api, &run, &seen, &created, start, true, pid, child, watch,
-        )
-        .await;
+        let observed = Observed {
+            api,
+            run,
+            seen,
+            created,
+            watch,
+        };
+        return finish(o, kind, &observed, child, start, true).await;
     }
     let log = std::fs::File::create(work.join(format!("{kind}.log")))?;
     let child = Proc(
@@ -328,7 +331,6 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
             .spawn()
             .with_context(|| format!("starting the {kind} signer"))?,
     );
-    let pid = child.0.id();
 
     // Warm-up CSR: the signer is up and signing before the clock starts.
     let warm_csr = csr_for(kind, &run, o.n)?;
@@ -346,26 +348,43 @@ async fn run_one(o: &Opts, client: &kube::Client, kind: &str, work: &Path) -> Re
 
     let start = Instant::now();
     create_all(objs).await?;
-    finish(
-        o, kind, &api, &run, &seen, &created, start, false, pid, child, watch,
-    )
-    .await
+    let observed = Observed {
+        api,
+        run,
+        seen,
+        created,
+        watch,
+    };
+    finish(o, kind, &observed, child, start, false).await
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One run's CSRs: when each was created and when its certificate was seen.
+struct Observed {
+    api: Api<CertificateSigningRequest>,
+    /// The run's label value.
+    run: String,
+    seen: Arc<Mutex<HashMap<String, Instant>>>,
+    created: Arc<Mutex<HashMap<String, Instant>>>,
+    watch: tokio::task::JoinHandle<()>,
+}
+
+/// Waits until every CSR is signed, then reports and cleans up.
 async fn finish(
     o: &Opts,
     kind: &str,
-    api: &Api<CertificateSigningRequest>,
-    run: &str,
-    seen: &Mutex<HashMap<String, Instant>>,
-    created: &Mutex<HashMap<String, Instant>>,
+    observed: &Observed,
+    signer: Proc,
     start: Instant,
     backlog: bool,
-    pid: u32,
-    child: Proc,
-    watch: tokio::task::JoinHandle<()>,
 ) -> Result<Report> {
+    let Observed {
+        api,
+        run,
+        seen,
+        created,
+        watch,
+    } = observed;
+    let pid = signer.0.id();
     let want = if backlog { o.n } else { o.n + 1 };
     let deadline = Duration::from_secs(600);
     loop {
@@ -391,7 +410,7 @@ async fn finish(
     let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
     let rss_kib = peak_rss_kib(pid);
     watch.abort();
-    drop(child);
+    drop(signer);
     let _ = api
         .delete_collection(
             &DeleteParams::default(),
