@@ -91,7 +91,8 @@ pub struct OutFile<'a> {
 
 /// Writes the files, refusing to overwrite any without `force`. Each goes
 /// through a temporary file renamed into place; key files are created with
-/// mode 0600 from the start, so a key is never readable by others, not even
+/// mode 0600 from the start (and others 0644), the mode set on the open
+/// handle before writing, so a key is never readable by others, not even
 /// for a moment.
 pub fn write_all(dir: &Path, files: &[OutFile<'_>], force: bool) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -121,11 +122,15 @@ pub fn write_all(dir: &Path, files: &[OutFile<'_>], force: bool) -> Result<Vec<P
             .mode(mode)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
+        // The umask may have narrowed the mode (never widened it): set it
+        // on the open handle, before a byte is written, so no path lookup
+        // can reach another file and the contents never sit under another mode.
+        out.set_permissions(fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", tmp.display()))?;
         out.write_all(file.contents)
             .and_then(|()| out.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
-        // The umask may have narrowed the mode; a key must never be wider.
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+        drop(out);
         fs::rename(&tmp, &path).with_context(|| format!("renaming into {}", path.display()))?;
         written.push(path);
     }

@@ -18,6 +18,6 @@ pub mod secret;
 pub mod source;
 pub mod watch;
 
-pub use material::Material;
+pub use material::{Material, Part};
 pub use source::CaSource;
 pub use watch::{CurrentCa, changes, watch};

@@ -12,6 +12,16 @@ pub struct Part {
     pub bytes: Zeroizing<Vec<u8>>,
 }
 
+/// The name and the length only: a part may be a private key.
+impl std::fmt::Debug for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Part")
+            .field("name", &self.name)
+            .field("len", &self.bytes.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Part {
     pub fn new(name: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
         Part {
@@ -30,7 +40,8 @@ impl Part {
 
 /// The signing certificate (intermediates may follow it), its key, the
 /// chain up to the root (optional) and the roots (optional: default is the
-/// last certificate of the chain).
+/// last certificate of the chain). `Debug` shows names and lengths only.
+#[derive(Debug)]
 pub struct Material {
     pub cert: Part,
     pub key: Part,

@@ -367,3 +367,37 @@ fn verify_passes_only_when_the_proxy_trusts_exactly_the_root_and_its_chain_verif
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no ROOTCA secret"));
 }
+
+#[test]
+fn jwt_keys_without_an_issuer_are_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("keys.pem"), "").unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshca"));
+        cmd.current_dir(d)
+            .args(["server", "--standalone", "--state-dir", "state"])
+            .args(args)
+            .env_remove("MESHCA_JWT_KEYS")
+            .env_remove("MESHCA_JWT_ISSUER");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    for out in [
+        run(&["--jwt-keys", "keys.pem"], &[]),
+        run(&[], &[("MESHCA_JWT_KEYS", "keys.pem")]),
+    ] {
+        assert_eq!(out.status.code(), Some(2), "a usage error");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("required arguments were not provided")
+                && stderr.contains("--jwt-issuer"),
+            "{stderr}"
+        );
+    }
+    let out = run(&["--jwt-keys", "keys.pem", "--jwt-issuer", ""], &[]);
+    assert_eq!(out.status.code(), Some(2), "an empty issuer is no issuer");
+    assert!(!d.join("state").exists(), "nothing was started");
+}

@@ -87,13 +87,57 @@ pub struct SpiffeId {
     path: String,
 }
 
+/// Whether `s` is a DNS-1123 label, as Kubernetes checks a namespace name:
+/// at most 63 of `[a-z0-9-]`, starting and ending alphanumeric.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Whether `s` is a DNS-1123 subdomain, as Kubernetes checks a
+/// ServiceAccount name: at most 253 characters of dot-separated labels.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    // Kubernetes bounds the whole name, not each label, to the label syntax.
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// The one check of a Kubernetes workload account before it names anything:
+/// the namespace a DNS-1123 label, the ServiceAccount a DNS-1123 subdomain.
+/// So neither can carry a `/` or `:` into a SPIFFE ID or a username.
+pub fn check_workload_account(namespace: &str, service_account: &str) -> Result<(), String> {
+    if !is_dns1123_label(namespace) {
+        return Err(format!("namespace {namespace:?} is not a DNS-1123 label"));
+    }
+    if !is_dns1123_subdomain(service_account) {
+        return Err(format!(
+            "service account {service_account:?} is not a DNS-1123 subdomain"
+        ));
+    }
+    Ok(())
+}
+
 impl SpiffeId {
-    /// Istio's workload identity `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    /// Istio's workload identity `spiffe://<td>/ns/<ns>/sa/<sa>`; the
+    /// namespace and account are checked by [`check_workload_account`].
     pub fn workload(
         trust_domain: &str,
         namespace: &str,
         service_account: &str,
     ) -> Result<Self, String> {
+        check_workload_account(namespace, service_account)?;
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -239,7 +283,54 @@ mod tests {
         );
     }
 
+    #[test]
+    fn workload_accounts_are_dns1123_names() {
+        assert!(SpiffeId::workload("td", "a/sa/b", "c").is_err());
+        assert!(SpiffeId::workload("td", "ns", "a/sa/b").is_err());
+        assert!(SpiffeId::workload("td", "ns", "a:b").is_err());
+        assert!(SpiffeId::workload("td", "Ns", "sa").is_err());
+        assert!(SpiffeId::workload("td", "-ns", "sa").is_err());
+        assert!(SpiffeId::workload("td", "ns", "sa.").is_err());
+        assert!(SpiffeId::workload("td", "ns", "..").is_err());
+        assert!(SpiffeId::workload("td", &"n".repeat(64), "sa").is_err());
+        assert!(SpiffeId::workload("td", "ns", &"s".repeat(254)).is_err());
+        assert!(SpiffeId::workload("td", &"n".repeat(63), &"s".repeat(253)).is_ok());
+        // A ServiceAccount name may have dots; a namespace may not.
+        assert_eq!(
+            SpiffeId::workload("td", "istio-system", "sa.v1")
+                .unwrap()
+                .to_string(),
+            "spiffe://td/ns/istio-system/sa/sa.v1"
+        );
+        assert!(SpiffeId::workload("td", "a.b", "sa").is_err());
+        assert_eq!(
+            check_workload_account("a/sa/b", "c").unwrap_err(),
+            "namespace \"a/sa/b\" is not a DNS-1123 label"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn only_dns1123_names_make_a_workload_id(
+            ns in "[a-z0-9./:-]{0,8}|\\PC{0,8}",
+            sa in "[a-z0-9./:-]{0,12}|\\PC{0,12}",
+        ) {
+            if let Ok(id) = SpiffeId::workload("cluster.local", &ns, &sa) {
+                prop_assert!(is_dns1123_label(&ns), "{ns:?}");
+                prop_assert!(is_dns1123_subdomain(&sa), "{sa:?}");
+                prop_assert_eq!(id.namespace_and_service_account(), Some((&ns[..], &sa[..])));
+            }
+        }
+
+        #[test]
+        fn dns1123_names_always_make_a_workload_id(
+            ns in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
+            sa in "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?){0,3}",
+        ) {
+            let id = SpiffeId::workload("cluster.local", &ns, &sa).unwrap();
+            prop_assert_eq!(id.to_string(), format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"));
+        }
+
         #[test]
         fn spiffe_parse_never_panics_and_round_trips(s in "\\PC{0,60}") {
             if let Ok(id) = s.parse::<SpiffeId>() {

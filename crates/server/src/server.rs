@@ -246,21 +246,27 @@ impl Server {
 fn authenticator(config: &ServerConfig, api_limit: &ApiLimit) -> Result<Authenticator> {
     // Each key file with its own issuer: --jwt-keys with --jwt-issuer, the
     // local key with the local issuer.
-    let mut sources: Vec<(Vec<u8>, Option<String>)> = Vec::new();
+    // A key is trusted for one issuer only, never for any `iss`.
+    let mut sources: Vec<(Vec<u8>, String)> = Vec::new();
     if let Some(path) = &config.jwt_keys {
+        let issuer = config
+            .jwt_issuer
+            .clone()
+            .filter(|i| !i.is_empty())
+            .context("--jwt-keys needs --jwt-issuer (MESHCA_JWT_ISSUER): the `iss` its tokens must carry")?;
         let keys = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        sources.push((keys, config.jwt_issuer.clone()));
+        sources.push((keys, issuer));
     }
     if config.local_token_issuer {
         let pem = local_issuer(&config.state_dir, true)?.public_key_pem();
-        sources.push((pem.into_bytes(), Some(LOCAL_ISSUER.into())));
+        sources.push((pem.into_bytes(), LOCAL_ISSUER.into()));
     }
     let jwt = if sources.is_empty() {
         None
     } else {
-        let sources: Vec<(&[u8], Option<String>)> = sources
+        let sources: Vec<(&[u8], &str)> = sources
             .iter()
-            .map(|(keys, issuer)| (keys.as_slice(), issuer.clone()))
+            .map(|(keys, issuer)| (keys.as_slice(), issuer.as_str()))
             .collect();
         Some(JwtVerifier::from_sources(
             &sources,

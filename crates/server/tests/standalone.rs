@@ -170,3 +170,51 @@ async fn jwt_keys_with_their_issuer_and_the_local_issuer_each_check_their_own_to
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_verified_token_whose_sub_is_no_dns1123_account_gets_no_certificate() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::build(standalone(state.path())).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let root_pem = std::fs::read_to_string(server.started().root_cert).unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.serve(stop.clone()));
+
+    // Signed by the trusted local issuer: `sub` is
+    // system:serviceaccount:a/sa/b:c, which once became
+    // spiffe://cluster.local/ns/a/sa/b/sa/c.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let local = local_issuer(state.path(), false).unwrap();
+    for (ns, sa) in [("a/sa/b", "c"), ("default", "x/sa/y"), ("Default", "demo")] {
+        let token = local.mint(ns, sa, "istio-ca", 600, now).unwrap();
+        let refused = ask(addr, &root_pem, &token).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{ns}:{sa}");
+        assert_eq!(
+            refused.metadata().get(REASON_HEADER).unwrap(),
+            "unauthenticated"
+        );
+    }
+    // The same issuer, a valid account: issued.
+    let token = local.mint("default", "demo", "istio-ca", 600, now).unwrap();
+    ask(addr, &root_pem, &token).await.expect("a certificate");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn jwt_keys_without_an_issuer_do_not_start() {
+    let state = tempfile::tempdir().unwrap();
+    let keys = state.path().join("keys.pem");
+    std::fs::write(
+        &keys,
+        local_issuer(state.path(), true).unwrap().public_key_pem(),
+    )
+    .unwrap();
+    let mut config = standalone(state.path());
+    config.jwt_keys = Some(keys);
+    let e = Server::build(config).await.err().expect("refused");
+    assert!(
+        format!("{e:#}").contains("--jwt-keys needs --jwt-issuer"),
+        "{e:#}"
+    );
+}

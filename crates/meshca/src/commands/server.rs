@@ -80,11 +80,12 @@ pub struct ServerArgs {
     /// Run without Kubernetes even if a kubeconfig is around.
     #[arg(long)]
     pub standalone: bool,
-    /// Trusted JWT issuer public keys (PEM or JWKS) for running without a cluster.
-    #[arg(long, env = "MESHCA_JWT_KEYS")]
+    /// Trusted JWT issuer public keys (PEM or JWKS) for running without a
+    /// cluster; needs --jwt-issuer.
+    #[arg(long, env = "MESHCA_JWT_KEYS", requires = "jwt_issuer")]
     pub jwt_keys: Option<PathBuf>,
-    /// Required `iss` of tokens verified with --jwt-keys.
-    #[arg(long, env = "MESHCA_JWT_ISSUER")]
+    /// Required `iss` of tokens verified with --jwt-keys (required with it).
+    #[arg(long, env = "MESHCA_JWT_ISSUER", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub jwt_issuer: Option<String>,
     /// DNS names in the serving certificate.
     #[arg(

@@ -57,8 +57,8 @@ struct Key {
     /// Names the key's one algorithm (`jsonwebtoken` refuses any other
     /// `alg`, `none` included), the audiences and the key file's issuer.
     validation: Validation,
-    /// The `iss` required of tokens this key signed, if any.
-    issuer: Option<String>,
+    /// The `iss` required of tokens this key signed.
+    issuer: String,
 }
 
 /// Public keys of trusted token issuers, from PEM public keys or a JWKS file.
@@ -67,17 +67,22 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
-    /// `keys` is a PEM file of SubjectPublicKeyInfo blocks or a JWKS JSON.
-    pub fn new(keys: &[u8], issuer: Option<String>, audiences: &[String]) -> Result<Self> {
+    /// `keys` is a PEM file of SubjectPublicKeyInfo blocks or a JWKS JSON;
+    /// tokens its keys sign must carry `iss` = `issuer`.
+    pub fn new(keys: &[u8], issuer: &str, audiences: &[String]) -> Result<Self> {
         Self::from_sources(&[(keys, issuer)], audiences)
     }
 
     /// Several key files (each PEM or JWKS), each with the `iss` required of
     /// the tokens its keys sign: e.g. `--jwt-keys` with `--jwt-issuer`
-    /// beside standalone mode's local key with its own issuer.
-    pub fn from_sources(sources: &[(&[u8], Option<String>)], audiences: &[String]) -> Result<Self> {
+    /// beside standalone mode's local key with its own issuer. A key is
+    /// never trusted for any issuer: an empty issuer is refused.
+    pub fn from_sources(sources: &[(&[u8], &str)], audiences: &[String]) -> Result<Self> {
         let mut keys = Vec::new();
-        for (file, issuer) in sources {
+        for &(file, issuer) in sources {
+            if issuer.is_empty() {
+                bail!("a JWT key file needs the issuer its tokens must name");
+            }
             let parsed = if file.trim_ascii_start().starts_with(b"{") {
                 jwks_keys(file)?
             } else {
@@ -89,17 +94,13 @@ impl JwtVerifier {
                 validation.validate_exp = false;
                 validation.validate_nbf = false;
                 validation.set_audience(audiences);
-                let mut required = vec!["exp", "sub", "aud"];
-                if let Some(issuer) = issuer {
-                    validation.set_issuer(&[issuer]);
-                    required.push("iss");
-                }
-                validation.set_required_spec_claims(&required);
+                validation.set_issuer(&[issuer]);
+                validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
                 keys.push(Key {
                     kid,
                     key,
                     validation,
-                    issuer: issuer.clone(),
+                    issuer: issuer.to_owned(),
                 });
             }
         }
@@ -126,7 +127,7 @@ impl JwtVerifier {
                 }
                 // Another key (same alg, no or the same kid) may have signed it.
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
-                Err(e) => return Err(refusal(e, key.issuer.as_deref())),
+                Err(e) => return Err(refusal(e, &key.issuer)),
             }
         }
         let claims = claims.with_context(|| {
@@ -145,13 +146,12 @@ impl JwtVerifier {
         // Verified: from here on, a failure is a missing identity.
         let no_identity = |what: &str| crate::auth::NoIdentity(what.into());
         let sub = claims.sub.ok_or_else(|| no_identity("token has no sub"))?;
-        Ok(parse_service_account(&sub)
-            .ok_or_else(|| no_identity("sub is not system:serviceaccount:<ns>:<sa>"))?)
+        Ok(parse_service_account(&sub).map_err(|e| no_identity(&format!("sub {e}")))?)
     }
 }
 
 /// Why a token whose signature verified (or that could not be read) is refused.
-fn refusal(e: jsonwebtoken::errors::Error, issuer: Option<&str>) -> anyhow::Error {
+fn refusal(e: jsonwebtoken::errors::Error, issuer: &str) -> anyhow::Error {
     match e.into_kind() {
         ErrorKind::InvalidAudience => {
             anyhow::anyhow!("token audiences do not include an accepted audience")
@@ -163,14 +163,17 @@ fn refusal(e: jsonwebtoken::errors::Error, issuer: Option<&str>) -> anyhow::Erro
     }
 }
 
-/// `system:serviceaccount:<ns>:<sa>` -> `(ns, sa)`.
-pub fn parse_service_account(username: &str) -> Option<(String, String)> {
-    let rest = username.strip_prefix("system:serviceaccount:")?;
-    let (ns, sa) = rest.split_once(':')?;
-    if ns.is_empty() || sa.is_empty() || sa.contains(':') {
-        return None;
-    }
-    Some((ns.to_owned(), sa.to_owned()))
+/// `system:serviceaccount:<ns>:<sa>` -> `(ns, sa)`, the namespace a DNS-1123
+/// label and the account a DNS-1123 subdomain
+/// ([`meshca_pki::san::check_workload_account`]): the one parse of a token's
+/// `sub` and of a TokenReview username.
+pub fn parse_service_account(username: &str) -> Result<(String, String), String> {
+    let (ns, sa) = username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+        .ok_or_else(|| format!("{username:?} is not system:serviceaccount:<ns>:<sa>"))?;
+    meshca_pki::san::check_workload_account(ns, sa).map_err(|e| format!("{username:?}: {e}"))?;
+    Ok((ns.to_owned(), sa.to_owned()))
 }
 
 fn pem_keys(input: &[u8]) -> Result<Vec<(Option<String>, Algorithm, DecodingKey)>> {
@@ -345,7 +348,7 @@ mod tests {
         let issuer = issuer();
         let verifier = JwtVerifier::new(
             issuer.public_key_pem().as_bytes(),
-            Some("meshca-local".into()),
+            "meshca-local",
             &["istio-ca".into()],
         )
         .unwrap();
@@ -363,7 +366,7 @@ mod tests {
         let issuer = issuer();
         let verifier = JwtVerifier::new(
             issuer.public_key_pem().as_bytes(),
-            None,
+            "meshca-local",
             &["istio-ca".into()],
         )
         .unwrap();
@@ -406,7 +409,7 @@ mod tests {
         let issuer = issuer();
         let verifier = JwtVerifier::new(
             issuer.public_key_pem().as_bytes(),
-            None,
+            "meshca-local",
             &["istio-ca".into()],
         )
         .unwrap();
@@ -423,7 +426,7 @@ mod tests {
         let issuer = issuer();
         let verifier = JwtVerifier::new(
             issuer.public_key_pem().as_bytes(),
-            None,
+            "meshca-local",
             &["istio-ca".into()],
         )
         .unwrap();
@@ -439,7 +442,8 @@ mod tests {
     fn alg_none_and_hmac_with_the_public_key_are_refused() {
         let issuer = issuer();
         let pem = issuer.public_key_pem();
-        let verifier = JwtVerifier::new(pem.as_bytes(), None, &["istio-ca".into()]).unwrap();
+        let verifier =
+            JwtVerifier::new(pem.as_bytes(), "meshca-local", &["istio-ca".into()]).unwrap();
         let claims = claims("istio-ca", 1_600);
         let none = jws(&json!({"alg": "none"}), &claims, |_| vec![]);
         assert!(refusal(&verifier, &none, 1_100).starts_with("not a compact JWS"));
@@ -470,7 +474,7 @@ mod tests {
         ]});
         let verifier = JwtVerifier::new(
             jwks.to_string().as_bytes(),
-            Some("https://issuer".into()),
+            "https://issuer",
             &["istio-ca".into(), "other".into()],
         )
         .unwrap();
@@ -522,17 +526,13 @@ mod tests {
     fn issuer_and_required_claims_are_checked() {
         let rsa = rsa_key();
         let jwks = json!({"keys": [rsa_jwk(&rsa, "k")]}).to_string();
-        let verifier = JwtVerifier::new(
-            jwks.as_bytes(),
-            Some("https://issuer".into()),
-            &["istio-ca".into()],
-        )
-        .unwrap();
+        let verifier =
+            JwtVerifier::new(jwks.as_bytes(), "https://issuer", &["istio-ca".into()]).unwrap();
         let mut c = claims("istio-ca", 1_600);
         c["iss"] = "https://elsewhere".into();
         assert_eq!(
             refusal(&verifier, &rs256(&rsa, None, &c), 1_100),
-            "token issuer is not Some(\"https://issuer\")"
+            "token issuer is not \"https://issuer\""
         );
         for missing in ["iss", "exp", "sub", "aud"] {
             let mut c = claims("istio-ca", 1_600);
@@ -546,7 +546,7 @@ mod tests {
         c["sub"] = "admin".into();
         assert_eq!(
             refusal(&verifier, &rs256(&rsa, None, &c), 1_100),
-            "no identity: sub is not system:serviceaccount:<ns>:<sa>",
+            "no identity: sub \"admin\" is not system:serviceaccount:<ns>:<sa>",
             "verified, but names no service account: counts in id_extraction_err"
         );
     }
@@ -560,8 +560,8 @@ mod tests {
         let pem = local.public_key_pem();
         let verifier = JwtVerifier::from_sources(
             &[
-                (jwks.as_bytes(), Some("https://issuer".into())),
-                (pem.as_bytes(), Some("meshca-local".into())),
+                (jwks.as_bytes(), "https://issuer"),
+                (pem.as_bytes(), "meshca-local"),
             ],
             &["istio-ca".into()],
         )
@@ -576,14 +576,45 @@ mod tests {
         c["iss"] = "meshca-local".into();
         assert_eq!(
             refusal(&verifier, &rs256(&rsa, Some("k"), &c), 1_100),
-            "token issuer is not Some(\"https://issuer\")"
+            "token issuer is not \"https://issuer\""
+        );
+    }
+
+    #[test]
+    fn a_key_file_without_an_issuer_is_refused() {
+        let pem = issuer().public_key_pem();
+        let err = JwtVerifier::new(pem.as_bytes(), "", &["istio-ca".into()])
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "a JWT key file needs the issuer its tokens must name"
+        );
+    }
+
+    #[test]
+    fn a_verified_sub_naming_a_path_is_no_identity() {
+        // `system:serviceaccount:a/sa/b:c` made `spiffe://…/ns/a/sa/b/sa/c`.
+        let issuer = issuer();
+        let verifier = JwtVerifier::new(
+            issuer.public_key_pem().as_bytes(),
+            "meshca-local",
+            &["istio-ca".into()],
+        )
+        .unwrap();
+        let token = issuer.mint("a/sa/b", "c", "istio-ca", 600, 1_000).unwrap();
+        let e = verifier.verify(&token, 1_100).unwrap_err();
+        assert!(e.is::<crate::auth::NoIdentity>(), "{e:#}");
+        assert_eq!(
+            e.to_string(),
+            "no identity: sub \"system:serviceaccount:a/sa/b:c\": namespace \"a/sa/b\" is not a DNS-1123 label"
         );
     }
 
     #[test]
     fn key_files_without_a_usable_key_are_refused() {
         let only_hmac = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}).to_string();
-        let err = JwtVerifier::new(only_hmac.as_bytes(), None, &[])
+        let err = JwtVerifier::new(only_hmac.as_bytes(), "iss", &[])
             .err()
             .unwrap();
         assert_eq!(err.to_string(), "no usable public key found");
@@ -592,22 +623,22 @@ mod tests {
             json!({"kty": "EC", "kid": "k", "crv": "P-256", "x": "AQAB"}),
         ] {
             let jwks = json!({"keys": [broken]}).to_string();
-            let err = JwtVerifier::new(jwks.as_bytes(), None, &[]).err().unwrap();
+            let err = JwtVerifier::new(jwks.as_bytes(), "iss", &[]).err().unwrap();
             assert_eq!(err.to_string(), "JWK Some(\"k\") lacks its key parameters");
         }
         // Keys on curves meshca does not verify with are skipped, as before.
         let other_curve =
             json!({"keys": [{"kty": "EC", "crv": "secp256k1", "x": "AQ", "y": "AQ"}]});
-        let err = JwtVerifier::new(other_curve.to_string().as_bytes(), None, &[])
+        let err = JwtVerifier::new(other_curve.to_string().as_bytes(), "iss", &[])
             .err()
             .unwrap();
         assert_eq!(err.to_string(), "no usable public key found");
-        let err = JwtVerifier::new(b"{\"nokeys\": []}", None, &[])
+        let err = JwtVerifier::new(b"{\"nokeys\": []}", "iss", &[])
             .err()
             .unwrap();
         assert_eq!(err.to_string(), "JWKS is not a JWK set");
         let only_private = meshca_pki::pem::encode("PRIVATE KEY", &[0x30, 0x00]);
-        let err = JwtVerifier::new(only_private.as_bytes(), None, &[])
+        let err = JwtVerifier::new(only_private.as_bytes(), "iss", &[])
             .err()
             .unwrap();
         assert_eq!(err.to_string(), "no usable public key found");
@@ -616,12 +647,42 @@ mod tests {
     #[test]
     fn service_account_usernames_parse_strictly() {
         assert_eq!(
-            parse_service_account("system:serviceaccount:a:b"),
-            Some(("a".into(), "b".into()))
+            parse_service_account("system:serviceaccount:a:b.c"),
+            Ok(("a".into(), "b.c".into()))
         );
-        assert_eq!(parse_service_account("system:serviceaccount:a"), None);
-        assert_eq!(parse_service_account("system:serviceaccount::b"), None);
-        assert_eq!(parse_service_account("system:serviceaccount:a:b:c"), None);
-        assert_eq!(parse_service_account("admin"), None);
+        for bad in [
+            "system:serviceaccount:a",
+            "system:serviceaccount::b",
+            "system:serviceaccount:a:",
+            "system:serviceaccount:a:b:c",
+            "system:serviceaccount:a/sa/b:c",
+            "system:serviceaccount:a:b/sa/c",
+            "system:serviceaccount:A:b",
+            "system:serviceaccount:a.b:c",
+            "system:serviceaccount:a:-b",
+            "system:serviceaccount:a:b ",
+            "admin",
+        ] {
+            assert!(parse_service_account(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            parse_service_account("system:serviceaccount:a/sa/b:c").unwrap_err(),
+            "\"system:serviceaccount:a/sa/b:c\": namespace \"a/sa/b\" is not a DNS-1123 label"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever a token or TokenReview says, what comes out can only
+        /// make Istio's `spiffe://<td>/ns/<label>/sa/<subdomain>`.
+        #[test]
+        fn parsed_accounts_are_always_dns1123(ns in "\\PC{0,10}|[a-z/.:-]{0,10}", sa in "\\PC{0,10}|[a-z/.:-]{0,10}") {
+            let username = format!("system:serviceaccount:{ns}:{sa}");
+            if let Ok((n, s)) = parse_service_account(&username) {
+                proptest::prop_assert!(meshca_pki::san::is_dns1123_label(&n));
+                proptest::prop_assert!(meshca_pki::san::is_dns1123_subdomain(&s));
+                let id = meshca_pki::SpiffeId::workload("cluster.local", &n, &s).unwrap();
+                proptest::prop_assert_eq!(id.namespace_and_service_account(), Some((&n[..], &s[..])));
+            }
+        }
     }
 }

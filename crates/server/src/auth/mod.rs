@@ -8,7 +8,7 @@ pub mod local_issuer;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
 use meshca_pki::SpiffeId;
 use sha2::{Digest, Sha256};
@@ -264,6 +264,7 @@ impl TokenReviewer {
         if status.authenticated != Some(true) {
             bail!("not authenticated: {}", status.error.unwrap_or_default());
         }
+        check_audiences(&status, &self.audiences)?;
         // Authenticated: from here on, a failure is a missing identity.
         let user = status
             .user
@@ -274,7 +275,7 @@ impl TokenReviewer {
         }
         let username = user.username.unwrap_or_default();
         let (namespace, service_account) = jwt::parse_service_account(&username)
-            .ok_or_else(|| NoIdentity(format!("username {username:?} is not a service account")))?;
+            .map_err(|e| NoIdentity(format!("username {e}")))?;
         let mut extra = user.extra.unwrap_or_default();
         let mut one = |key: &str| {
             extra
@@ -289,6 +290,25 @@ impl TokenReviewer {
             pod_uid: one(EXTRA_POD_UID),
         })
     }
+}
+
+/// An authenticated TokenReview answer must name one of the audiences asked
+/// for: an audience-unaware authenticator (a webhook behind the apiserver)
+/// answers without `status.audiences`, and an empty list means "valid for
+/// the apiserver's own audience", not for this CA. With no audience asked
+/// for, the apiserver's own audience is what was asked.
+pub fn check_audiences(status: &TokenReviewStatus, requested: &[String]) -> Result<()> {
+    if requested.is_empty() {
+        return Ok(());
+    }
+    let answered = status.audiences.as_deref().unwrap_or_default();
+    if answered.iter().any(|a| requested.contains(a)) {
+        return Ok(());
+    }
+    bail!(
+        "TokenReview answer names audiences {answered:?}, none of the requested {requested:?} \
+         (an audience-unaware authenticator?)"
+    )
 }
 
 /// TokenReview answers, keyed by a hash of the token. An entry never
@@ -471,7 +491,7 @@ mod tests {
             jwt: Some(
                 JwtVerifier::new(
                     issuer.public_key_pem().as_bytes(),
-                    Some("meshca-local".into()),
+                    "meshca-local",
                     &["istio-ca".into()],
                 )
                 .unwrap(),
@@ -533,10 +553,43 @@ mod tests {
         let e = authenticate(&auth, &metrics, &bad_id).await.unwrap_err();
         assert!(e.is::<NoIdentity>(), "{e:#}");
         assert_eq!(metrics.id_extraction_err.get(), 2);
+
+        // Proven, but `sub` would smuggle a path into the SPIFFE ID.
+        let path = issuer.mint("a/sa/b", "c", "istio-ca", 600, now).unwrap();
+        let e = authenticate(&auth, &metrics, &path).await.unwrap_err();
+        assert!(e.is::<NoIdentity>(), "{e:#}");
+        assert_eq!(metrics.id_extraction_err.get(), 3);
     }
 
     fn issuer_token_of_another_key(now: i64) -> String {
         issuer().mint("ns1", "sa1", "istio-ca", 600, now).unwrap()
+    }
+
+    #[test]
+    fn a_token_review_must_name_a_requested_audience() {
+        let requested = vec!["istio-ca".to_string(), "other".to_string()];
+        let status = |audiences: Option<&[&str]>| TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: audiences.map(|a| a.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        };
+        assert!(check_audiences(&status(Some(&["istio-ca"])), &requested).is_ok());
+        assert!(check_audiences(&status(Some(&["x", "other"])), &requested).is_ok());
+        // An audience-unaware authenticator: no audiences, or the apiserver's.
+        for answer in [
+            None,
+            Some(&[][..]),
+            Some(&["https://kubernetes.default.svc"][..]),
+        ] {
+            let e = check_audiences(&status(answer), &requested).unwrap_err();
+            assert!(
+                !e.is::<NoIdentity>(),
+                "not proven for this CA: unauthenticated"
+            );
+            assert!(e.to_string().contains("none of the requested"), "{e:#}");
+        }
+        // No audience asked for: the apiserver's own was.
+        assert!(check_audiences(&status(None), &[]).is_ok());
     }
 
     #[test]
