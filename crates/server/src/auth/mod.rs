@@ -1,21 +1,25 @@
 //! Who is calling: Istio's authenticators in Istio's order. The identity
 //! that goes into a certificate comes from here and nowhere else.
+//!
+//! [`Authenticator`] tries a verified client certificate ([`client_cert`]),
+//! then the bearer token: a cached answer ([`cache`]), TokenReview
+//! ([`token_review`]) or local JWT keys ([`jwt`]); ztunnel's impersonation
+//! is checked afterwards ([`impersonation`]).
 
+mod cache;
+mod client_cert;
 pub mod impersonation;
 pub mod jwt;
 pub mod local_issuer;
+mod token_review;
 
-use std::time::{Duration, Instant};
+pub use cache::TokenCache;
+pub use client_cert::certificate_identities;
+pub use token_review::{TokenReviewer, check_audiences};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
-use kube::api::PostParams;
 use meshca_pki::SpiffeId;
 use sha2::{Digest, Sha256};
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::FromDer;
-
-use meshca_kube::ApiLimit;
 
 use self::jwt::JwtVerifier;
 
@@ -48,9 +52,6 @@ impl KubeAccount {
         }
     }
 }
-
-const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
-const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
 /// What a request carries that can prove who sent it.
 pub struct Credentials<'a> {
@@ -199,288 +200,9 @@ impl Authenticator {
     }
 }
 
-/// Every SAN of a verified client certificate, as Istio reads them.
-pub fn certificate_identities(der: &[u8]) -> Result<Vec<String>> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-        .map_err(|e| anyhow::anyhow!("client certificate: {e}"))?;
-    let Some(san) = cert
-        .subject_alternative_name()
-        .map_err(|e| anyhow::anyhow!("client certificate SAN: {e}"))?
-    else {
-        return Ok(vec![]);
-    };
-    Ok(san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::URI(u) => Some((*u).to_owned()),
-            GeneralName::DNSName(d) => Some((*d).to_owned()),
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => <[u8; 4]>::try_from(*b)
-                    .ok()
-                    .map(|a| std::net::Ipv4Addr::from(a).to_string()),
-                16 => <[u8; 16]>::try_from(*b)
-                    .ok()
-                    .map(|a| std::net::Ipv6Addr::from(a).to_string()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect())
-}
-
-/// Kubernetes TokenReview with the configured audiences.
-pub struct TokenReviewer {
-    api: kube::Api<TokenReview>,
-    audiences: Vec<String>,
-    limit: ApiLimit,
-}
-
-impl TokenReviewer {
-    pub fn new(client: kube::Client, audiences: Vec<String>, limit: ApiLimit) -> Self {
-        TokenReviewer {
-            api: kube::Api::all(client),
-            audiences,
-            limit,
-        }
-    }
-
-    /// The account (and, for a bound token, its pod) a token proves.
-    pub async fn review(&self, token: &str) -> Result<KubeAccount> {
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: Some(self.audiences.clone()),
-            },
-            ..Default::default()
-        };
-        let answer = self
-            .limit
-            .call(self.api.create(&PostParams::default(), &review))
-            .await
-            .context("TokenReview request")?;
-        let status = answer.status.context("TokenReview without status")?;
-        if status.authenticated != Some(true) {
-            bail!("not authenticated: {}", status.error.unwrap_or_default());
-        }
-        check_audiences(&status, &self.audiences)?;
-        // Authenticated: from here on, a failure is a missing identity.
-        let user = status
-            .user
-            .ok_or_else(|| NoIdentity("TokenReview without user".into()))?;
-        let groups = user.groups.unwrap_or_default();
-        if !groups.iter().any(|g| g == "system:serviceaccounts") {
-            return Err(NoIdentity(format!("not a service account (groups {groups:?})")).into());
-        }
-        let username = user.username.unwrap_or_default();
-        let (namespace, service_account) = jwt::parse_service_account(&username)
-            .map_err(|e| NoIdentity(format!("username {e}")))?;
-        let mut extra = user.extra.unwrap_or_default();
-        let mut one = |key: &str| {
-            extra
-                .remove(key)
-                .and_then(|v| v.into_iter().next())
-                .filter(|v| !v.is_empty())
-        };
-        Ok(KubeAccount {
-            namespace,
-            service_account,
-            pod_name: one(EXTRA_POD_NAME),
-            pod_uid: one(EXTRA_POD_UID),
-        })
-    }
-}
-
-/// An authenticated TokenReview answer must name one of the audiences asked
-/// for: an audience-unaware authenticator (a webhook behind the apiserver)
-/// answers without `status.audiences`, and an empty list means "valid for
-/// the apiserver's own audience", not for this CA. With no audience asked
-/// for, the apiserver's own audience is what was asked.
-pub fn check_audiences(status: &TokenReviewStatus, requested: &[String]) -> Result<()> {
-    if requested.is_empty() {
-        return Ok(());
-    }
-    let answered = status.audiences.as_deref().unwrap_or_default();
-    if answered.iter().any(|a| requested.contains(a)) {
-        return Ok(());
-    }
-    bail!(
-        "TokenReview answer names audiences {answered:?}, none of the requested {requested:?} \
-         (an audience-unaware authenticator?)"
-    )
-}
-
-/// TokenReview answers, keyed by a hash of the token. An entry never
-/// outlives the token's own `exp` nor the configured TTL; only successes are
-/// cached, so a revoked token is refused as soon as its entry ends. A moka
-/// cache: bounded to `max_entries` (TinyLFU admission and eviction, so a
-/// burst of one-off tokens does not push out the ones in use), each entry
-/// with its own life.
-pub struct TokenCache {
-    ttl: Duration,
-    /// `None` when caching is off (TTL or size 0).
-    entries: Option<moka::sync::Cache<[u8; 32], Entry>>,
-}
-
-#[derive(Clone)]
-struct Entry {
-    account: KubeAccount,
-    authenticator: &'static str,
-    /// How long the entry lives from its insertion.
-    life: Duration,
-}
-
-/// Each entry lives for its own `life`, counted from its last insertion.
-struct EntryLife;
-
-impl moka::Expiry<[u8; 32], Entry> for EntryLife {
-    fn expire_after_create(&self, _: &[u8; 32], entry: &Entry, _: Instant) -> Option<Duration> {
-        Some(entry.life)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &[u8; 32],
-        entry: &Entry,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.life)
-    }
-}
-
-impl TokenCache {
-    pub fn new(ttl: Duration, max_entries: usize) -> Self {
-        let entries = (!ttl.is_zero() && max_entries > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(max_entries as u64)
-                .expire_after(EntryLife)
-                .build()
-        });
-        TokenCache { ttl, entries }
-    }
-
-    fn get(&self, key: &[u8; 32]) -> Option<(KubeAccount, &'static str)> {
-        let entry = self.entries.as_ref()?.get(key)?;
-        Some((entry.account, entry.authenticator))
-    }
-
-    fn insert(
-        &self,
-        key: [u8; 32],
-        account: &KubeAccount,
-        authenticator: &'static str,
-        token_exp: Option<i64>,
-    ) {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let (Some(entries), Some(life)) = (&self.entries, self.life(token_exp, now)) else {
-            return;
-        };
-        entries.insert(
-            key,
-            Entry {
-                account: account.clone(),
-                authenticator,
-                life,
-            },
-        );
-    }
-
-    /// The TTL, cut to what is left of the token at `now` (unix seconds).
-    /// Without a readable exp the token's lifetime is unknown: not cached.
-    fn life(&self, token_exp: Option<i64>, now: i64) -> Option<Duration> {
-        let left = u64::try_from(token_exp? - now).ok().filter(|&s| s > 0)?;
-        Some(self.ttl.min(Duration::from_secs(left)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moka::Expiry;
-
-    fn now() -> i64 {
-        time::OffsetDateTime::now_utc().unix_timestamp()
-    }
-
-    #[test]
-    fn cache_entries_never_outlive_the_token() {
-        let cache = TokenCache::new(Duration::from_secs(60), 10);
-        let now = now();
-        let a = KubeAccount::new("ns".into(), "sa".into());
-        cache.insert([1; 32], &a, "jwt", Some(now + 3600));
-        assert_eq!(cache.get(&[1; 32]), Some((a.clone(), "jwt")));
-        cache.insert([2; 32], &a, "jwt", Some(now - 1));
-        assert_eq!(cache.get(&[2; 32]), None, "expired token cached");
-        cache.insert([3; 32], &a, "jwt", None);
-        assert_eq!(cache.get(&[3; 32]), None, "token without exp cached");
-
-        // An entry's life: the TTL, or what is left of the token if shorter.
-        let at = 1_000_000;
-        assert_eq!(
-            cache.life(Some(at + 3600), at),
-            Some(Duration::from_secs(60))
-        );
-        assert_eq!(cache.life(Some(at + 10), at), Some(Duration::from_secs(10)));
-        assert_eq!(cache.life(Some(at), at), None);
-        assert_eq!(cache.life(Some(at - 1), at), None);
-        assert_eq!(cache.life(None, at), None);
-        // ... and moka is told exactly that life, on insertion and on replacement.
-        let entry = Entry {
-            account: a,
-            authenticator: "jwt",
-            life: Duration::from_secs(10),
-        };
-        let t = Instant::now();
-        assert_eq!(
-            EntryLife.expire_after_create(&[1; 32], &entry, t),
-            Some(entry.life)
-        );
-        assert_eq!(
-            EntryLife.expire_after_update(&[1; 32], &entry, t, Some(Duration::from_secs(1))),
-            Some(entry.life)
-        );
-    }
-
-    #[test]
-    fn an_entry_ends_with_its_own_life() {
-        let cache = TokenCache::new(Duration::from_secs(60), 10);
-        let entries = cache.entries.as_ref().unwrap();
-        let a = KubeAccount::new("ns".into(), "sa".into());
-        for (key, life) in [
-            ([1; 32], Duration::from_secs(3600)),
-            ([2; 32], Duration::from_millis(20)),
-        ] {
-            entries.insert(
-                key,
-                Entry {
-                    account: a.clone(),
-                    authenticator: "jwt",
-                    life,
-                },
-            );
-        }
-        // moka reads std's clock (its mock clock is private): a real wait,
-        // which a slow machine can only lengthen.
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(cache.get(&[1; 32]), Some((a, "jwt")));
-        assert_eq!(cache.get(&[2; 32]), None, "entry outlived its life");
-    }
-
-    #[test]
-    fn cached_entries_keep_the_bound_pod() {
-        let cache = TokenCache::new(Duration::from_secs(60), 10);
-        let exp = Some(now() + 600);
-        let a = KubeAccount {
-            namespace: "istio-system".into(),
-            service_account: "ztunnel".into(),
-            pod_name: Some("ztunnel-abc".into()),
-            pod_uid: Some("0000-1111".into()),
-        };
-        cache.insert([7; 32], &a, "token_review", exp);
-        assert_eq!(cache.get(&[7; 32]), Some((a, "token_review")));
-    }
 
     fn jwt_authenticator(issuer: &jwt::JwtIssuer) -> Authenticator {
         Authenticator {
@@ -496,7 +218,7 @@ mod tests {
                 )
                 .unwrap(),
             ),
-            cache: TokenCache::new(Duration::ZERO, 0),
+            cache: TokenCache::new(std::time::Duration::ZERO, 0),
         }
     }
 
@@ -563,58 +285,5 @@ mod tests {
 
     fn issuer_token_of_another_key(now: i64) -> String {
         issuer().mint("ns1", "sa1", "istio-ca", 600, now).unwrap()
-    }
-
-    #[test]
-    fn a_token_review_must_name_a_requested_audience() {
-        let requested = vec!["istio-ca".to_string(), "other".to_string()];
-        let status = |audiences: Option<&[&str]>| TokenReviewStatus {
-            authenticated: Some(true),
-            audiences: audiences.map(|a| a.iter().map(|s| s.to_string()).collect()),
-            ..Default::default()
-        };
-        assert!(check_audiences(&status(Some(&["istio-ca"])), &requested).is_ok());
-        assert!(check_audiences(&status(Some(&["x", "other"])), &requested).is_ok());
-        // An audience-unaware authenticator: no audiences, or the apiserver's.
-        for answer in [
-            None,
-            Some(&[][..]),
-            Some(&["https://kubernetes.default.svc"][..]),
-        ] {
-            let e = check_audiences(&status(answer), &requested).unwrap_err();
-            assert!(
-                !e.is::<NoIdentity>(),
-                "not proven for this CA: unauthenticated"
-            );
-            assert!(e.to_string().contains("none of the requested"), "{e:#}");
-        }
-        // No audience asked for: the apiserver's own was.
-        assert!(check_audiences(&status(None), &[]).is_ok());
-    }
-
-    #[test]
-    fn a_full_cache_stays_within_its_size() {
-        let cache = TokenCache::new(Duration::from_secs(60), 2);
-        let exp = Some(now() + 600);
-        let a = KubeAccount::new("ns".into(), "sa".into());
-        for i in 0..5u8 {
-            cache.insert([i; 32], &a, "jwt", exp);
-        }
-        let entries = cache.entries.as_ref().unwrap();
-        entries.run_pending_tasks();
-        assert_eq!(entries.entry_count(), 2);
-    }
-
-    #[test]
-    fn a_zero_ttl_or_size_caches_nothing() {
-        let exp = Some(now() + 600);
-        let a = KubeAccount::new("ns".into(), "sa".into());
-        for cache in [
-            TokenCache::new(Duration::ZERO, 10),
-            TokenCache::new(Duration::from_secs(60), 0),
-        ] {
-            cache.insert([1; 32], &a, "jwt", exp);
-            assert_eq!(cache.get(&[1; 32]), None);
-        }
     }
 }
