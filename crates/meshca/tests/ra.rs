@@ -321,7 +321,14 @@ async fn istio_client_gets_a_chain_from_the_signer_through_the_kubernetes_csr_ap
             &ns,
             &signer,
             &ca.root_pem,
-            &["--cert-signer-domain", &domain, "--ra-timeout", "30s"],
+            &[
+                "--cert-signer-domain",
+                &domain,
+                "--cert-signers",
+                "foo",
+                "--ra-timeout",
+                "30s",
+            ],
         )
         .await
         .unwrap();
@@ -448,12 +455,80 @@ async fn istio_client_gets_a_chain_from_the_signer_through_the_kubernetes_csr_ap
         );
 
         // istiod's checks happen before anything is submitted.
+        assert_csrs_gone(&signer).await;
+        let (recorder, seen) = record_csrs(env.client(), &signer);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let other = format!("spiffe://cluster.local/ns/{}/sa/admin", ns.name());
         let refused = client
             .create_certificate(request(workload_csr(&other), 0, "", &token))
             .await
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        // Istio's template: an empty subject. This one would make the
+        // signer's certificate an apiserver admin wherever the CA is also
+        // trusted for client certificates.
+        let key = meshca_pki::SigningKey::generate(meshca_pki::KeyType::EcdsaP256).unwrap();
+        let admin_csr = meshca_pki::csr::build_csr(
+            &key,
+            &meshca_pki::cert::organization_and_common_name("system:masters", "kubernetes-admin"),
+            &[meshca_pki::SanEntry::Uri(spiffe.clone())],
+        )
+        .unwrap();
+        let refused = client
+            .create_certificate(request(admin_csr, 0, "", &token))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert_eq!(
+            refused
+                .metadata()
+                .get("meshca-reason")
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "ra_csr_template"
+        );
+        // CertSigner only from the allow-list (--cert-signers foo), not any
+        // signer under the domain.
+        let not_listed = format!("{domain}/kube-apiserver-client");
+        let (not_listed_recorder, not_listed_seen) = record_csrs(env.client(), &not_listed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let refused = client
+            .create_certificate(request(
+                workload_csr(&spiffe),
+                0,
+                "kube-apiserver-client",
+                &token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert_eq!(
+            refused
+                .metadata()
+                .get("meshca-reason")
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "ra_signer_not_allowed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        recorder.abort();
+        not_listed_recorder.abort();
+        let created: Vec<_> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert!(
+            created.is_empty(),
+            "CSR objects for refused requests: {created:?}"
+        );
+        assert!(
+            not_listed_seen.lock().unwrap().is_empty(),
+            "a CSR for {not_listed}"
+        );
 
         assert_csrs_gone(&signer).await;
         drop(server);
@@ -654,6 +729,126 @@ async fn a_chain_that_does_not_verify_to_the_configured_roots_is_refused_until_t
         assert_eq!(pem_ders(chain.last().unwrap()), pem_ders(&ca.root_pem));
         assert_csrs_gone(&signer).await;
         drop(right);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The RA path (in process, with exactly the server's RA RBAC) when someone
+/// who may create and delete CSRs, but not approve them, swaps meshca's CSR
+/// between its creation and its approval: deletes it and creates another
+/// with the same name and their own request. meshca must not approve the
+/// impostor (nor delete it) and answers with `ra_csr_replaced`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_swapped_under_the_same_name_is_never_approved_nor_deleted() {
+    use k8s_openapi::ByteString;
+    use kube::api::{DeleteParams, PostParams};
+    use meshca_server::backend::ra::{AfterCreateHook, KubernetesRa, RaConfig, RaError};
+    use std::sync::{Arc, Mutex};
+
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("srv-ra-swap").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let ca = signer_ca(&dir).unwrap();
+        let roots_file = dir.join("root-cert.pem");
+        std::fs::write(&roots_file, &ca.root_pem).unwrap();
+        let ra_rbac = SERVER_RA_RBAC
+            .replace("example.com/foo", &signer)
+            .replace("meshca-server-ra", &ns.unique_name("meshca-server-ra"));
+        let identity = ns
+            .identity_from_manifest("meshca", &format!("{SERVER_RBAC}\n---\n{ra_rbac}"))
+            .await
+            .unwrap();
+        let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+        let impostor_csr = workload_csr(&format!(
+            "spiffe://cluster.local/ns/{}/sa/attacker",
+            ns.name()
+        ));
+
+        // The attacker (admin here): between create and approve, replace
+        // meshca's CSR by their own under the same name.
+        let admin = Api::<CertificateSigningRequest>::all(env.client());
+        let swapped: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+        let hook = {
+            let (admin, swapped, request) = (admin.clone(), swapped.clone(), impostor_csr.clone());
+            AfterCreateHook(Arc::new(move |name: String| {
+                let (admin, swapped, request) = (admin.clone(), swapped.clone(), request.clone());
+                Box::pin(async move {
+                    let ours = admin.get(&name).await.unwrap();
+                    admin.delete(&name, &DeleteParams::default()).await.unwrap();
+                    let mut impostor = ours.clone();
+                    impostor.metadata = kube::api::ObjectMeta {
+                        name: Some(name.clone()),
+                        labels: ours.metadata.labels.clone(),
+                        ..Default::default()
+                    };
+                    impostor.spec.request = ByteString(request.into_bytes());
+                    impostor.spec.username = None;
+                    impostor.spec.groups = None;
+                    impostor.spec.uid = None;
+                    impostor.spec.extra = None;
+                    impostor.status = None;
+                    // The delete may still be finishing.
+                    let created = loop {
+                        match admin.create(&PostParams::default(), &impostor).await {
+                            Ok(c) => break c,
+                            Err(e) if meshca_kube::status::is_conflict(&e) => {
+                                tokio::time::sleep(Duration::from_millis(50)).await
+                            }
+                            Err(e) => panic!("creating the impostor: {e}"),
+                        }
+                    };
+                    *swapped.lock().unwrap() = Some((name, created.metadata.uid.clone().unwrap()));
+                })
+            }))
+        };
+        let config = RaConfig {
+            signer: Some(signer.clone()),
+            signer_domain: None,
+            cert_signers: Vec::new(),
+            roots_file,
+            signer_roots: Vec::new(),
+            timeout: Duration::from_secs(20),
+            workload: meshca_pki::WorkloadProfile::default(),
+            after_create: Some(hook),
+        };
+        let ra = KubernetesRa::new(
+            identity.client().await.unwrap(),
+            config,
+            meshca_kube::ApiLimit::new(8),
+        )
+        .unwrap();
+        let result = ra
+            .sign(
+                workload_csr(&spiffe).as_bytes(),
+                std::slice::from_ref(&spiffe),
+                3600,
+                false,
+                None,
+            )
+            .await;
+        let (name, impostor_uid) = swapped.lock().unwrap().clone().expect("the hook ran");
+        ns.delete_csr_on_cleanup(&name);
+        // The impostor is still there, unapproved.
+        let now = admin
+            .get_opt(&name)
+            .await
+            .unwrap()
+            .expect("the impostor was deleted");
+        assert_eq!(now.metadata.uid.as_deref(), Some(impostor_uid.as_str()));
+        assert_eq!(now.spec.request.0, impostor_csr.as_bytes());
+        let conditions = now.status.and_then(|s| s.conditions).unwrap_or_default();
+        assert!(
+            conditions.iter().all(|c| c.type_ != "Approved"),
+            "the impostor was approved: {conditions:?}"
+        );
+        let e = result.unwrap_err();
+        assert_eq!(e, RaError::Replaced(name.clone()), "{e}");
+        assert_eq!(e.reason(), "ra_csr_replaced");
+        admin.delete(&name, &DeleteParams::default()).await.unwrap();
         ns.cleanup().await.unwrap();
     })
     .await

@@ -58,6 +58,10 @@ pub struct ValidatedCsr {
     /// DER Name of the subject, byte for byte.
     pub subject_der: Vec<u8>,
     pub subject_is_empty: bool,
+    /// The subject of Istio's CSR template: empty, or only an empty `O=`
+    /// (what Istio's Go `GenCSR` writes; istiod's RA `ValidateCSR` accepts
+    /// exactly these two).
+    pub subject_is_blank: bool,
     pub has_common_name: bool,
     /// SANs from the extensionRequest attribute, in order.
     pub requested_sans: Vec<SanEntry>,
@@ -93,6 +97,22 @@ pub fn validate_csr(input: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, Cs
         return Err(CsrError::WrongBlockType(block.label.clone()));
     }
     validate_csr_der(&block.der, policy)
+}
+
+/// No attribute, or exactly one: `O` with an empty string value.
+fn is_blank_name(name: &x509_parser::x509::X509Name<'_>) -> bool {
+    let mut rdns = name.iter();
+    let Some(rdn) = rdns.next() else {
+        return true;
+    };
+    let mut attributes = rdn.iter();
+    match (rdns.next(), attributes.next(), attributes.next()) {
+        (None, Some(only), None) => {
+            only.attr_type() == &oids::OID_X509_ORGANIZATION_NAME
+                && only.as_str().is_ok_and(str::is_empty)
+        }
+        _ => false,
+    }
 }
 
 fn validate_csr_der(der: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, CsrError> {
@@ -137,6 +157,7 @@ fn validate_csr_der(der: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, CsrE
         key,
         subject_der: subject.as_raw().to_vec(),
         subject_is_empty: subject.iter().next().is_none(),
+        subject_is_blank: is_blank_name(subject),
         has_common_name: subject.iter_common_name().next().is_some(),
         requested_sans,
         requests_ca,
@@ -308,6 +329,30 @@ mod tests {
             assert_eq!(csr.public_key_bits, key.public_key_bits());
             assert!(csr.subject_is_empty && !csr.has_common_name && !csr.requests_ca);
         }
+    }
+
+    #[test]
+    fn a_blank_subject_is_empty_or_only_an_empty_organization() {
+        use crate::cert;
+        use crate::key::{KeyType, SigningKey};
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let sans = [SanEntry::Uri("spiffe://cluster.local/ns/a/sa/b".into())];
+        let blank = |subject: &[u8]| {
+            let pem = build_csr(&key, subject, &sans).unwrap();
+            validate_csr(pem.as_bytes(), &CsrPolicy::default())
+                .unwrap()
+                .subject_is_blank
+        };
+        assert!(blank(cert::EMPTY_NAME));
+        // Istio's Go GenCSR: `O=""`.
+        assert!(blank(&cert::organization_name("")));
+        assert!(!blank(&cert::organization_name("system:masters")));
+        assert!(!blank(&cert::common_name("")));
+        assert!(!blank(&cert::organization_and_common_name("", "")));
+        assert!(!blank(&cert::organization_and_common_name(
+            "system:masters",
+            "kubernetes-admin"
+        )));
     }
 
     #[test]

@@ -110,9 +110,12 @@ pub fn issue_workload(
 /// Which subject a Kubernetes-signed certificate gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubjectRule {
-    /// The CSR's subject, byte for byte (repeated `O=`/`DC=` kept).
+    /// The CSR's subject, byte for byte (repeated `O=`/`DC=` kept). Only
+    /// where no one trusts this CA by subject (e.g. as an apiserver client CA).
     CopyFromCsr,
-    /// The CSR must have an empty subject.
+    /// The CSR's subject must be empty, or only an empty `O=` (Istio's
+    /// template); the certificate's subject is empty. `meshca signer`'s
+    /// default.
     RequireEmpty,
 }
 
@@ -157,6 +160,8 @@ pub struct KubernetesProfile {
     pub default_ttl: Duration,
     /// Longer requests are shortened to this (kube-controller-manager semantics).
     pub max_ttl: Duration,
+    /// `Default`: copy, as kube-controller-manager does; `meshca signer`
+    /// sets `RequireEmpty` unless told otherwise.
     pub subject: SubjectRule,
     pub sans: SanPolicy,
     /// Usage strings (`spec.usages` spelling) this signer grants.
@@ -207,7 +212,7 @@ pub fn check_kubernetes_policy(
     if csr.requests_ca {
         return Err(PolicyViolation::CaRequested);
     }
-    if profile.subject == SubjectRule::RequireEmpty && !csr.subject_is_empty {
+    if profile.subject == SubjectRule::RequireEmpty && !csr.subject_is_blank {
         return Err(PolicyViolation::SubjectNotEmpty(csr.subject_text()));
     }
     check_sans(&profile.sans, &csr.requested_sans)?;

@@ -8,7 +8,7 @@
 //!     defaultTTL: 24h
 //!     maxTTL: 8760h
 //!     trustDomains: [cluster.local]                  # ["*"]: any
-//!     subject: copy                                  # copy | empty
+//!     subject: empty                                 # empty (default) | copy
 //!   - name: example.com/tenant-a
 //!     caDir: /etc/tenant-a
 //!     trustDomains: [tenant-a.example]
@@ -80,7 +80,7 @@ fn default_trust_domains() -> Vec<String> {
     vec!["cluster.local".into()]
 }
 fn default_subject() -> String {
-    "copy".into()
+    "empty".into()
 }
 fn one() -> usize {
     1
@@ -240,11 +240,13 @@ mod tests {
         let signers = parse(
             "signers:\n\
              - name: example.com/foo\n  caSecret: ns/secret\n\
-             - name: example.com/bar\n  caDir: /etc/bar\n  maxTTL: 2h\n  trustDomains: ['*']\n  subject: empty\n  includeRoot: true\n",
+             - name: example.com/bar\n  caDir: /etc/bar\n  maxTTL: 2h\n  trustDomains: ['*']\n  subject: copy\n  includeRoot: true\n",
         )
         .unwrap();
         assert_eq!(signers.len(), 2);
         assert_eq!(signers[0].policy, SignerPolicy::istiod("example.com/foo"));
+        // The safe default: no subject is copied into certificates.
+        assert_eq!(signers[0].policy.profile.subject, SubjectRule::RequireEmpty);
         assert_eq!(
             signers[0].ca,
             CaSource::Secret {
@@ -255,7 +257,7 @@ mod tests {
         let bar = &signers[1].policy;
         assert_eq!(bar.profile.max_ttl, Duration::from_secs(7200));
         assert_eq!(bar.profile.sans.trust_domains, TrustDomains::Any);
-        assert_eq!(bar.profile.subject, SubjectRule::RequireEmpty);
+        assert_eq!(bar.profile.subject, SubjectRule::CopyFromCsr);
         assert!(bar.include_root);
     }
 

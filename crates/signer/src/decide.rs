@@ -2,7 +2,9 @@
 //! CA and the time. No I/O; the controller only carries the answer out.
 
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-use meshca_pki::{CaBundle, CsrPolicy, Error, KubernetesProfile, pem, profile, validate_csr};
+use meshca_pki::{
+    CaBundle, CsrPolicy, Error, KubernetesProfile, SubjectRule, pem, profile, validate_csr,
+};
 use time::OffsetDateTime;
 
 /// One signer's rules: the name it answers to and what it will issue.
@@ -19,12 +21,16 @@ pub struct SignerPolicy {
 }
 
 impl SignerPolicy {
-    /// The defaults istiod's CSRs need: signer `name`, one SPIFFE URI in
-    /// `cluster.local`, the four istiod usages, no root in the chain.
+    /// The defaults istiod's CSRs need: signer `name`, an empty subject
+    /// (Istio's template; a CSR with any other subject is refused), one
+    /// SPIFFE URI in `cluster.local`, the four istiod usages, no root in the chain.
     pub fn istiod(name: impl Into<String>) -> Self {
         SignerPolicy {
             name: name.into(),
-            profile: KubernetesProfile::default(),
+            profile: KubernetesProfile {
+                subject: SubjectRule::RequireEmpty,
+                ..KubernetesProfile::default()
+            },
             csr_policy: CsrPolicy::default(),
             include_root: false,
         }
@@ -549,11 +555,31 @@ mod tests {
     #[test]
     fn subject_rules() {
         let ca = ca_with_intermediate(Duration::from_secs(86400));
-        let subject = cert::organization_and_common_name("org", "workload");
+        let subject = cert::organization_and_common_name("system:masters", "kubernetes-admin");
         let pem_text = csr_pem(&subject, &[spiffe("cluster.local")]);
         let csr = csr_with(pem_text, istiod_usages());
 
+        // The default refuses a subject: it would reach the certificate.
         let mut policy = SignerPolicy::istiod(SIGNER);
+        assert_eq!(policy.profile.subject, SubjectRule::RequireEmpty);
+        expect_fail(
+            decide(&csr, &policy, Some(&ca), now()),
+            "policy_subject_not_empty",
+        );
+        // Istio's Go GenCSR writes `O=""`: accepted, and the certificate's
+        // subject is empty.
+        let blank = csr_with(
+            csr_pem(&cert::organization_name(""), &[spiffe("cluster.local")]),
+            istiod_usages(),
+        );
+        let Action::Issue { certificate } = decide(&blank, &policy, Some(&ca), now()) else {
+            panic!("O=\"\": not issued")
+        };
+        let leaf_der = &certs_in(&certificate)[0];
+        let (_, leaf) = X509Certificate::from_der(leaf_der).unwrap();
+        assert_eq!(leaf.subject().as_raw(), cert::EMPTY_NAME);
+
+        policy.profile.subject = SubjectRule::CopyFromCsr;
         let Action::Issue { certificate } = decide(&csr, &policy, Some(&ca), now()) else {
             panic!("copy: not issued")
         };
@@ -563,12 +589,6 @@ mod tests {
             leaf.subject().as_raw(),
             subject.as_slice(),
             "copied byte for byte"
-        );
-
-        policy.profile.subject = SubjectRule::RequireEmpty;
-        expect_fail(
-            decide(&csr, &policy, Some(&ca), now()),
-            "policy_subject_not_empty",
         );
     }
 

@@ -238,11 +238,19 @@ async fn each_policy_violation_fails_with_its_reason() {
             ns.name()
         );
         let cases: Vec<(&str, String, Vec<&str>)> = vec![
+            // The default subject policy: Istio's template (empty), since a
+            // copied subject would make this an apiserver admin's
+            // certificate wherever the CA is also a client CA.
+            (
+                "policy_subject_not_empty",
+                openssl_csr(&dir, "/O=system:masters/CN=kubernetes-admin", &[&good_uri]).unwrap(),
+                ISTIOD_USAGES.to_vec(),
+            ),
             (
                 "policy_trust_domain",
                 openssl_csr(
                     &dir,
-                    "/O=x",
+                    "/",
                     &["subjectAltName=URI:spiffe://evil.example/ns/a/sa/b"],
                 )
                 .unwrap(),
@@ -250,29 +258,29 @@ async fn each_policy_violation_fails_with_its_reason() {
             ),
             (
                 "policy_uri_not_spiffe",
-                openssl_csr(&dir, "/O=x", &["subjectAltName=URI:https://example.com/a"]).unwrap(),
+                openssl_csr(&dir, "/", &["subjectAltName=URI:https://example.com/a"]).unwrap(),
                 ISTIOD_USAGES.to_vec(),
             ),
             (
                 "policy_dns_san",
-                openssl_csr(&dir, "/O=x", &[&format!("{good_uri},DNS:foo.example.com")]).unwrap(),
+                openssl_csr(&dir, "/", &[&format!("{good_uri},DNS:foo.example.com")]).unwrap(),
                 ISTIOD_USAGES.to_vec(),
             ),
             (
                 "policy_ip_san",
-                openssl_csr(&dir, "/O=x", &[&format!("{good_uri},IP:10.1.2.3")]).unwrap(),
+                openssl_csr(&dir, "/", &[&format!("{good_uri},IP:10.1.2.3")]).unwrap(),
                 ISTIOD_USAGES.to_vec(),
             ),
             (
                 "policy_email_san",
-                openssl_csr(&dir, "/O=x", &[&format!("{good_uri},email:a@example.com")]).unwrap(),
+                openssl_csr(&dir, "/", &[&format!("{good_uri},email:a@example.com")]).unwrap(),
                 ISTIOD_USAGES.to_vec(),
             ),
             (
                 "policy_uri_san_count",
                 openssl_csr(
                     &dir,
-                    "/O=x",
+                    "/",
                     &[&format!("{good_uri},URI:spiffe://cluster.local/ns/a/sa/b")],
                 )
                 .unwrap(),
@@ -280,29 +288,24 @@ async fn each_policy_violation_fails_with_its_reason() {
             ),
             (
                 "policy_uri_san_count",
-                openssl_csr(&dir, "/CN=no-san", &[]).unwrap(),
+                openssl_csr(&dir, "/", &[]).unwrap(),
                 ISTIOD_USAGES.to_vec(),
             ),
             (
                 "policy_ca_requested",
-                openssl_csr(
-                    &dir,
-                    "/O=x",
-                    &[&good_uri, "basicConstraints=critical,CA:TRUE"],
-                )
-                .unwrap(),
+                openssl_csr(&dir, "/", &[&good_uri, "basicConstraints=critical,CA:TRUE"]).unwrap(),
                 ISTIOD_USAGES.to_vec(),
             ),
             (
                 "policy_usage_not_allowed",
-                openssl_csr(&dir, "/O=x", &[&good_uri]).unwrap(),
+                openssl_csr(&dir, "/", &[&good_uri]).unwrap(),
                 vec!["digital signature", "code signing"],
             ),
             // The key policy comes before the signature check (pki's
             // validate_csr): refused for its size, never as a bad signature.
             (
                 "csr_key_size",
-                openssl_csr_key(&dir, "/O=x", &[&good_uri], &["-newkey", "rsa:1024"]).unwrap(),
+                openssl_csr_key(&dir, "/", &[&good_uri], &["-newkey", "rsa:1024"]).unwrap(),
                 ISTIOD_USAGES.to_vec(),
             ),
         ];

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use meshca_pki::{KeyType, WorkloadProfile};
-use meshca_server::backend::ra::{EXTERNAL_CA_KUBERNETES, RaConfig, SignerRoots};
+use meshca_server::backend::ra::{
+    EXTERNAL_CA_KUBERNETES, RaConfig, SignerRoots, validate_cert_signer,
+};
 use meshca_server::ca::istio_secret::CaSecretConfig;
 use meshca_server::distribution::DistributionConfig;
 use meshca_server::grpc::tls::ServingNames;
@@ -142,9 +144,15 @@ pub struct RaArgs {
     /// RA mode: the signer name of requests without `CertSigner` metadata.
     #[arg(long, env = "K8S_SIGNER")]
     pub k8s_signer: Option<String>,
-    /// RA mode: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`.
+    /// RA mode: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`,
+    /// for the `CertSigner` values in --cert-signers only.
     #[arg(long, env = "CERT_SIGNER_DOMAIN")]
     pub cert_signer_domain: Option<String>,
+    /// RA mode: the `CertSigner` values requests may name (comma separated;
+    /// Istio's mesh config `certificateSigners`), each a signer-name segment
+    /// such as `istio-ca`. Empty: every request with `CertSigner` metadata is refused.
+    #[arg(long, env = "MESHCA_CERT_SIGNERS", value_delimiter = ',')]
+    pub cert_signers: Vec<String>,
     /// RA mode: the signer's roots; returned chains must verify to them.
     #[arg(
         long,
@@ -226,6 +234,17 @@ impl RaArgs {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
+                let cert_signers: Vec<String> = args
+                    .cert_signers
+                    .iter()
+                    .map(|s| s.trim())
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        validate_cert_signer(s)
+                            .map(|()| s.to_owned())
+                            .map_err(|e| anyhow::anyhow!("--cert-signers: {e}"))
+                    })
+                    .collect::<Result<_>>()?;
                 let none = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
                 if none(&args.k8s_signer) && none(&args.cert_signer_domain) {
                     bail!(
@@ -235,10 +254,12 @@ impl RaArgs {
                 Ok(Some(RaConfig {
                     signer: args.k8s_signer.clone(),
                     signer_domain: args.cert_signer_domain.clone(),
+                    cert_signers,
                     roots_file: args.external_ca_root.clone(),
                     signer_roots,
                     timeout: args.ra_timeout,
                     workload: workload.clone(),
+                    after_create: None,
                 }))
             }
             other => bail!(

@@ -51,9 +51,11 @@ pub struct SignerArgs {
     /// Trust domains SPIFFE URI SANs may name (comma separated; `*` for any).
     #[arg(long, value_delimiter = ',', default_value = "cluster.local")]
     pub trust_domains: Vec<String>,
-    /// Subject of issued certificates: `copy` (the CSR's, byte for byte) or
-    /// `empty` (CSRs with a subject are refused).
-    #[arg(long, default_value = "copy", value_parser = ["copy", "empty"])]
+    /// Subject of issued certificates: `empty` (CSRs with a subject other
+    /// than Istio's empty `O=` are refused) or `copy` (the CSR's, byte for
+    /// byte: only where nothing trusts this CA by subject, e.g. not as an
+    /// apiserver client CA).
+    #[arg(long, default_value = "empty", value_parser = ["empty", "copy"])]
     pub subject: String,
     /// Also allow DNS SANs.
     #[arg(long)]

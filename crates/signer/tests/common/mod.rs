@@ -161,13 +161,9 @@ pub fn openssl_csr_key(dir: &Path, subject: &str, exts: &[&str], key: &[&str]) -
     Ok(std::fs::read_to_string(dir.join(csrfile))?)
 }
 
+/// A CSR with Istio's template: empty subject, one URI SAN.
 pub fn spiffe_csr(dir: &Path, uri: &str) -> String {
-    openssl_csr(
-        dir,
-        "/O=cluster.local",
-        &[&format!("subjectAltName=URI:{uri}")],
-    )
-    .unwrap()
+    openssl_csr(dir, "/", &[&format!("subjectAltName=URI:{uri}")]).unwrap()
 }
 
 /// Creates a CSR as `client`; deleted on the namespace's cleanup.

@@ -3,14 +3,17 @@
 //! CSR API, as istiod does, and answers with what the signer issued.
 //!
 //! Flow of one request: [`signer_name`] (K8S_SIGNER, or CERT_SIGNER_DOMAIN /
-//! the `CertSigner` metadata) -> [`check_request`] (istiod's checks before
-//! submitting) -> [`new_csr`] (an istiod-shaped CSR) -> create -> approve
-//! through `/approval` -> watch until [`progress`] is final or the timeout
-//! ends (Denied and Failed end it at once, unlike istiod) -> delete the CSR
-//! (always before answering; in the background if the caller goes away) ->
-//! [`assemble_chain`] (verify against the signer's roots
-//! ([`TrustAnchors::roots_for`]: its own, else the external-ca-cert file),
-//! key and identity checks, roots last).
+//! the `CertSigner` metadata if on the allow-list) -> [`check_request`]
+//! (istiod's checks before submitting) -> [`new_csr`] (an istiod-shaped CSR)
+//! -> create -> approve through `/approval` -> watch until [`progress`] is
+//! final or the timeout ends (Denied and Failed end it at once, unlike
+//! istiod) -> delete the CSR (always before answering; in the background if
+//! the caller goes away) -> [`assemble_chain`] (verify against the signer's
+//! roots ([`TrustAnchors::roots_for`]: its own, else the external-ca-cert
+//! file), key and identity checks, roots last).
+//! Approval, the answer and the deletion are bound to the created object's
+//! UID (and request): a namesake (ours deleted, the name reused) is never
+//! approved, deleted or answered from ([`RaError::Replaced`]).
 //! Everything but [`KubernetesRa`] and [`TrustAnchors::read`] is a pure
 //! function. The roots files are re-read by the server's reload loop
 //! ([`KubernetesRa::reload_roots`]), so a signer's root rotation needs no
@@ -31,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use meshca_kube::{ApiLimit, status};
 use meshca_pki::WorkloadProfile;
 use rustls_pki_types::UnixTime;
@@ -43,7 +46,7 @@ pub use csr::{
     new_csr, progress,
 };
 pub use error::RaError;
-pub use request::{check_request, expiration_seconds, signer_name};
+pub use request::{check_request, expiration_seconds, signer_name, validate_cert_signer};
 pub use trust::{Roots, TrustAnchors};
 use waiters::Waiters;
 
@@ -57,6 +60,10 @@ pub struct RaConfig {
     pub signer: Option<String>,
     /// CERT_SIGNER_DOMAIN: requests with `CertSigner` metadata go to `<domain>/<CertSigner>`.
     pub signer_domain: Option<String>,
+    /// The `CertSigner` values a request may name (Istio's mesh config
+    /// `certificateSigners`), each checked by [`validate_cert_signer`];
+    /// empty: requests naming any `CertSigner` are refused.
+    pub cert_signers: Vec<String>,
     /// The signer's roots, e.g. `./etc/external-ca-cert/root-cert.pem`; may
     /// be missing when every signer has its own in `signer_roots`.
     pub roots_file: PathBuf,
@@ -66,6 +73,24 @@ pub struct RaConfig {
     /// How long to wait for the signer.
     pub timeout: Duration,
     pub workload: WorkloadProfile,
+    /// Tests only: called with the CSR's name after it is created and
+    /// before it is approved (to swap the object meanwhile). Not a flag.
+    #[doc(hidden)]
+    pub after_create: Option<AfterCreateHook>,
+}
+
+/// A test hook of [`RaConfig::after_create`].
+#[doc(hidden)]
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct AfterCreateHook(
+    pub Arc<dyn Fn(String) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+);
+
+impl std::fmt::Debug for AfterCreateHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterCreateHook")
+    }
 }
 
 /// The roots file of one signer.
@@ -151,45 +176,53 @@ impl KubernetesRa {
             .call(self.api.create(&PostParams::default(), &object))
             .await
             .map_err(api_error)?;
-        let name = created
-            .metadata
-            .name
-            .clone()
-            .ok_or_else(|| RaError::Api("created CSR has no name".into()))?;
+        let ours = Ours::of(&created)?;
         // Deleted before answering; if this future is dropped (the caller
         // went away), the guard deletes it in the background.
         let guard = DeleteOnDrop {
             api: self.api.clone(),
             limit: self.limit.clone(),
-            name: name.clone(),
+            name: ours.name.clone(),
+            uid: ours.uid.clone(),
             armed: true,
         };
-        let waited = tokio::time::timeout(self.config.timeout, self.approve_and_wait(created))
-            .await
-            .map_err(|_| RaError::Timeout {
-                signer: signer.clone(),
-                timeout: self.config.timeout,
-            });
+        let waited =
+            tokio::time::timeout(self.config.timeout, self.approve_and_wait(created, &ours))
+                .await
+                .map_err(|_| RaError::Timeout {
+                    signer: signer.clone(),
+                    timeout: self.config.timeout,
+                });
         guard.delete().await;
         let issued = waited??;
-        tracing::debug!(csr = %name, %signer, "CSR signed");
+        tracing::debug!(csr = %ours.name, %signer, "CSR signed");
         assemble_chain(&issued, roots, &csr, identities, UnixTime::now())
     }
 
+    /// Approves exactly the object we created (its UID is in every update,
+    /// which the API server checks as a precondition) and waits for the
+    /// signer's answer on that object. A namesake (same name, another UID or
+    /// request: ours was deleted and the name reused) is never approved.
     async fn approve_and_wait(
         &self,
         created: CertificateSigningRequest,
+        ours: &Ours,
     ) -> Result<Vec<u8>, RaError> {
-        let name = created.metadata.name.clone().unwrap_or_default();
-        let (_registered, answer) = self.waiters.register(&name);
+        let name = &ours.name;
+        let (_registered, answer) = self.waiters.register(name, &ours.uid);
+        if let Some(hook) = &self.config.after_create {
+            (hook.0)(name.clone()).await;
+        }
         let mut object = created;
         let mut approved = None;
         for _ in 0..5 {
+            ours.check(&object)?;
             approve(&mut object);
+            // The UID binds the update to our object even if the
+            // resourceVersion were dropped.
+            object.metadata.uid = Some(ours.uid.clone());
             let pp = PostParams::default();
-            let put = self
-                .api
-                .replace_subresource("approval", &name, &pp, &object);
+            let put = self.api.replace_subresource("approval", name, &pp, &object);
             match self.limit.call(put).await {
                 Ok(o) => {
                     approved = Some(o);
@@ -198,21 +231,61 @@ impl KubernetesRa {
                 Err(e) if status::is_conflict(&e) => {
                     object = self
                         .limit
-                        .call(self.api.get(&name))
+                        .call(self.api.get(name))
                         .await
                         .map_err(api_error)?;
                 }
+                Err(e) if status::is_not_found(&e) => return Err(RaError::Deleted),
                 Err(e) => return Err(api_error(e)),
             }
         }
         let approved =
             approved.ok_or_else(|| RaError::Api(format!("approving {name} kept conflicting")))?;
+        ours.check(&approved)?;
         if let Some(done) = final_outcome(&approved)? {
             return Ok(done);
         }
         answer
             .await
             .unwrap_or_else(|_| Err(RaError::Api("the CSR watch stopped".into())))
+    }
+}
+
+/// The CSR object this request created: its name, UID and request.
+struct Ours {
+    name: String,
+    uid: String,
+    request: Vec<u8>,
+}
+
+impl Ours {
+    fn of(created: &CertificateSigningRequest) -> Result<Self, RaError> {
+        let name = created.metadata.name.clone();
+        let uid = created.metadata.uid.clone();
+        let (Some(name), Some(uid)) = (name, uid) else {
+            return Err(RaError::Api("the created CSR has no name or UID".into()));
+        };
+        Ok(Ours {
+            name,
+            uid,
+            request: created.spec.request.0.clone(),
+        })
+    }
+
+    /// `Replaced` unless `seen` is our object with our request.
+    fn check(&self, seen: &CertificateSigningRequest) -> Result<(), RaError> {
+        if seen.metadata.uid.as_deref() == Some(self.uid.as_str())
+            && seen.spec.request.0 == self.request
+        {
+            return Ok(());
+        }
+        tracing::warn!(
+            csr = %self.name,
+            ours = %self.uid,
+            found = ?seen.metadata.uid,
+            "RA mode: our CSR was replaced by another object of the same name; not approving it"
+        );
+        Err(RaError::Replaced(self.name.clone()))
     }
 }
 
@@ -242,20 +315,33 @@ struct DeleteOnDrop {
     api: Api<CertificateSigningRequest>,
     limit: ApiLimit,
     name: String,
+    uid: String,
     armed: bool,
 }
 
 impl DeleteOnDrop {
     async fn delete(mut self) {
         self.armed = false;
-        delete_csr(&self.api, &self.limit, &self.name).await;
+        delete_csr(&self.api, &self.limit, &self.name, &self.uid).await;
     }
 }
 
-async fn delete_csr(api: &Api<CertificateSigningRequest>, limit: &ApiLimit, name: &str) {
-    match limit.call(api.delete(name, &DeleteParams::default())).await {
+/// Deletes our CSR, and only ours: a namesake with another UID stays.
+async fn delete_csr(api: &Api<CertificateSigningRequest>, limit: &ApiLimit, name: &str, uid: &str) {
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_owned()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match limit.call(api.delete(name, &dp)).await {
         Ok(_) => {}
         Err(e) if status::is_not_found(&e) => {}
+        // The UID precondition failed: the name is another object's now.
+        Err(e) if status::is_conflict(&e) => {
+            tracing::debug!(csr = %name, "our CSR is gone; another object has its name")
+        }
         Err(e) => tracing::warn!(csr = %name, error = %e, "deleting the CSR failed"),
     }
 }
@@ -267,11 +353,12 @@ impl Drop for DeleteOnDrop {
         }
         let (api, limit) = (self.api.clone(), self.limit.clone());
         let name = std::mem::take(&mut self.name);
+        let uid = std::mem::take(&mut self.uid);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(csr = %name, "no runtime to delete the CSR");
             return;
         };
-        runtime.spawn(async move { delete_csr(&api, &limit, &name).await });
+        runtime.spawn(async move { delete_csr(&api, &limit, &name, &uid).await });
     }
 }
 

@@ -7,10 +7,16 @@ use x509_parser::prelude::FromDer;
 use super::csr::MIN_EXPIRATION_SECONDS;
 use super::{RaConfig, RaError};
 
-/// The signer of one request (istiod's rule).
+/// The signer of one request (istiod's rule): K8S_SIGNER, or with
+/// `CertSigner` metadata `<CERT_SIGNER_DOMAIN>/<CertSigner>` when the
+/// `CertSigner` is on the allow-list (`--cert-signers`, Istio's mesh config
+/// `certificateSigners`); an empty list allows none.
 pub fn signer_name(config: &RaConfig, cert_signer: Option<&str>) -> Result<String, RaError> {
     match cert_signer.filter(|s| !s.is_empty()) {
         Some(requested) => match config.signer_domain.as_deref().filter(|d| !d.is_empty()) {
+            Some(_) if !config.cert_signers.iter().any(|s| s == requested) => {
+                Err(RaError::SignerNotAllowed(requested.to_owned()))
+            }
             Some(domain) => Ok(format!("{domain}/{requested}")),
             None => Err(RaError::NoSignerDomain(requested.to_owned())),
         },
@@ -19,6 +25,30 @@ pub fn signer_name(config: &RaConfig, cert_signer: Option<&str>) -> Result<Strin
             .clone()
             .filter(|s| !s.is_empty())
             .ok_or(RaError::NoSigner),
+    }
+}
+
+/// Checks one `--cert-signers` entry: the part of a signer name after
+/// `<domain>/`, so a DNS-1123 subdomain (lowercase letters, digits, `-` and
+/// `.`, alphanumeric at both ends, at most 253 characters; no `/`).
+pub fn validate_cert_signer(name: &str) -> Result<(), String> {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(|c| alnum(c) || c == '-' || c == '.')
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.starts_with(alnum)
+                && label.ends_with(alnum)
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "CertSigner {name:?} is not a signer-name segment (a DNS-1123 subdomain: \
+             lowercase letters, digits, '-' and '.', no '/')"
+        ))
     }
 }
 
@@ -51,8 +81,9 @@ const SAN_OID: &str = "2.5.29.17";
 /// istiod's checks before a CSR is submitted: no CA requests, TTL within the
 /// maximum, the CSR parses with a valid self-signature, its SANs are a subset
 /// of the caller's identities (istiod's `ValidateCSR`, which also needs a SAN
-/// extension) and it has Istio's template: one URI SAN, no DNS, IP or email
-/// SANs, no extension but the SAN.
+/// extension) and it has Istio's template: an empty subject (or only an
+/// empty `O=`, as Istio's `GenCSR` writes it), one URI SAN, no DNS, IP or
+/// email SANs, no extension but the SAN.
 pub fn check_request(
     csr_pem: &[u8],
     identities: &[String],
@@ -95,6 +126,12 @@ pub fn check_request(
     if uris != 1 {
         return Err(RaError::Template(format!(
             "exactly one URI SAN (the caller's identity) is needed, the CSR has {uris}"
+        )));
+    }
+    if !csr.subject_is_blank {
+        return Err(RaError::Template(format!(
+            "the subject must be empty (or only an empty O=), the CSR has {}",
+            csr.subject_text()
         )));
     }
     if let Some(other) = requested_extension_oids(csr_pem)

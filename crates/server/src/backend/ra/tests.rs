@@ -16,10 +16,12 @@ fn config(signer: Option<&str>, domain: Option<&str>) -> RaConfig {
     RaConfig {
         signer: signer.map(Into::into),
         signer_domain: domain.map(Into::into),
+        cert_signers: vec!["bar".into()],
         roots_file: "roots.pem".into(),
         signer_roots: Vec::new(),
         timeout: Duration::from_secs(60),
         workload: WorkloadProfile::default(),
+        after_create: None,
     }
 }
 
@@ -126,6 +128,59 @@ fn the_signer_is_k8s_signer_or_the_domain_with_the_cert_signer_metadata() {
 }
 
 #[test]
+fn a_cert_signer_must_be_on_the_allow_list() {
+    let c = config(Some("example.com/foo"), Some("example.com"));
+    // Any other name under the domain, e.g. a client-certificate signer.
+    for other in ["kube-apiserver-client", "foo", "bar/x", "Bar", "ba"] {
+        let e = signer_name(&c, Some(other)).unwrap_err();
+        assert_eq!(e, RaError::SignerNotAllowed(other.into()));
+        assert_eq!(e.reason(), "ra_signer_not_allowed");
+        assert_eq!(e.kind().grpc_code(), GrpcCode::InvalidArgument);
+    }
+    // An empty list allows no CertSigner at all; K8S_SIGNER still works.
+    let none = RaConfig {
+        cert_signers: Vec::new(),
+        ..c.clone()
+    };
+    assert_eq!(
+        signer_name(&none, Some("bar")).unwrap_err(),
+        RaError::SignerNotAllowed("bar".into())
+    );
+    assert_eq!(signer_name(&none, None).unwrap(), "example.com/foo");
+    let two = RaConfig {
+        cert_signers: vec!["bar".into(), "istio-ca.v2".into()],
+        ..c
+    };
+    assert_eq!(
+        signer_name(&two, Some("istio-ca.v2")).unwrap(),
+        "example.com/istio-ca.v2"
+    );
+}
+
+#[test]
+fn cert_signers_entries_are_signer_name_segments() {
+    for good in ["bar", "istio-ca", "a.b-c.d", "0", &"a".repeat(63)] {
+        assert_eq!(validate_cert_signer(good), Ok(()), "{good}");
+    }
+    for bad in [
+        "",
+        "a/b",
+        "/",
+        "Bar",
+        "-a",
+        "a-",
+        "a..b",
+        ".a",
+        "a b",
+        "a_b",
+        "*",
+        &"a".repeat(64),
+    ] {
+        assert!(validate_cert_signer(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
 fn a_signer_with_its_own_roots_uses_them_and_others_the_default() {
     let (a, b) = (pki().roots(), pki().roots());
     let per_signer = BTreeMap::from([("example.com/bar".to_string(), b.clone())]);
@@ -162,6 +217,15 @@ fn istios_template_with_the_callers_identity_passes() {
     )
     .unwrap();
     assert_eq!(csr.public_key_bits, key.public_key_bits());
+    // Istio's Go GenCSR writes the subject `O=""`.
+    let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+    let go = meshca_pki::csr::build_csr(
+        &key,
+        &cert::organization_name(""),
+        &[SanEntry::Uri(ID.into())],
+    )
+    .unwrap();
+    check_request(go.as_bytes(), &ids(), 0, false, &WorkloadProfile::default()).unwrap();
 }
 
 /// A CSR with the caller's URI SAN and one more requested extension.
@@ -236,6 +300,20 @@ fn requests_istiod_refuses_are_refused_before_anything_is_submitted() {
     meshca_pki::validate_csr(extra.as_bytes(), &CsrPolicy::default()).unwrap();
     let e = refused(&extra, &ids(), 0, false);
     assert!(e.to_string().contains("2.5.29.15"), "{e}");
+
+    // Istio's template has an empty subject (or only `O=""`); anything
+    // else would end up in the signed certificate (`--subject copy`).
+    for subject in [
+        cert::organization_and_common_name("system:masters", "kubernetes-admin"),
+        cert::organization_name("system:masters"),
+        cert::common_name("web"),
+    ] {
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let pem = meshca_pki::csr::build_csr(&key, &subject, &[SanEntry::Uri(ID.into())]).unwrap();
+        let e = refused(&pem, &ids(), 0, false);
+        assert!(matches!(e, RaError::Template(_)), "{e}");
+        assert_eq!(e.reason(), "ra_csr_template");
+    }
 
     let both = vec![ID.to_string(), other.to_string()];
     let (_, two) = csr_with(&[SanEntry::Uri(ID.into()), SanEntry::Uri(other.into())]);
@@ -352,6 +430,44 @@ fn denied_and_failed_are_final_and_beat_a_certificate() {
         assert!(e.to_string().contains("policy_trust_domain: nope"), "{e}");
         assert_eq!(e.kind().grpc_code(), GrpcCode::Internal);
     }
+}
+
+/// A CSR object `name` with `uid`, issued with `cert`.
+fn issued_object(name: &str, uid: &str, cert: &[u8]) -> CertificateSigningRequest {
+    let mut csr = new_csr(b"PEM", "example.com/foo", 3600);
+    csr.metadata.name = Some(name.into());
+    csr.metadata.uid = Some(uid.into());
+    approve(&mut csr);
+    csr.status.as_mut().unwrap().certificate = Some(ByteString(cert.to_vec()));
+    csr
+}
+
+#[tokio::test]
+async fn a_waiter_takes_its_answer_only_from_the_object_with_its_uid() {
+    let waiters = Arc::new(Waiters::default());
+    // A namesake's certificate (ours deleted, the name reused) is never
+    // our answer: the wait ends with Replaced.
+    let (_registered, answer) = waiters.register("csr-workload-a", "uid-ours");
+    waiters.seen(&issued_object("csr-workload-a", "uid-impostor", b"THEIRS"));
+    let e = answer.await.unwrap().unwrap_err();
+    assert_eq!(e, RaError::Replaced("csr-workload-a".into()));
+    assert_eq!(e.reason(), "ra_csr_replaced");
+    assert_eq!(e.kind().grpc_code(), GrpcCode::Internal);
+
+    let (_registered, answer) = waiters.register("csr-workload-b", "uid-ours");
+    waiters.deleted(&issued_object("csr-workload-b", "uid-impostor", b"THEIRS"));
+    assert_eq!(
+        answer.await.unwrap().unwrap_err(),
+        RaError::Replaced("csr-workload-b".into())
+    );
+
+    let (_registered, answer) = waiters.register("csr-workload-c", "uid-ours");
+    waiters.seen(&issued_object("csr-workload-c", "uid-ours", b"OURS"));
+    assert_eq!(answer.await.unwrap().unwrap(), b"OURS");
+
+    let (_registered, answer) = waiters.register("csr-workload-d", "uid-ours");
+    waiters.deleted(&issued_object("csr-workload-d", "uid-ours", b""));
+    assert_eq!(answer.await.unwrap().unwrap_err(), RaError::Deleted);
 }
 
 #[test]

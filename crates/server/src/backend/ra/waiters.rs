@@ -15,25 +15,38 @@ use super::csr::{MANAGED_BY, final_outcome};
 
 pub(super) type Outcome = Result<Vec<u8>, RaError>;
 
+/// One waiting request: the UID of its CSR, and where its answer goes.
+struct Waiter {
+    uid: String,
+    tx: oneshot::Sender<Outcome>,
+}
+
 /// Requests waiting for the signer, by CSR name. One watch on all of this
 /// server's CSRs (by label) feeds them, instead of a watch (and so, kube-rs
-/// speaking HTTP/1.1, a connection) per request.
+/// speaking HTTP/1.1, a connection) per request. An answer is taken only
+/// from the object with the request's UID: a namesake (ours deleted, the
+/// name reused) ends the wait with `Replaced`, never with its certificate.
 #[derive(Default)]
-pub(super) struct Waiters(std::sync::Mutex<HashMap<String, oneshot::Sender<Outcome>>>);
+pub(super) struct Waiters(std::sync::Mutex<HashMap<String, Waiter>>);
 
 impl Waiters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Outcome>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for `name`'s final state; registered before the approval, so
-    /// no answer of the signer can come before it.
+    /// Waits for the final state of CSR `name` with `uid`; registered
+    /// before the approval, so no answer of the signer can come before it.
     pub(super) fn register(
         self: &Arc<Self>,
         name: &str,
+        uid: &str,
     ) -> (Registered, oneshot::Receiver<Outcome>) {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(name.to_owned(), tx);
+        let waiter = Waiter {
+            uid: uid.to_owned(),
+            tx,
+        };
+        self.lock().insert(name.to_owned(), waiter);
         let registered = Registered {
             waiters: self.clone(),
             name: name.to_owned(),
@@ -41,26 +54,39 @@ impl Waiters {
         (registered, rx)
     }
 
-    fn seen(&self, csr: &CertificateSigningRequest) {
+    pub(super) fn seen(&self, csr: &CertificateSigningRequest) {
         let name = csr.metadata.name.as_deref().unwrap_or_default();
         let mut waiters = self.lock();
-        if !waiters.contains_key(name) {
+        let Some(waiter) = waiters.get(name) else {
             return;
-        }
-        let outcome = match final_outcome(csr) {
-            Ok(None) => return,
-            Ok(Some(chain)) => Ok(chain),
-            Err(e) => Err(e),
         };
-        if let Some(tx) = waiters.remove(name) {
-            let _ = tx.send(outcome);
+        let outcome = if csr.metadata.uid.as_deref() != Some(waiter.uid.as_str()) {
+            Err(RaError::Replaced(name.to_owned()))
+        } else {
+            match final_outcome(csr) {
+                Ok(None) => return,
+                Ok(Some(chain)) => Ok(chain),
+                Err(e) => Err(e),
+            }
+        };
+        if let Some(waiter) = waiters.remove(name) {
+            let _ = waiter.tx.send(outcome);
         }
     }
 
-    fn deleted(&self, csr: &CertificateSigningRequest) {
+    pub(super) fn deleted(&self, csr: &CertificateSigningRequest) {
         let name = csr.metadata.name.as_deref().unwrap_or_default();
-        if let Some(tx) = self.lock().remove(name) {
-            let _ = tx.send(Err(RaError::Deleted));
+        let mut waiters = self.lock();
+        let Some(waiter) = waiters.get(name) else {
+            return;
+        };
+        let outcome = if csr.metadata.uid.as_deref() == Some(waiter.uid.as_str()) {
+            RaError::Deleted
+        } else {
+            RaError::Replaced(name.to_owned())
+        };
+        if let Some(waiter) = waiters.remove(name) {
+            let _ = waiter.tx.send(Err(outcome));
         }
     }
 }
