@@ -49,6 +49,8 @@ pub async fn start(
     let initial = match source.load(Some(client), OffsetDateTime::now_utc()).await {
         Ok(bundle) => {
             tracing::info!(signer, source = %source, not_after = %bundle.not_after(), "CA loaded");
+            // Recorded before start returns: a started signer's metrics show its CA.
+            observe(&metrics, signer, &bundle);
             Some(bundle)
         }
         Err(e) => {
