@@ -11,7 +11,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 
 use meshca_ca_store::CurrentCa;
@@ -76,29 +76,51 @@ pub fn desired(target: &TrustBundleTarget, pem: &str) -> Secret {
     }
 }
 
-/// Whether the Secret needs a write: missing, or the roots under the key
-/// differ. Other keys and labels do not count.
+/// Keys the Secret holds besides the roots. istiod reads only the roots key,
+/// but anything else in a trust bundle is a tampered copy: it goes.
+pub fn stray_keys(existing: Option<&Secret>, target: &TrustBundleTarget) -> Vec<String> {
+    existing
+        .and_then(|s| s.data.as_ref())
+        .map(|d| d.keys().filter(|k| **k != target.key).cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Whether the Secret needs a write: missing, the roots under the key
+/// differ, or other keys were added. Labels of others do not count.
 pub fn needs_write(existing: Option<&Secret>, target: &TrustBundleTarget, pem: &str) -> bool {
     let have = existing
         .and_then(|s| s.data.as_ref())
         .and_then(|d| d.get(&target.key));
-    have.is_none_or(|b| b.0 != pem.as_bytes())
+    have.is_none_or(|b| b.0 != pem.as_bytes()) || !stray_keys(existing, target).is_empty()
 }
 
-/// Makes the Secret hold exactly `pem` under the key (server-side apply as
-/// `meshca-signer`); returns whether it wrote.
+/// Makes the Secret hold exactly `pem` under the key and nothing else
+/// (server-side apply as `meshca-signer`; keys another manager added are
+/// removed first, which an apply alone cannot do); returns whether it wrote.
 pub async fn sync_once(client: &Client, target: &TrustBundleTarget, pem: &str) -> Result<bool> {
     let api = Api::<Secret>::namespaced(client.clone(), &target.namespace);
+    let place = || format!("Secret {}/{}", target.namespace, target.name);
     let existing = api
         .get_opt(&target.name)
         .await
-        .with_context(|| format!("reading Secret {}/{}", target.namespace, target.name))?;
+        .with_context(|| format!("reading {}", place()))?;
     if !needs_write(existing.as_ref(), target, pem) {
         return Ok(false);
     }
+    let stray = stray_keys(existing.as_ref(), target);
+    if !stray.is_empty() {
+        let removed: serde_json::Map<String, serde_json::Value> = stray
+            .into_iter()
+            .map(|k| (k, serde_json::Value::Null))
+            .collect();
+        let patch = serde_json::json!({ "data": removed });
+        api.patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("removing other keys from {}", place()))?;
+    }
     apply::apply(&api, apply::SIGNER, &desired(target, pem))
         .await
-        .with_context(|| format!("applying Secret {}/{}", target.namespace, target.name))?;
+        .with_context(|| format!("applying {}", place()))?;
     Ok(true)
 }
 
@@ -182,16 +204,19 @@ mod tests {
     }
 
     #[test]
-    fn only_a_missing_or_different_root_is_written() {
+    fn a_missing_or_different_root_or_another_key_is_written() {
         let target = TrustBundleTarget::default();
         assert!(needs_write(None, &target, ROOT));
         let mut secret = desired(&target, ROOT);
         assert!(!needs_write(Some(&secret), &target, ROOT));
-        // Labels and keys of others do not count.
+        // Labels of others do not count; another key does.
         secret.metadata.labels = None;
+        assert!(!needs_write(Some(&secret), &target, ROOT));
         let data = secret.data.as_mut().unwrap();
         data.insert("extra".into(), ByteString(b"x".to_vec()));
-        assert!(!needs_write(Some(&secret), &target, ROOT));
+        assert!(needs_write(Some(&secret), &target, ROOT));
+        assert_eq!(stray_keys(Some(&secret), &target), ["extra"]);
+        secret.data.as_mut().unwrap().remove("extra");
         assert!(needs_write(
             Some(&secret),
             &target,

@@ -526,11 +526,11 @@ async fn ca_secret_rotation_under_load_and_trust_bundle_publication() {
         );
 
         // Someone else's plain update of the roots is put back at once (the
-        // Secret is watched; the resync is 30 s), keeping their own key.
+        // Secret is watched; the resync is 30 s), and a key they added goes.
         let mut edited = secrets.get("external-ca-cert").await.unwrap();
         let data = edited.data.as_mut().unwrap();
         data.insert("root-cert.pem".into(), ByteString(b"not a root".to_vec()));
-        data.insert("note".into(), ByteString(b"kept".to_vec()));
+        data.insert("ca.crt".into(), ByteString(b"someone else's root".to_vec()));
         let other_manager = PostParams {
             field_manager: Some("someone-else".into()),
             ..Default::default()
@@ -540,8 +540,17 @@ async fn ca_secret_rotation_under_load_and_trust_bundle_publication() {
             .await
             .unwrap();
         wait_trust_bundle(&secrets, &ca1.root_pem).await;
-        let restored = secrets.get("external-ca-cert").await.unwrap();
-        assert_eq!(restored.data.unwrap()["note"].0, b"kept");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let restored = loop {
+            let s = secrets.get("external-ca-cert").await.unwrap();
+            if !s.data.as_ref().unwrap().contains_key("ca.crt") {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "the added key stays");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let keys: Vec<&String> = restored.data.as_ref().unwrap().keys().collect();
+        assert_eq!(keys, ["root-cert.pem"]);
         let applied = restored.metadata.managed_fields.iter().flatten().any(|m| {
             m.manager.as_deref() == Some("meshca-signer") && m.operation.as_deref() == Some("Apply")
         });
