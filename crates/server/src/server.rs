@@ -18,7 +18,7 @@ use crate::ServerConfig;
 use crate::auth::impersonation::{Impersonation, PodStore};
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::local_issuer::{LOCAL_ISSUER, local_issuer};
-use crate::auth::{Authenticator, TokenCache, TokenReviewer};
+use crate::auth::{Authenticator, ClientCertIssuers, TokenCache, TokenReviewer};
 use crate::backend::Backend;
 use crate::backend::local::{LocalBackend, current_ca};
 use crate::backend::ra::KubernetesRa;
@@ -61,7 +61,11 @@ impl Server {
             metrics.observe_ca(bundle);
         }
         let api_limit = ApiLimit::new(config.kube_api_concurrency);
-        let auth = authenticator(&config, &api_limit)?;
+        let client_certs = Arc::new(ClientCertIssuers::new(
+            opened.current.borrow().as_deref(),
+            config.workload.max_ttl,
+        ));
+        let auth = authenticator(&config, &api_limit, client_certs.clone())?;
         let ra = match &config.ra {
             None => None,
             Some(ra_config) => {
@@ -89,6 +93,7 @@ impl Server {
         let tls = Arc::new(TlsState::new(
             &current_ca(&opened.current, &config.workload),
             &config.serving,
+            client_certs.clone(),
         )?);
         let pods = match &config.kube {
             Some(client) if !config.trusted_node_accounts.is_empty() => {
@@ -107,6 +112,7 @@ impl Server {
             profile: config.workload.clone(),
             ra,
             tls: tls.clone(),
+            client_certs,
             serving: config.serving.clone(),
             metrics: metrics.clone(),
             interval: config.reload_interval,
@@ -243,7 +249,11 @@ impl Server {
 
 /// Istio's authenticators from the configuration: TokenReview with a
 /// cluster, JWT keys (a file, or the local issuer of standalone mode).
-fn authenticator(config: &ServerConfig, api_limit: &ApiLimit) -> Result<Authenticator> {
+fn authenticator(
+    config: &ServerConfig,
+    api_limit: &ApiLimit,
+    client_certs: Arc<ClientCertIssuers>,
+) -> Result<Authenticator> {
     // Each key file with its own issuer: --jwt-keys with --jwt-issuer, the
     // local key with the local issuer.
     // A key is trusted for one issuer only, never for any `iss`.
@@ -275,6 +285,7 @@ fn authenticator(config: &ServerConfig, api_limit: &ApiLimit) -> Result<Authenti
     };
     Ok(Authenticator {
         trust_domain: config.trust_domain.clone(),
+        client_certs,
         cluster_id: config.cluster_id.clone(),
         cluster_aliases: config.cluster_aliases.clone(),
         token_review: config

@@ -15,7 +15,7 @@ use meshca_server::distribution::DistributionConfig;
 use meshca_server::grpc::service::REASON_HEADER;
 use meshca_server::grpc::tls::ServingNames;
 use meshca_server::{Server, ServerConfig};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn standalone(state_dir: &Path) -> ServerConfig {
     ServerConfig {
@@ -56,22 +56,43 @@ fn standalone(state_dir: &Path) -> ServerConfig {
 }
 
 async fn ask(addr: SocketAddr, root_pem: &str, token: &str) -> Result<Vec<String>, tonic::Status> {
-    let tls = ClientTlsConfig::new()
+    ask_with(addr, root_pem, None, Some(token)).await
+}
+
+/// A client certificate: the chain (leaf first, without the root) and its key, PEM.
+struct ClientCert {
+    chain: String,
+    key: String,
+}
+
+/// A CertificateRequest with a client certificate and/or a bearer token.
+async fn ask_with(
+    addr: SocketAddr,
+    root_pem: &str,
+    client: Option<&ClientCert>,
+    token: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(root_pem))
         .domain_name("istiod.istio-system.svc");
+    if let Some(client) = client {
+        tls = tls.identity(Identity::from_pem(&client.chain, &client.key));
+    }
     let channel = Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()
         .connect()
         .await
-        .expect("the server accepts TLS connections");
+        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e:?}")))?;
     let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
     let csr = build_csr(&key, cert::EMPTY_NAME, &[]).unwrap();
     let mut request = tonic::Request::new(IstioCertificateRequest::from_agent(csr, 3600, ""));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
     let response = IstioCertificateServiceClient::new(channel)
         .create_certificate(request)
         .await?;
@@ -217,4 +238,314 @@ async fn jwt_keys_without_an_issuer_do_not_start() {
         format!("{e:#}").contains("--jwt-keys needs --jwt-issuer"),
         "{e:#}"
     );
+}
+
+// Client certificates: only leaves of this server's signing CA (or one it
+// rotated from), identified by their one SPIFFE URI SAN in the trust domain.
+
+const DAY: Duration = Duration::from_secs(86400);
+
+/// A CA in the cacerts layout in `dir`: a root, or an intermediate of `issuer`.
+fn new_ca(dir: &Path, issuer: Option<&meshca_pki::CaBundle>) -> meshca_pki::CaBundle {
+    use meshca_ca_store::dir::{NewCa, create};
+    let spec = NewCa {
+        key_type: KeyType::EcdsaP256,
+        org: "cluster.local",
+        ttl: DAY * 30,
+        issuer,
+    };
+    create(dir, &spec, true).unwrap().0
+}
+
+/// A client leaf signed by `ca` carrying exactly `sans`, with its chain.
+fn client_leaf(ca: &meshca_pki::CaBundle, sans: &[meshca_pki::SanEntry]) -> ClientCert {
+    use meshca_pki::cert::{Extensions, TbsFields, ext_key_usage, key_usage};
+    let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+    let mut extensions = Extensions::default();
+    extensions
+        .key_usage(key_usage::DIGITAL_SIGNATURE)
+        .ext_key_usage(&[ext_key_usage::SERVER_AUTH, ext_key_usage::CLIENT_AUTH])
+        .basic_constraints(false)
+        .authority_key_id(ca.key_id())
+        .subject_alt_names(sans, true)
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let der = cert::sign_certificate(
+        ca.key(),
+        &TbsFields {
+            serial: &cert::random_serial().unwrap(),
+            issuer_der: ca.subject_der(),
+            not_before: now - Duration::from_secs(60),
+            not_after: now + Duration::from_secs(3600),
+            subject_der: cert::EMPTY_NAME,
+            spki_der: &key.spki_der(),
+            extensions,
+        },
+    )
+    .unwrap();
+    ClientCert {
+        chain: format!(
+            "{}{}",
+            meshca_pki::pem::encode("CERTIFICATE", &der),
+            ca.cert_chain_pem()
+        ),
+        key: key.to_pkcs8_pem().unwrap().to_string(),
+    }
+}
+
+/// A client leaf for `identity` issued by `ca` as the server issues workload certificates.
+fn workload_leaf(ca: &meshca_pki::CaBundle, identity: &str) -> ClientCert {
+    let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+    let csr = build_csr(&key, cert::EMPTY_NAME, &[]).unwrap();
+    let csr = meshca_pki::validate_csr(csr.as_bytes(), &Default::default()).unwrap();
+    let der = meshca_pki::profile::issue_workload(
+        &WorkloadProfile::default(),
+        ca,
+        &csr,
+        &[identity.to_owned()],
+        3600,
+        false,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    ClientCert {
+        chain: format!(
+            "{}{}",
+            meshca_pki::pem::encode("CERTIFICATE", &der),
+            ca.cert_chain_pem()
+        ),
+        key: key.to_pkcs8_pem().unwrap().to_string(),
+    }
+}
+
+/// The chain of an issued response as a client certificate (roots dropped).
+fn issued(chain: &[String], key: SigningKey) -> ClientCert {
+    ClientCert {
+        chain: chain[..chain.len() - 1].concat(),
+        key: key.to_pkcs8_pem().unwrap().to_string(),
+    }
+}
+
+/// Like `ask`, but returns the new key too.
+async fn ask_for_cert(addr: SocketAddr, root_pem: &str, token: &str) -> ClientCert {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root_pem))
+        .domain_name("istiod.istio-system.svc");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+    let csr = build_csr(&key, cert::EMPTY_NAME, &[]).unwrap();
+    let mut request = tonic::Request::new(IstioCertificateRequest::from_agent(csr, 3600, ""));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let chain = IstioCertificateServiceClient::new(channel)
+        .create_certificate(request)
+        .await
+        .expect("a certificate for the token")
+        .into_inner()
+        .cert_chain;
+    issued(&chain, key)
+}
+
+fn leaf_uris(chain: &[String]) -> Vec<String> {
+    let leaf = der(&chain[0]).remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    cert.subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn assert_refused(result: Result<Vec<String>, tonic::Status>, what: &str) {
+    let refused = result.expect_err(what);
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{what}");
+    assert_eq!(
+        refused.metadata().get(REASON_HEADER).unwrap(),
+        "unauthenticated",
+        "{what}"
+    );
+}
+
+/// A server whose plugged CA is intermediate A under a root that also has
+/// a sibling intermediate B (another CA's).
+struct SiblingCas {
+    addr: SocketAddr,
+    root_pem: String,
+    a: meshca_pki::CaBundle,
+    b: meshca_pki::CaBundle,
+    /// A local token for default/demo.
+    token: String,
+    stop: CancellationToken,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Drop for SiblingCas {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+const ZTUNNEL: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+const DEMO: &str = "spiffe://cluster.local/ns/default/sa/demo";
+
+async fn sibling_cas() -> SiblingCas {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let state = tempfile::tempdir().unwrap();
+    let cas = tempfile::tempdir().unwrap();
+    let root = new_ca(&cas.path().join("root"), None);
+    let a = new_ca(&cas.path().join("a"), Some(&root));
+    let b = new_ca(&cas.path().join("b"), Some(&root));
+    let mut config = standalone(state.path());
+    config.ca_dir = Some(cas.path().join("a"));
+    let server = Server::build(config).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.serve(stop.clone()));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = local_issuer(state.path(), false)
+        .unwrap()
+        .mint("default", "demo", "istio-ca", 600, now)
+        .unwrap();
+    SiblingCas {
+        addr,
+        root_pem: root.roots_pem().to_owned(),
+        a,
+        b,
+        token,
+        stop,
+        _dirs: (state, cas),
+    }
+}
+
+#[tokio::test]
+async fn a_leaf_this_server_issued_renews_with_the_certificate_alone() {
+    let s = sibling_cas().await;
+    let mine = ask_for_cert(s.addr, &s.root_pem, &s.token).await;
+    let renewed = ask_with(s.addr, &s.root_pem, Some(&mine), None)
+        .await
+        .expect("a leaf of this CA authenticates");
+    assert_eq!(leaf_uris(&renewed), [DEMO]);
+    // So does one its signing certificate made for ztunnel.
+    let renewed = ask_with(
+        s.addr,
+        &s.root_pem,
+        Some(&workload_leaf(&s.a, ZTUNNEL)),
+        None,
+    )
+    .await
+    .expect("a leaf of this CA's signing certificate authenticates");
+    assert_eq!(leaf_uris(&renewed), [ZTUNNEL]);
+}
+
+#[tokio::test]
+async fn a_leaf_of_a_sibling_intermediate_under_the_same_root_is_refused() {
+    let s = sibling_cas().await;
+    let sibling = workload_leaf(&s.b, ZTUNNEL);
+    assert_refused(
+        ask_with(s.addr, &s.root_pem, Some(&sibling), None).await,
+        "a leaf of a sibling intermediate",
+    );
+    // With a valid token as well, the token decides who calls.
+    let by_token = ask_with(s.addr, &s.root_pem, Some(&sibling), Some(&s.token))
+        .await
+        .expect("the token authenticates");
+    assert_eq!(leaf_uris(&by_token), [DEMO]);
+}
+
+#[tokio::test]
+async fn a_dns_san_spelling_a_spiffe_id_is_no_identity() {
+    use meshca_pki::SanEntry;
+    let s = sibling_cas().await;
+    let dns = client_leaf(&s.a, &[SanEntry::Dns(ZTUNNEL.into())]);
+    assert_refused(
+        ask_with(s.addr, &s.root_pem, Some(&dns), None).await,
+        "a DNS SAN that reads like a SPIFFE ID",
+    );
+}
+
+#[tokio::test]
+async fn a_spiffe_id_of_another_trust_domain_or_two_of_them_are_refused() {
+    use meshca_pki::SanEntry;
+    let s = sibling_cas().await;
+    let foreign = workload_leaf(&s.a, "spiffe://other.domain/ns/istio-system/sa/ztunnel");
+    assert_refused(
+        ask_with(s.addr, &s.root_pem, Some(&foreign), None).await,
+        "a SPIFFE ID of another trust domain",
+    );
+    let two = client_leaf(
+        &s.a,
+        &[SanEntry::Uri(ZTUNNEL.into()), SanEntry::Uri(DEMO.into())],
+    );
+    assert_refused(
+        ask_with(s.addr, &s.root_pem, Some(&two), None).await,
+        "two SPIFFE IDs",
+    );
+}
+
+#[tokio::test]
+async fn after_the_plugged_ca_is_replaced_leaves_of_the_previous_one_still_authenticate() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let state = tempfile::tempdir().unwrap();
+    let cas = tempfile::tempdir().unwrap();
+    let plugged = cas.path().join("plugged");
+    let old_root = new_ca(&cas.path().join("old-root"), None);
+    let old = new_ca(&plugged, Some(&old_root));
+    let mut config = standalone(state.path());
+    config.ca_dir = Some(plugged.clone());
+    config.reload_interval = Duration::from_millis(100);
+    let server = Server::build(config).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.serve(stop.clone()));
+    let before = workload_leaf(&old, DEMO);
+    ask_with(addr, old_root.roots_pem(), Some(&before), None)
+        .await
+        .expect("a leaf of the current CA");
+
+    // A new root and intermediate replace the plugged CA on disk.
+    let new_root = new_ca(&cas.path().join("new-root"), None);
+    let new = new_ca(&plugged, Some(&new_root));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = local_issuer(state.path(), false)
+        .unwrap()
+        .mint("default", "demo", "istio-ca", 600, now)
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // The new CA serves once a token's certificate chains to the new root.
+        if let Ok(chain) = ask_with(addr, new_root.roots_pem(), None, Some(&token)).await
+            && chain.last().unwrap().trim() == new_root.roots_pem().trim()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new CA never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewed = ask_with(addr, new_root.roots_pem(), Some(&before), None)
+        .await
+        .expect("a leaf of the replaced CA still authenticates until it expires");
+    assert_eq!(leaf_uris(&renewed), [DEMO]);
+    let after = workload_leaf(&new, DEMO);
+    ask_with(addr, new_root.roots_pem(), Some(&after), None)
+        .await
+        .expect("a leaf of the new CA");
+    stop.cancel();
 }

@@ -14,10 +14,12 @@ pub mod local_issuer;
 mod token_review;
 
 pub use cache::TokenCache;
-pub use client_cert::certificate_identities;
+pub use client_cert::{ClientCertIssuers, certificate_identity};
 pub use token_review::{TokenReviewer, check_audiences};
 
-use anyhow::{Context, Result, bail};
+use std::sync::Arc;
+
+use anyhow::{Result, anyhow, bail};
 use meshca_pki::SpiffeId;
 use sha2::{Digest, Sha256};
 
@@ -55,7 +57,8 @@ impl KubeAccount {
 
 /// What a request carries that can prove who sent it.
 pub struct Credentials<'a> {
-    /// The verified client certificate (rustls checked it against the CA roots).
+    /// The client's leaf certificate (rustls checked its chain to the CA
+    /// roots; [`ClientCertIssuers`] checks who signed it).
     pub peer_cert: Option<&'a [u8]>,
     /// The `authorization: Bearer` token.
     pub bearer: Option<&'a str>,
@@ -65,6 +68,8 @@ pub struct Credentials<'a> {
 
 pub struct Authenticator {
     pub trust_domain: String,
+    /// Whose leaves authenticate as client certificates.
+    pub client_certs: Arc<ClientCertIssuers>,
     pub cluster_id: String,
     pub cluster_aliases: Vec<String>,
     pub token_review: Option<TokenReviewer>,
@@ -113,20 +118,51 @@ impl Authenticator {
         creds: &Credentials<'_>,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Caller, AuthError> {
+        // As Istio: a refused certificate leaves the token to prove who
+        // calls; without one, the certificate's refusal is the answer.
+        let mut cert_error = None;
         if let Some(cert) = creds.peer_cert {
-            let identities =
-                certificate_identities(cert).map_err(|e| NoIdentity(format!("{e:#}")))?;
-            if !identities.is_empty() {
-                return Ok(Caller {
-                    identities,
-                    authenticator: "client_cert",
-                    kube: None,
-                });
+            match self.client_cert(cert) {
+                Ok(caller) => return Ok(caller),
+                Err(e) => cert_error = Some(e),
             }
         }
-        let token = creds
-            .bearer
-            .context("no client certificate and no bearer token")?;
+        let Some(token) = creds.bearer else {
+            return Err(
+                cert_error.unwrap_or_else(|| anyhow!("no client certificate and no bearer token"))
+            );
+        };
+        let result = self.token(token, creds, metrics).await;
+        match (result, cert_error) {
+            (Err(e), Some(cert_error)) => {
+                Err(e.context(format!("client certificate refused: {cert_error:#}")))
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// A client certificate from this CA's signing certificate (or one it
+    /// rotated from) naming one SPIFFE ID in the trust domain.
+    fn client_cert(&self, cert: &[u8]) -> Result<Caller, AuthError> {
+        self.client_certs
+            .check(cert, time::OffsetDateTime::now_utc())?;
+        // The CA vouches for the certificate; a missing or unusable
+        // identity is an identity-extraction failure.
+        let identity = certificate_identity(cert, &self.trust_domain)
+            .map_err(|e| NoIdentity(format!("{e:#}")))?;
+        Ok(Caller {
+            identities: vec![identity],
+            authenticator: "client_cert",
+            kube: None,
+        })
+    }
+
+    async fn token(
+        &self,
+        token: &str,
+        creds: &Credentials<'_>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Caller, AuthError> {
         if let Some(claimed) = creds.cluster_id
             && !claimed.is_empty()
             && claimed != self.cluster_id
@@ -209,6 +245,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
             cluster_aliases: vec![],
+            client_certs: Arc::new(ClientCertIssuers::new(None, std::time::Duration::ZERO)),
             token_review: None,
             jwt: Some(
                 JwtVerifier::new(

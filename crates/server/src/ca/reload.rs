@@ -13,6 +13,7 @@ use meshca_pki::WorkloadProfile;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::ClientCertIssuers;
 use crate::backend::local::current_ca;
 use crate::backend::ra::KubernetesRa;
 use crate::distribution::configmap::merge_roots;
@@ -25,6 +26,9 @@ pub struct Reloader {
     pub profile: WorkloadProfile,
     pub ra: Option<Arc<KubernetesRa>>,
     pub tls: Arc<TlsState>,
+    /// Whose leaves authenticate as client certificates: follows the CA,
+    /// keeping the signing certificates it rotates from.
+    pub client_certs: Arc<ClientCertIssuers>,
     pub serving: ServingNames,
     pub metrics: Arc<Metrics>,
     pub interval: Duration,
@@ -63,6 +67,8 @@ impl Reloader {
             };
             if ca_changed && let Some(bundle) = self.ca.borrow_and_update().clone() {
                 self.metrics.observe_ca(&bundle);
+                self.client_certs
+                    .rotate(&bundle, time::OffsetDateTime::now_utc());
                 tracing::info!(not_after = %bundle.not_after(), "serving with the new CA");
             }
             let mut roots_changed = ca_changed;

@@ -1,7 +1,9 @@
 //! TLS for :15012: a serving certificate issued by meshca's own CA and
 //! swapped in place before it expires, optional client certificates verified
-//! against the CA roots, and connection info (the verified peer certificate)
-//! handed to the gRPC handlers.
+//! against the roots of the accepted signing certificates (the current CA and
+//! those it rotated from; [`ClientCertIssuers`] then checks which one signed
+//! the leaf), and connection info (the peer certificate) handed to the gRPC
+//! handlers.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +25,8 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::auth::ClientCertIssuers;
+
 /// Names the serving certificate carries.
 #[derive(Debug, Clone)]
 pub struct ServingNames {
@@ -33,31 +37,48 @@ pub struct ServingNames {
 
 /// The TLS configuration in force and its certificate's expiry; replaced
 /// whole on renewal or CA change.
-pub struct TlsState(watch::Sender<(Arc<ServerConfig>, OffsetDateTime)>);
+pub struct TlsState {
+    config: watch::Sender<(Arc<ServerConfig>, OffsetDateTime)>,
+    client_certs: Arc<ClientCertIssuers>,
+}
 
 impl TlsState {
-    pub fn new(ca: &LocalCa, names: &ServingNames) -> Result<Self> {
-        Ok(TlsState(watch::Sender::new(build(ca, names)?)))
+    pub fn new(
+        ca: &LocalCa,
+        names: &ServingNames,
+        client_certs: Arc<ClientCertIssuers>,
+    ) -> Result<Self> {
+        let config = watch::Sender::new(build(ca, names, &client_certs)?);
+        Ok(TlsState {
+            config,
+            client_certs,
+        })
     }
 
-    /// Re-issues the serving certificate (and refreshes trusted roots).
+    /// Re-issues the serving certificate (and refreshes the client roots
+    /// from the accepted signing certificates).
     pub fn renew(&self, ca: &LocalCa, names: &ServingNames) -> Result<()> {
-        self.0.send_replace(build(ca, names)?);
+        self.config
+            .send_replace(build(ca, names, &self.client_certs)?);
         Ok(())
     }
 
     /// Renew once half of the serving certificate's life has passed.
     pub fn needs_renewal(&self, names: &ServingNames) -> bool {
-        let not_after = self.0.borrow().1;
+        let not_after = self.config.borrow().1;
         OffsetDateTime::now_utc() + names.ttl / 2 >= not_after
     }
 
     fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.0.borrow().0.clone())
+        TlsAcceptor::from(self.config.borrow().0.clone())
     }
 }
 
-fn build(ca: &LocalCa, names: &ServingNames) -> Result<(Arc<ServerConfig>, OffsetDateTime)> {
+fn build(
+    ca: &LocalCa,
+    names: &ServingNames,
+    client_certs: &ClientCertIssuers,
+) -> Result<(Arc<ServerConfig>, OffsetDateTime)> {
     let bundle: Arc<CaBundle> = ca.bundle().context("CA not ready")?;
     let key = SigningKey::generate(KeyType::EcdsaP256)?;
     let identities: Vec<String> = names
@@ -90,7 +111,11 @@ fn build(ca: &LocalCa, names: &ServingNames) -> Result<(Arc<ServerConfig>, Offse
 
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for root in bundle.roots_der() {
+    let mut client_roots = client_certs.roots(OffsetDateTime::now_utc());
+    if client_roots.is_empty() {
+        client_roots = bundle.roots_der().to_vec();
+    }
+    for root in &client_roots {
         roots
             .add(CertificateDer::from(root.clone()))
             .context("adding a CA root to the client verifier")?;
@@ -112,7 +137,8 @@ fn build(ca: &LocalCa, names: &ServingNames) -> Result<(Arc<ServerConfig>, Offse
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
-    /// DER of the client's leaf certificate, verified against the CA roots.
+    /// DER of the client's leaf certificate, its chain verified to a root
+    /// of an accepted signing certificate.
     pub peer_cert: Option<Arc<Vec<u8>>>,
 }
 
