@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use meshca_proto::IstioCertificateRequest;
 use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use meshca_testsupport::{TestEnv, TestNamespace};
@@ -28,6 +28,7 @@ const IMPERSONATION_RBAC: &str = include_str!("../../../deploy/server/rbac-imper
 struct Server {
     child: Child,
     addr: String,
+    monitoring: String,
     state: tempfile::TempDir,
 }
 
@@ -40,6 +41,10 @@ impl Drop for Server {
 
 impl Server {
     async fn start(ns: &TestNamespace, trusted: &str) -> Result<Server> {
+        Self::start_with(ns, trusted, &[]).await
+    }
+
+    async fn start_with(ns: &TestNamespace, trusted: &str, extra: &[&str]) -> Result<Server> {
         let identity = ns
             .identity_from_manifest(
                 "meshca",
@@ -62,6 +67,7 @@ impl Server {
             .arg(identity.kubeconfig_path())
             .args(["--self-signed-key-type", "ecdsa-p256"])
             .args(["--trusted-node-accounts", trusted])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -86,7 +92,23 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Server { child, addr, state })
+        Ok(Server {
+            child,
+            addr,
+            monitoring,
+            state,
+        })
+    }
+
+    /// The value of a metric without labels on /metrics.
+    fn metric(&self, name: &str) -> Result<f64> {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://{}/metrics", self.monitoring)])
+            .output()?;
+        let text = String::from_utf8(out.stdout)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("no metric {name}"))
     }
 
     async fn grpc(
@@ -322,6 +344,87 @@ async fn only_a_trusted_node_agent_gets_certificates_of_workloads_on_its_node() 
         .into_inner()
         .cert_chain;
     assert_eq!(leaf_uris(&renewed), vec![web]);
+
+    drop(server);
+    ns.cleanup().await
+}
+
+/// A cached token bound to a pod stops being served from the cache when the
+/// pod is deleted, not when its cache entry would end (the TTL here is 5
+/// minutes), and is refused once the apiserver refuses it.
+#[tokio::test]
+async fn a_cached_pod_bound_token_is_refused_once_its_pod_is_deleted() -> Result<()> {
+    let env = TestEnv::get().await;
+    let ns = env.namespace("imp-cache").await?;
+    let n = ns.name().to_owned();
+    ns.create_service_account("web").await?;
+    let web_uid = pod_on_node(&ns, "web-1", "web", &ns.unique_name("node")).await?;
+    let server =
+        Server::start_with(&ns, &format!("{n}/ztunnel"), &["--token-cache-ttl", "300s"]).await?;
+    let token = pod_token(&ns, "web", "web-1", &web_uid).await?;
+    let key = meshca_pki::SigningKey::generate(meshca_pki::KeyType::EcdsaP256)?;
+    let csr = meshca_pki::csr::build_csr(&key, meshca_pki::cert::EMPTY_NAME, &[])
+        .map_err(anyhow::Error::msg)?;
+    let plain = || {
+        let mut req = request(&csr, Some(&token), "");
+        req.get_mut().metadata = None;
+        req
+    };
+    let mut client = server.grpc(None).await?;
+    let web = format!("spiffe://cluster.local/ns/{n}/sa/web");
+    for _ in 0..2 {
+        let chain = client
+            .create_certificate(plain())
+            .await
+            .context("web's pod-bound token")?
+            .into_inner()
+            .cert_chain;
+        assert_eq!(leaf_uris(&chain), vec![web.clone()]);
+    }
+    assert_eq!(
+        server.metric("meshca_server_token_cache_hits_total")?,
+        1.0,
+        "the second request was answered from the cache"
+    );
+
+    // Gone at once (no kubelet to wait for).
+    Api::<Pod>::namespaced(ns.env().client(), ns.name())
+        .delete("web-1", &DeleteParams::default().grace_period(0))
+        .await?;
+    // meshca stops answering the token from its cache as soon as the watch
+    // brings the delete event...
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let hits = server.metric("meshca_server_token_cache_hits_total")?;
+        let _ = client.create_certificate(plain()).await;
+        if server.metric("meshca_server_token_cache_hits_total")? == hits {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the token of a deleted pod is still served from the cache 3 s later");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and asks the apiserver, which itself accepts a token for up to
+    // 10 s after it last checked it (kube-apiserver's token success cache).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        match client.create_certificate(plain()).await {
+            Err(status) => break status,
+            Ok(_) if Instant::now() > deadline => {
+                bail!("the token of a deleted pod still gets certificates 20 s later")
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("meshca-reason")
+            .and_then(|v| v.to_str().ok()),
+        Some("unauthenticated")
+    );
 
     drop(server);
     ns.cleanup().await

@@ -51,6 +51,88 @@ async fn dry_run_apply(admin: &kube::Client, namespace: &str, yaml: &str) -> Vec
     kinds
 }
 
+/// The rules of every Role and ClusterRole that grant `verb` on Secrets
+/// (a wildcard counts), as (kind/name, resourceNames).
+fn secret_rules(yaml: &str, verb: &str) -> Vec<(String, serde_json::Value)> {
+    let mut found = Vec::new();
+    for doc in yaml.split("\n---\n") {
+        let v: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
+        if !matches!(v["kind"].as_str(), Some("Role" | "ClusterRole")) {
+            continue;
+        }
+        let has = |list: &serde_json::Value, want: &str| {
+            list.as_array()
+                .is_some_and(|l| l.iter().any(|x| x == want || x == "*"))
+        };
+        for rule in v["rules"].as_array().into_iter().flatten() {
+            if has(&rule["resources"], "secrets") && has(&rule["verbs"], verb) {
+                found.push((
+                    format!(
+                        "{}/{}",
+                        v["kind"].as_str().unwrap_or_default(),
+                        v["metadata"]["name"].as_str().unwrap_or_default()
+                    ),
+                    rule["resourceNames"].clone(),
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// The least-privilege installs: with a plugged-in CA (Secret `cacerts`)
+/// or a pre-created `istio-ca-secret`, no rule lets meshca create Secrets.
+#[tokio::test]
+async fn server_manifests_without_create_secrets() {
+    let env = TestEnv::get().await;
+    let admin = env.client();
+    let ns = env.namespace("srv-manifests-lp").await.unwrap();
+    let render = |flag: &str| {
+        meshca(&[
+            "manifests",
+            "server",
+            "--namespace",
+            ns.name(),
+            "--image",
+            "meshca:test",
+            flag,
+        ])
+    };
+    let default = meshca(&["manifests", "server", "--namespace", ns.name()]);
+    assert_eq!(secret_rules(&default, "create").len(), 1, "{default}");
+
+    let plugged = render("--plugged-ca");
+    dry_run_apply(&admin, ns.name(), &plugged).await;
+    assert_eq!(secret_rules(&plugged, "create"), vec![], "{plugged}");
+    assert_eq!(secret_rules(&plugged, "update"), vec![], "{plugged}");
+    assert!(
+        !plugged.contains("# deploy/server/rbac-ca-secret.yaml"),
+        "{plugged}"
+    );
+    assert!(
+        plugged.contains("name: MESHCA_NO_CA_SECRET\n              value: \"true\""),
+        "{plugged}"
+    );
+    assert!(
+        plugged.contains("secretName: cacerts\n            optional: false"),
+        "{plugged}"
+    );
+
+    let precreated = render("--ca-secret-precreated");
+    dry_run_apply(&admin, ns.name(), &precreated).await;
+    assert_eq!(secret_rules(&precreated, "create"), vec![], "{precreated}");
+    assert_eq!(
+        secret_rules(&precreated, "update"),
+        vec![(
+            "Role/meshca-server-ca-secret".to_string(),
+            serde_json::json!(["istio-ca-secret"])
+        )],
+        "{precreated}"
+    );
+    assert!(!precreated.contains("MESHCA_NO_CA_SECRET"), "{precreated}");
+    ns.cleanup().await.unwrap();
+}
+
 #[tokio::test]
 async fn server_manifests_apply_with_server_side_dry_run() {
     let env = TestEnv::get().await;

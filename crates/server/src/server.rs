@@ -97,7 +97,7 @@ impl Server {
         )?);
         let pods = match &config.kube {
             Some(client) if !config.trusted_node_accounts.is_empty() => {
-                Some(PodStore::start(client.clone()))
+                Some(PodStore::start(client.clone(), auth.cache.pod_deletions()))
             }
             _ => None,
         };

@@ -58,6 +58,15 @@ pub async fn reconcile(
 ) -> Result<Requeue, ReconcileError> {
     let name = csr.name_any();
     let mut current = (*csr).clone();
+    if is_compacted(&current) && crate::decide::skip_reason(&current, &ctx.policy.name).is_none() {
+        // Not expected (compact keeps approved, open CSRs whole), but an
+        // approved CSR is only ever decided on its real request.
+        match ctx.api.get_opt(&name).await {
+            Ok(Some(fresh)) => current = fresh,
+            Ok(None) => return Ok(Requeue::await_change()),
+            Err(source) => return Err(ReconcileError::Read { name, source }),
+        }
+    }
     for _ in 0..CONFLICT_RETRIES {
         let ca = ctx.ca.borrow().clone();
         let action = decide(
@@ -212,46 +221,57 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 /// Shrinks a CSR before it enters the cache: managedFields are dropped
-/// (a status PUT without them keeps the server's), and a final CSR (issued,
-/// failed, denied) keeps only what [`crate::decide::skip_reason`] looks at:
-/// its request and certificate bytes are replaced by a one-byte marker. Such
-/// an object is never written back: the decision on it is always Skip, and a
-/// conflict re-reads the full object from the apiserver.
+/// (a status PUT without them keeps the server's), and a CSR this signer
+/// has nothing to do for yet or any more (not approved, issued, failed,
+/// denied) keeps only what [`crate::decide::skip_reason`] looks at: its
+/// request, labels, annotations and requester are dropped and its
+/// certificate bytes replaced by a one-byte marker. So whoever may create
+/// CSRs for this signer, but not approve them, cannot fill its memory with
+/// pending requests (the watch is field-selected on spec.signerName: other
+/// signers' CSRs are never listed). Such an object is never decided on nor
+/// written back: the decision on it is always Skip. Approval changes the
+/// object, and the watch then delivers it whole again (an update event
+/// carries the full object), so an approved, open CSR in the cache always
+/// has its real request; [`reconcile`] still re-reads one that arrives
+/// without (see [`is_compacted`]), and a conflict re-reads too.
 pub fn compact(csr: &mut CertificateSigningRequest) {
-    use crate::decide::Skip;
     csr.metadata.managed_fields = None;
-    let final_state = matches!(
-        crate::decide::skip_reason(csr, &csr.spec.signer_name),
-        Some(Skip::AlreadyIssued | Skip::AlreadyFailed | Skip::Denied)
-    );
-    if final_state {
-        // Keep identity, signer name, condition types/statuses and a marker
-        // for the certificate: all skip_reason and the queue depth look at.
-        let meta = &mut csr.metadata;
-        meta.annotations = None;
-        meta.labels = None;
-        meta.generate_name = None;
-        let spec = &mut csr.spec;
-        spec.request = ByteString(Vec::new());
-        spec.usages = None;
-        spec.username = None;
-        spec.groups = None;
-        spec.extra = None;
-        spec.uid = None;
-        if let Some(status) = csr.status.as_mut() {
-            if let Some(cert) = status.certificate.as_mut()
-                && !cert.0.is_empty()
-            {
-                *cert = ByteString(b"-".to_vec());
-            }
-            for c in status.conditions.iter_mut().flatten() {
-                c.message = None;
-                c.reason = None;
-                c.last_update_time = None;
-                c.last_transition_time = None;
-            }
+    if crate::decide::skip_reason(csr, &csr.spec.signer_name).is_none() {
+        // Approved and open: decide() needs all of it.
+        return;
+    }
+    // Keep identity, signer name, condition types/statuses and a marker
+    // for the certificate: all skip_reason and the queue depth look at.
+    let meta = &mut csr.metadata;
+    meta.annotations = None;
+    meta.labels = None;
+    meta.generate_name = None;
+    let spec = &mut csr.spec;
+    spec.request = ByteString(Vec::new());
+    spec.usages = None;
+    spec.username = None;
+    spec.groups = None;
+    spec.extra = None;
+    spec.uid = None;
+    if let Some(status) = csr.status.as_mut() {
+        if let Some(cert) = status.certificate.as_mut()
+            && !cert.0.is_empty()
+        {
+            *cert = ByteString(b"-".to_vec());
+        }
+        for c in status.conditions.iter_mut().flatten() {
+            c.message = None;
+            c.reason = None;
+            c.last_update_time = None;
+            c.last_transition_time = None;
         }
     }
+}
+
+/// Whether `csr` lost its request to [`compact`] (the apiserver never
+/// stores a CSR with an empty `spec.request`).
+pub fn is_compacted(csr: &CertificateSigningRequest) -> bool {
+    csr.spec.request.0.is_empty()
 }
 
 /// Counts the CSRs of this signer that are approved and not yet final.
@@ -302,7 +322,7 @@ mod tests {
     #[test]
     fn compact_keeps_every_decision_and_the_request_of_open_csrs() {
         for (c, keeps_request) in [
-            (csr(&[], None), true),
+            (csr(&[], None), false),
             (csr(&["Approved"], None), true),
             (csr(&["Approved"], Some(b"")), true),
             (csr(&["Approved"], Some(b"CERT")), false),
@@ -315,9 +335,50 @@ mod tests {
             let skip = |x: &CertificateSigningRequest| skip_reason(x, "example.com/foo");
             assert_eq!(skip(&small), skip(&c), "{c:?}");
             assert_eq!(small.spec.request.0 == b"REQUEST", keeps_request, "{c:?}");
+            assert_eq!(is_compacted(&small), !keeps_request, "{c:?}");
             if skip(&c) == Some(Skip::AlreadyIssued) {
                 assert_eq!(small.status.unwrap().certificate.unwrap().0, b"-");
             }
         }
+    }
+
+    #[test]
+    fn a_pending_csr_is_cached_without_its_request_until_approved() {
+        // Not approved yet, with a large request and metadata: kept small.
+        let mut pending = csr(&[], None);
+        pending.spec.request = ByteString(vec![b'x'; 1 << 20]);
+        pending.spec.username = Some("someone".into());
+        pending.metadata.annotations = Some([("a".to_string(), "y".repeat(1 << 16))].into());
+        pending.metadata.labels = Some([("l".to_string(), "v".to_string())].into());
+        pending.status.as_mut().unwrap().conditions =
+            Some(vec![CertificateSigningRequestCondition {
+                type_: "Approved".into(),
+                status: "False".into(),
+                message: Some("z".repeat(1 << 16)),
+                ..Default::default()
+            }]);
+        let mut small = pending.clone();
+        compact(&mut small);
+        assert!(small.spec.request.0.is_empty());
+        assert_eq!(small.spec.username, None);
+        assert_eq!(small.metadata.annotations, None);
+        assert_eq!(small.metadata.labels, None);
+        assert!(serde_json::to_vec(&small).unwrap().len() < 1024);
+        assert_eq!(
+            skip_reason(&small, "example.com/foo"),
+            Some(Skip::NotApproved)
+        );
+        // The update that approves it carries the whole object again: kept.
+        let mut approved = pending.clone();
+        approved.status.as_mut().unwrap().conditions =
+            Some(vec![CertificateSigningRequestCondition {
+                type_: "Approved".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]);
+        let mut kept = approved.clone();
+        compact(&mut kept);
+        assert_eq!(kept.spec.request, approved.spec.request);
+        assert_eq!(kept.spec.username, approved.spec.username);
     }
 }

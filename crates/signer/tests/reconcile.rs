@@ -144,3 +144,20 @@ async fn a_csr_deleted_before_the_write_ends_the_reconcile() {
         .unwrap()
         .expect("a deleted CSR is not an error");
 }
+
+#[tokio::test]
+async fn an_approved_csr_without_its_request_is_read_again_before_deciding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, metrics, mut api) = context(ca(dir.path()));
+    let full = approved_csr(None);
+    // What compact() leaves of a CSR that was not approved yet.
+    let mut compacted = full.clone();
+    compacted["spec"]["request"] = json!("");
+    let reconciling = tokio::spawn(reconcile(from_json(compacted), ctx));
+    api.expect("GET", OBJECT, 200, full.clone()).await;
+    let written = api.expect("PUT", STATUS, 200, full).await;
+    reconciling.await.unwrap().unwrap();
+    assert!(written["status"]["certificate"].is_string(), "{written}");
+    let label = Metrics::label(SIGNER);
+    assert_eq!(metrics.signed.get_or_create(&label).get(), 1);
+}

@@ -38,6 +38,17 @@ pub struct ServerManifestArgs {
     /// (ENABLE_CLUSTER_TRUST_BUNDLE_API); adds rbac-cluster-trust-bundle.yaml.
     #[arg(long)]
     pub cluster_trust_bundle: bool,
+    /// The CA is plugged in: Secret `cacerts` (e.g. from `meshca ca init`
+    /// and `kubectl create secret generic cacerts --from-file=...`) must
+    /// exist before the pods start. Drops rbac-ca-secret.yaml (no access to
+    /// any other Secret, no `create secrets`) and sets MESHCA_NO_CA_SECRET.
+    #[arg(long, conflicts_with = "ca_secret_precreated")]
+    pub plugged_ca: bool,
+    /// The self-signed CA's Secret `istio-ca-secret` is created before the
+    /// install: keeps `get`/`update` on that one name (root rotation) and
+    /// drops the `create secrets` rule, which RBAC cannot limit to a name.
+    #[arg(long)]
+    pub ca_secret_precreated: bool,
     /// Print the Istio install values (IstioOperator with caAddress) instead.
     #[arg(long)]
     pub istio_values: bool,
@@ -52,6 +63,14 @@ const CLUSTER_TRUST_BUNDLE_RBAC: (&str, &str) = (
     "rbac-cluster-trust-bundle.yaml",
     include_str!("../../../../deploy/server/rbac-cluster-trust-bundle.yaml"),
 );
+/// The rule of rbac-ca-secret.yaml that `--ca-secret-precreated` drops.
+const CA_SECRET_CREATE_RULE: &str =
+    "  # create cannot be limited to a name; meshca creates only istio-ca-secret.
+  - apiGroups: [\"\"]
+    resources: [\"secrets\"]
+    verbs: [\"create\"]
+";
+const CA_SECRET_RBAC: &str = "rbac-ca-secret.yaml";
 const SERVER_FILES: [(&str, &str); 7] = [
     (
         "rbac.yaml",
@@ -66,7 +85,7 @@ const SERVER_FILES: [(&str, &str); 7] = [
         include_str!("../../../../deploy/server/rbac-impersonation.yaml"),
     ),
     (
-        "rbac-ca-secret.yaml",
+        CA_SECRET_RBAC,
         include_str!("../../../../deploy/server/rbac-ca-secret.yaml"),
     ),
     (
@@ -113,6 +132,9 @@ fn server_extras(a: &ServerManifestArgs) -> (String, String, String) {
     if a.cluster_trust_bundle {
         var("ENABLE_CLUSTER_TRUST_BUNDLE_API", "true");
     }
+    if a.plugged_ca {
+        var("MESHCA_NO_CA_SECRET", "true");
+    }
     (env, mounts, volumes)
 }
 
@@ -133,6 +155,15 @@ fn render_server(template: &str, a: &ServerManifestArgs) -> String {
         .replace("{{EXTRA_ENV}}\n", &env)
         .replace("{{EXTRA_MOUNTS}}\n", &mounts)
         .replace("{{EXTRA_VOLUMES}}\n", &volumes)
+        // With a plugged-in CA, a missing `cacerts` keeps the pods from
+        // starting instead of leaving each replica its own emptyDir CA.
+        .replace(
+            "secretName: cacerts\n            optional: true",
+            &format!(
+                "secretName: cacerts\n            optional: {}",
+                !a.plugged_ca
+            ),
+        )
 }
 
 /// All of deploy/server that the options call for, as one multi-document
@@ -146,7 +177,15 @@ pub fn render_server_manifests(a: &ServerManifestArgs) -> String {
         .into_iter()
         .flatten()
         .chain(SERVER_FILES)
-        .map(|(file, text)| format!("# deploy/server/{file}\n{}", render_server(text, a)))
+        .filter(|(file, _)| !(a.plugged_ca && *file == CA_SECRET_RBAC))
+        .map(|(file, text)| {
+            let text = if a.ca_secret_precreated && file == CA_SECRET_RBAC {
+                text.replace(CA_SECRET_CREATE_RULE, "")
+            } else {
+                text.to_owned()
+            };
+            format!("# deploy/server/{file}\n{}", render_server(&text, a))
+        })
         .collect::<Vec<_>>()
         .join("---\n")
 }
@@ -213,4 +252,18 @@ pub fn run(cmd: ManifestsCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_create_rule_that_ca_secret_precreated_drops_is_in_the_file() {
+        let (_, text) = SERVER_FILES
+            .iter()
+            .find(|(f, _)| *f == CA_SECRET_RBAC)
+            .unwrap();
+        assert!(text.contains(CA_SECRET_CREATE_RULE), "{text}");
+    }
 }

@@ -107,8 +107,14 @@ pub struct ServerArgs {
     pub server_ips: Vec<IpAddr>,
     #[arg(long, value_parser = parse_duration, default_value = "24h")]
     pub serving_cert_ttl: Duration,
-    /// How long a TokenReview answer may be reused (never beyond the token's exp).
-    #[arg(long, env = "MESHCA_TOKEN_CACHE_TTL", value_parser = parse_duration, default_value = "60s")]
+    /// How long a proven token (TokenReview or JWT answer) may be reused,
+    /// never beyond the token's exp: the longest a deleted ServiceAccount's
+    /// token is still accepted (a token bound to a deleted pod ends at the
+    /// pod's delete event when pods are watched, i.e. with impersonation
+    /// on). istiod caches nothing; 10s is what kube-apiserver caches a
+    /// successful token check for, and still absorbs a node agent's burst
+    /// of requests with one token. 0 turns the cache off.
+    #[arg(long, env = "MESHCA_TOKEN_CACHE_TTL", value_parser = parse_duration, default_value = "10s")]
     pub token_cache_ttl: Duration,
     #[arg(long, default_value_t = 100_000)]
     pub token_cache_size: usize,

@@ -10,10 +10,38 @@ use super::KubeAccount;
 /// cache: bounded to `max_entries` (TinyLFU admission and eviction, so a
 /// burst of one-off tokens does not push out the ones in use), each entry
 /// with its own life.
+///
+/// A token bound to a pod ends with the pod: [`PodDeletions::deleted`] (fed
+/// by the server's pod watch, when it has one) marks the pod's UID, and an
+/// entry naming a marked UID is never served again. Pod UIDs are never
+/// reused, and a mark lives at least as long as any entry can, so this also
+/// covers an answer that was being fetched while the pod went away.
 pub struct TokenCache {
     ttl: Duration,
     /// `None` when caching is off (TTL or size 0).
     entries: Option<moka::sync::Cache<[u8; 32], Entry>>,
+    deleted_pods: PodDeletions,
+}
+
+/// The UIDs of pods deleted within the last TTL (a cheap clone, shared with
+/// the pod watch). Not bounded in size: its entries each live one TTL, and
+/// pod deletions come from the apiserver at the rate the cluster deletes
+/// pods; a size bound could drop a mark and bring a revoked token back.
+#[derive(Clone)]
+pub struct PodDeletions(Option<moka::sync::Cache<String, ()>>);
+
+impl PodDeletions {
+    /// The pod with this UID is gone: tokens bound to it are no longer
+    /// served from the cache.
+    pub fn deleted(&self, pod_uid: &str) {
+        if let Some(marks) = &self.0 {
+            marks.insert(pod_uid.to_owned(), ());
+        }
+    }
+
+    fn contains(&self, pod_uid: &str) -> bool {
+        self.0.as_ref().is_some_and(|m| m.contains_key(pod_uid))
+    }
 }
 
 #[derive(Clone)]
@@ -51,11 +79,34 @@ impl TokenCache {
                 .expire_after(EntryLife)
                 .build()
         });
-        TokenCache { ttl, entries }
+        // A mark must outlive every entry cached before it: one TTL (plus
+        // a second for clock granularity).
+        let deleted_pods = PodDeletions(entries.as_ref().map(|_| {
+            moka::sync::Cache::builder()
+                .time_to_live(ttl + Duration::from_secs(1))
+                .build()
+        }));
+        TokenCache {
+            ttl,
+            entries,
+            deleted_pods,
+        }
+    }
+
+    /// Where the pod watch reports deleted pods.
+    pub fn pod_deletions(&self) -> PodDeletions {
+        self.deleted_pods.clone()
     }
 
     pub(super) fn get(&self, key: &[u8; 32]) -> Option<(KubeAccount, &'static str)> {
-        let entry = self.entries.as_ref()?.get(key)?;
+        let entries = self.entries.as_ref()?;
+        let entry = entries.get(key)?;
+        if let Some(uid) = &entry.account.pod_uid
+            && self.deleted_pods.contains(uid)
+        {
+            entries.invalidate(key);
+            return None;
+        }
         Some((entry.account, entry.authenticator))
     }
 
@@ -173,6 +224,38 @@ mod tests {
         };
         cache.insert([7; 32], &a, "token_review", exp);
         assert_eq!(cache.get(&[7; 32]), Some((a, "token_review")));
+    }
+
+    #[test]
+    fn a_deleted_pod_ends_the_entries_of_tokens_bound_to_it() {
+        let cache = TokenCache::new(Duration::from_secs(60), 10);
+        let exp = Some(now() + 600);
+        let bound = |uid: &str| KubeAccount {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            pod_name: Some(format!("web-{uid}")),
+            pod_uid: Some(uid.into()),
+        };
+        let unbound = KubeAccount::new("shop".into(), "web".into());
+        cache.insert([1; 32], &bound("uid-1"), "token_review", exp);
+        cache.insert([2; 32], &bound("uid-1"), "token_review", exp);
+        cache.insert([3; 32], &bound("uid-2"), "token_review", exp);
+        cache.insert([4; 32], &unbound, "token_review", exp);
+        let deletions = cache.pod_deletions();
+        deletions.deleted("uid-1");
+        deletions.deleted("uid-never-cached");
+        assert_eq!(cache.get(&[1; 32]), None, "token of the deleted pod served");
+        assert_eq!(cache.get(&[2; 32]), None, "token of the deleted pod served");
+        assert_eq!(cache.get(&[3; 32]), Some((bound("uid-2"), "token_review")));
+        assert_eq!(cache.get(&[4; 32]), Some((unbound, "token_review")));
+        // An answer fetched while the pod was being deleted, cached after
+        // the delete event, is not served either.
+        cache.insert([5; 32], &bound("uid-1"), "token_review", exp);
+        assert_eq!(cache.get(&[5; 32]), None, "late answer for a deleted pod");
+        // Without a cache, deletions are a no-op.
+        TokenCache::new(Duration::ZERO, 10)
+            .pod_deletions()
+            .deleted("uid-1");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! exists with that UID under the caller's account, and some pod on the
 //! caller's node runs under the requested account. Pods come from one watch
 //! on all pods into an index by name and by node ([`PodIndex`]), never from
-//! an API call per request nor a scan of all pods.
+//! an API call per request nor a scan of all pods. The same watch tells
+//! the token cache which pods are gone ([`crate::auth::PodDeletions`]).
 
 use std::str::FromStr;
 
@@ -21,7 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use meshca_pki::SpiffeId;
 use tokio::sync::watch;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, PodDeletions};
 use meshca_kube::LastError;
 
 /// Istio's message for every refusal.
@@ -235,6 +236,19 @@ impl PodIndex {
         self.by_name.len()
     }
 
+    /// The UIDs of pods in `self` that `newer` no longer has under that UID
+    /// (deleted while the watch was re-listing).
+    pub fn gone_since(&self, newer: &PodIndex) -> Vec<String> {
+        self.by_name
+            .iter()
+            .filter_map(|(key, facts)| {
+                let uid = facts.uid.as_ref()?;
+                let still = newer.by_name.get(key).and_then(|f| f.uid.as_ref());
+                (still != Some(uid)).then(|| uid.clone())
+            })
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
@@ -285,7 +299,9 @@ pub struct PodStore {
 
 impl PodStore {
     /// Starts the pod watch; the index fills once the first list is in.
-    pub fn start(client: kube::Client) -> PodStore {
+    /// Every pod seen deleted (a delete event, or missing from a re-list)
+    /// is reported to `deletions`.
+    pub fn start(client: kube::Client, deletions: PodDeletions) -> PodStore {
         let index = Arc::new(RwLock::new(PodIndex::default()));
         let (synced_tx, synced) = watch::channel(false);
         let events =
@@ -326,7 +342,11 @@ impl PodStore {
                         );
                     }
                     watcher::Event::InitDone => {
-                        *index = relisting.take().unwrap_or_default();
+                        let fresh = relisting.take().unwrap_or_default();
+                        for uid in index.gone_since(&fresh) {
+                            deletions.deleted(&uid);
+                        }
+                        *index = fresh;
                         synced_tx.send_replace(true);
                     }
                     watcher::Event::Apply(pod) => {
@@ -334,6 +354,9 @@ impl PodStore {
                         index.apply(&ns, &name, facts(&pod));
                     }
                     watcher::Event::Delete(pod) => {
+                        if let Some(uid) = &pod.metadata.uid {
+                            deletions.deleted(uid);
+                        }
                         let (ns, name) = key(&pod);
                         index.delete(&ns, &name);
                     }
@@ -398,6 +421,20 @@ mod tests {
         assert!(!index.any_on_node("n1", "app", "web"), "b moved away");
         assert!(index.any_on_node("n2", "app", "web"));
         assert_eq!(index.pod("app", "b").unwrap().node.as_deref(), Some("n2"));
+        // A re-list without a (or with a recreated) pod: its old UID is gone.
+        let mut relisted = PodIndex::default();
+        relisted.apply(
+            "app",
+            "b",
+            PodFacts {
+                uid: Some("u2".into()),
+                ..facts("web", "n2")
+            },
+        );
+        index.apply("app", "c", facts("web", "n1"));
+        assert_eq!(index.gone_since(&relisted), vec!["u".to_string(); 2]);
+        assert!(relisted.gone_since(&relisted).is_empty());
+        index.delete("app", "c");
         index.delete("app", "b");
         index.delete("app", "never-there");
         assert!(index.is_empty());

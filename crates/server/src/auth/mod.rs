@@ -13,7 +13,7 @@ pub mod jwt;
 pub mod local_issuer;
 mod token_review;
 
-pub use cache::TokenCache;
+pub use cache::{PodDeletions, TokenCache};
 pub use client_cert::{ClientCertIssuers, certificate_identity};
 pub use token_review::{TokenReviewer, check_audiences};
 
