@@ -60,7 +60,8 @@ impl Server {
         if let Some(bundle) = opened.current.borrow().as_ref() {
             metrics.observe_ca(bundle);
         }
-        let api_limit = ApiLimit::new(config.kube_api_concurrency);
+        let api_limit = ApiLimit::new(config.kube_api_concurrency)
+            .with_permit_wait(config.limits.api_permit_wait);
         let auth = authenticator(&config, &api_limit)?;
         let ra = match &config.ra {
             None => None,
@@ -221,11 +222,17 @@ impl Server {
         let service = IstioCertificateServiceServer::new(service)
             .max_decoding_message_size(config.max_message_bytes);
         tracing::info!(listen = %config.listen, ca = %origin.dir().display(), "meshca CA server ready");
+        let limits = &config.limits;
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .timeout(limits.request_timeout)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .max_connection_age(limits.max_connection_age)
+            .max_connection_age_grace(limits.max_connection_age_grace)
             .add_service(service)
             .serve_with_incoming_shutdown(
-                tls::incoming(listener, tls),
+                tls::incoming(listener, tls, limits.max_connections),
                 shutdown.clone().cancelled_owned(),
             )
             .await
@@ -277,10 +284,18 @@ fn authenticator(config: &ServerConfig, api_limit: &ApiLimit) -> Result<Authenti
         trust_domain: config.trust_domain.clone(),
         cluster_id: config.cluster_id.clone(),
         cluster_aliases: config.cluster_aliases.clone(),
-        token_review: config
-            .kube
-            .clone()
-            .map(|c| TokenReviewer::new(c, config.token_audiences.clone(), api_limit.clone())),
+        token_review: config.kube.clone().map(|c| {
+            // Its own bound inside the shared one: a flood of bad tokens
+            // takes at most these slots and waits no longer for them.
+            let reviews = ApiLimit::new(config.limits.max_token_reviews)
+                .with_permit_wait(config.limits.api_permit_wait);
+            TokenReviewer::new(
+                c,
+                config.token_audiences.clone(),
+                api_limit.clone(),
+                reviews,
+            )
+        }),
         jwt,
         cache: TokenCache::new(config.token_cache_ttl, config.token_cache_size),
     })

@@ -18,6 +18,7 @@ pub use client_cert::certificate_identities;
 pub use token_review::{TokenReviewer, check_audiences};
 
 use anyhow::{Context, Result, bail};
+use meshca_kube::ApiBusy;
 use meshca_pki::SpiffeId;
 use sha2::{Digest, Sha256};
 
@@ -148,6 +149,8 @@ impl Authenticator {
         let mut errors = Vec::new();
         // A token proven by one authenticator but naming no identity.
         let mut no_identity = false;
+        // TokenReview got no API call slot in time: the token is unjudged.
+        let mut busy = None;
         if let Some(reviewer) = &self.token_review {
             match reviewer.review(token).await {
                 Ok(account) => {
@@ -157,6 +160,7 @@ impl Authenticator {
                 }
                 Err(e) => {
                     no_identity |= e.is::<NoIdentity>();
+                    busy = busy.or(e.downcast_ref::<ApiBusy>().copied());
                     errors.push(format!("TokenReview: {e:#}"))
                 }
             }
@@ -181,6 +185,10 @@ impl Authenticator {
         }
         if no_identity {
             return Err(NoIdentity(errors.join("; ")).into());
+        }
+        if let Some(busy) = busy {
+            // Not refused: the caller should retry (`Unavailable`).
+            return Err(anyhow::Error::new(busy).context(errors.join("; ")));
         }
         bail!("{}", errors.join("; "))
     }
