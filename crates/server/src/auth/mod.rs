@@ -291,6 +291,39 @@ mod tests {
         assert_eq!(metrics.id_extraction_err.get(), 3);
     }
 
+    #[tokio::test]
+    async fn a_token_review_without_a_free_slot_in_time_is_busy_not_refused() {
+        use std::time::Duration;
+        let metrics = crate::metrics::Metrics::new(&mut Default::default());
+        // The API never answers: the one TokenReview slot stays taken.
+        let (client, _api) = meshca_kube::mock::client();
+        let reviews = meshca_kube::ApiLimit::new(1).with_permit_wait(Duration::from_millis(50));
+        let auth = Authenticator {
+            token_review: Some(TokenReviewer::new(
+                client,
+                vec!["istio-ca".into()],
+                meshca_kube::ApiLimit::new(8),
+                reviews,
+            )),
+            jwt: None,
+            ..jwt_authenticator(&issuer())
+        };
+        let holder = authenticate(&auth, &metrics, "first-token");
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            authenticate(&auth, &metrics, "second-token").await
+        };
+        let e = tokio::select! {
+            _ = holder => panic!("the mocked API never answers"),
+            r = second => r.unwrap_err(),
+        };
+        assert!(e.is::<ApiBusy>(), "{e:#}");
+        assert_eq!(
+            crate::grpc::service::auth_error_status(&e).code(),
+            tonic::Code::Unavailable
+        );
+    }
+
     fn issuer_token_of_another_key(now: i64) -> String {
         issuer().mint("ns1", "sa1", "istio-ca", 600, now).unwrap()
     }
