@@ -25,6 +25,7 @@ use crate::backend::ra::KubernetesRa;
 use crate::ca::reload::Reloader;
 use crate::ca::{self, CaOrigin};
 use crate::distribution;
+use crate::grpc::body_first::BodyFirstLayer;
 use crate::grpc::service::CaService;
 use crate::grpc::tls::{self, TlsState};
 use crate::metrics::Metrics;
@@ -230,6 +231,10 @@ impl Server {
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .max_connection_age(limits.max_connection_age)
             .max_connection_age_grace(limits.max_connection_age_grace)
+            .layer(BodyFirstLayer {
+                // One message and its gRPC frame header.
+                limit: config.max_message_bytes.saturating_add(5),
+            })
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tls::incoming(listener, tls, limits.max_connections),
