@@ -10,6 +10,12 @@
 //! holds no permit: only the calls themselves do, each for at most
 //! [`CALL_TIMEOUT`] (kube-rs retries a 429 with a backoff that can grow to
 //! minutes; a call stuck there must not keep a permit from the others).
+//!
+//! Waiting for a permit is bounded too ([`DEFAULT_PERMIT_WAIT`]): a flood of
+//! requests (bad tokens, each costing a TokenReview) must not queue without
+//! bound. A call that gets no permit in time fails at once with [`ApiBusy`]
+//! (see [`ApiBusy::is`]); the gRPC server answers it `Unavailable`, which
+//! istio-agent retries.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,15 +30,55 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 /// How long one call (its retries included) may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The default longest wait for a permit.
+pub const DEFAULT_PERMIT_WAIT: Duration = Duration::from_secs(5);
+
+/// No permit came within the wait: the API calls of this process are all
+/// busy. Carried as `kube::Error::Service`; recognise it with [`ApiBusy::is`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiBusy(pub Duration);
+
+impl std::fmt::Display for ApiBusy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Kubernetes API busy: no call slot free within {:?}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ApiBusy {}
+
+impl ApiBusy {
+    /// Whether a call failed because no permit came in time.
+    pub fn is(error: &kube::Error) -> bool {
+        matches!(error, kube::Error::Service(e) if e.is::<ApiBusy>())
+    }
+}
+
 #[derive(Debug, Clone)]
-pub struct ApiLimit(Arc<Semaphore>);
+pub struct ApiLimit {
+    permits: Arc<Semaphore>,
+    permit_wait: Duration,
+}
 
 impl ApiLimit {
     pub fn new(concurrency: usize) -> Self {
-        ApiLimit(Arc::new(Semaphore::new(concurrency.max(1))))
+        ApiLimit {
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            permit_wait: DEFAULT_PERMIT_WAIT,
+        }
     }
 
-    /// Runs one API call under a permit, for at most [`CALL_TIMEOUT`].
+    /// Waits at most `wait` for a permit, then fails with [`ApiBusy`].
+    pub fn with_permit_wait(mut self, wait: Duration) -> Self {
+        self.permit_wait = wait;
+        self
+    }
+
+    /// Runs one API call under a permit, for at most [`CALL_TIMEOUT`];
+    /// fails with [`ApiBusy`] when no permit comes within the permit wait.
     pub async fn call<T>(
         &self,
         call: impl Future<Output = Result<T, kube::Error>>,
@@ -45,8 +91,10 @@ impl ApiLimit {
         limit: Duration,
         call: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, kube::Error> {
-        // The semaphore is never closed, so a permit always comes.
-        let _permit = self.0.acquire().await.ok();
+        // The semaphore is never closed: only the wait can end without one.
+        let _permit = tokio::time::timeout(self.permit_wait, self.permits.acquire())
+            .await
+            .map_err(|_| kube::Error::Service(Box::new(ApiBusy(self.permit_wait))))?;
         tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
             Err(kube::Error::Service(
                 format!("no answer from the Kubernetes API within {limit:?}").into(),
@@ -103,5 +151,30 @@ mod tests {
         let e = hung.unwrap_err();
         assert!(e.to_string().contains("no answer"), "{e}");
         assert_eq!(limit.call(async { Ok(7) }).await.unwrap(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waits_for_a_permit_at_most_the_permit_wait_then_is_busy() {
+        let limit = ApiLimit::new(1).with_permit_wait(Duration::from_secs(5));
+        let holder = tokio::spawn({
+            let limit = limit.clone();
+            async move {
+                limit
+                    .call(async {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        let e = limit.call(async { Ok(1) }).await.unwrap_err();
+        assert!(ApiBusy::is(&e), "{e}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // A failed call is not busy; the holder's call ends normally.
+        holder.await.unwrap().unwrap();
+        assert!(!ApiBusy::is(&kube::Error::Service("other".into())));
+        assert_eq!(limit.call(async { Ok(2) }).await.unwrap(), 2);
     }
 }

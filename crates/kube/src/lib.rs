@@ -23,7 +23,7 @@ pub mod monitoring;
 pub mod shutdown;
 pub mod status;
 
-pub use api_limit::ApiLimit;
+pub use api_limit::{ApiBusy, ApiLimit};
 pub use last_error::LastError;
 pub use lease::{Elector, LeaderElection};
 pub use tokio_util::sync::CancellationToken;

@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::all)]
 
+pub mod codec;
+
 pub mod istio {
     pub mod v1 {
         pub mod auth {

@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub kube: Option<kube::Client>,
     /// At most this many Kubernetes API calls in flight (TokenReview, RA).
     pub kube_api_concurrency: usize,
+    /// Bounds on what one client (or a flood of them) can make the server hold.
+    pub limits: Limits,
     pub jwt_keys: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
     /// Create and trust a local token issuer key in the state directory.
@@ -51,4 +53,55 @@ pub struct ServerConfig {
     /// With `kube` and no plugged-in CA: the self-signed CA lives in Secret
     /// `istio-ca-secret` here (and is rotated) instead of the state directory.
     pub ca_secret: Option<istio_secret::CaSecretConfig>,
+}
+
+/// Bounds on :15012 against floods (stalled streams, idle connections, bad
+/// tokens); each is a `meshca server` flag.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection (Envoy's and
+    /// grpc-go's 100); the client is told, streams beyond it are refused.
+    pub max_streams_per_connection: u32,
+    /// Concurrent connections (TLS handshakes included); more are closed at accept.
+    pub max_connections: usize,
+    /// The longest one request may take, reading its body included.
+    pub request_timeout: Duration,
+    /// HTTP/2 PING interval and how long its acknowledgement may take.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Connections are closed (GOAWAY, then after the grace forcibly) at this
+    /// age; it also ends idle ones (tonic has no idle timeout).
+    pub max_connection_age: Duration,
+    pub max_connection_age_grace: Duration,
+    /// The longest wait for a Kubernetes API call slot before answering
+    /// `Unavailable` (`kube_api_busy`).
+    pub api_permit_wait: Duration,
+    /// TokenReviews (tokens not in the cache) in flight at once, a share of
+    /// `kube_api_concurrency`: a flood of bad tokens leaves the rest to the RA.
+    pub max_token_reviews: usize,
+}
+
+impl Limits {
+    /// The request timeout when none is given: room for the permit wait and a
+    /// TokenReview call (5 s + 15 s) with margin; in RA mode plus the wait
+    /// for the signer.
+    pub fn default_request_timeout(ra_timeout: Option<Duration>) -> Duration {
+        Duration::from_secs(30) + ra_timeout.unwrap_or_default()
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_streams_per_connection: 100,
+            max_connections: 10_000,
+            request_timeout: Limits::default_request_timeout(None),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(10),
+            api_permit_wait: meshca_kube::api_limit::DEFAULT_PERMIT_WAIT,
+            max_token_reviews: 32,
+        }
+    }
 }

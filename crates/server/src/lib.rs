@@ -30,5 +30,5 @@ pub mod grpc;
 pub mod metrics;
 mod server;
 
-pub use config::ServerConfig;
+pub use config::{Limits, ServerConfig};
 pub use server::{Server, Started};

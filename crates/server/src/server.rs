@@ -25,6 +25,7 @@ use crate::backend::ra::KubernetesRa;
 use crate::ca::reload::Reloader;
 use crate::ca::{self, CaOrigin};
 use crate::distribution;
+use crate::grpc::body_first::BodyFirstLayer;
 use crate::grpc::service::CaService;
 use crate::grpc::tls::{self, TlsState};
 use crate::metrics::Metrics;
@@ -60,7 +61,8 @@ impl Server {
         if let Some(bundle) = opened.current.borrow().as_ref() {
             metrics.observe_ca(bundle);
         }
-        let api_limit = ApiLimit::new(config.kube_api_concurrency);
+        let api_limit = ApiLimit::new(config.kube_api_concurrency)
+            .with_permit_wait(config.limits.api_permit_wait);
         let client_certs = Arc::new(ClientCertIssuers::new(
             opened.current.borrow().as_deref(),
             config.workload.max_ttl,
@@ -227,11 +229,21 @@ impl Server {
         let service = IstioCertificateServiceServer::new(service)
             .max_decoding_message_size(config.max_message_bytes);
         tracing::info!(listen = %config.listen, ca = %origin.dir().display(), "meshca CA server ready");
+        let limits = &config.limits;
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .timeout(limits.request_timeout)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .max_connection_age(limits.max_connection_age)
+            .max_connection_age_grace(limits.max_connection_age_grace)
+            .layer(BodyFirstLayer {
+                // One message and its gRPC frame header.
+                limit: config.max_message_bytes.saturating_add(5),
+            })
             .add_service(service)
             .serve_with_incoming_shutdown(
-                tls::incoming(listener, tls),
+                tls::incoming(listener, tls, limits.max_connections),
                 shutdown.clone().cancelled_owned(),
             )
             .await
@@ -288,10 +300,18 @@ fn authenticator(
         client_certs,
         cluster_id: config.cluster_id.clone(),
         cluster_aliases: config.cluster_aliases.clone(),
-        token_review: config
-            .kube
-            .clone()
-            .map(|c| TokenReviewer::new(c, config.token_audiences.clone(), api_limit.clone())),
+        token_review: config.kube.clone().map(|c| {
+            // Its own bound inside the shared one: a flood of bad tokens
+            // takes at most these slots and waits no longer for them.
+            let reviews = ApiLimit::new(config.limits.max_token_reviews)
+                .with_permit_wait(config.limits.api_permit_wait);
+            TokenReviewer::new(
+                c,
+                config.token_audiences.clone(),
+                api_limit.clone(),
+                reviews,
+            )
+        }),
         jwt,
         cache: TokenCache::new(config.token_cache_ttl, config.token_cache_size),
     })

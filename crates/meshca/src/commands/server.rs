@@ -132,11 +132,67 @@ pub struct ServerArgs {
     #[arg(long, env = "MESHCA_KUBE_API_CONCURRENCY", default_value_t = meshca_kube::api_limit::DEFAULT_CONCURRENCY)]
     pub kube_api_concurrency: usize,
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub distribution: DistributionArgs,
     #[command(flatten)]
     pub ca_secret: CaSecretArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Bounds on :15012 against floods of stalled streams, connections and bad tokens.
+#[derive(clap::Args)]
+pub struct LimitArgs {
+    /// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS,
+    /// as Envoy and grpc-go); the client is told, more are refused.
+    #[arg(long, env = "MESHCA_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+    /// Concurrent connections to the gRPC port (TLS handshakes included);
+    /// more are closed at accept.
+    #[arg(long, env = "MESHCA_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// The longest one request may take, its body included (gRPC
+    /// `Cancelled` after it). Default: 30s, plus --ra-timeout in RA mode.
+    #[arg(long, env = "MESHCA_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
+    /// How long an HTTP/2 keepalive PING (sent every 30s) may go unanswered
+    /// before the connection is closed.
+    #[arg(long, env = "MESHCA_KEEPALIVE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub keepalive_timeout: Duration,
+    /// Connections are closed (GOAWAY; clients reconnect) at this age, idle
+    /// ones included, as istiod's --keepaliveMaxServerConnectionAge.
+    #[arg(long, env = "MESHCA_MAX_CONNECTION_AGE", value_parser = parse_duration, default_value = "30m")]
+    pub max_connection_age: Duration,
+    /// The longest wait for a Kubernetes API call slot (see
+    /// --kube-api-concurrency); then the request is answered `Unavailable`
+    /// (reason `kube_api_busy`), which istio-agent retries.
+    #[arg(long, env = "MESHCA_KUBE_API_PERMIT_WAIT", value_parser = parse_duration, default_value = "5s")]
+    pub kube_api_permit_wait: Duration,
+    /// TokenReviews (tokens not in the cache) in flight at once, a share of
+    /// --kube-api-concurrency: a flood of bad tokens takes no more, and
+    /// waits no longer than --kube-api-permit-wait for them.
+    #[arg(long, env = "MESHCA_MAX_TOKEN_REVIEWS", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_token_reviews: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self, ra_timeout: Option<Duration>) -> meshca_server::Limits {
+        let defaults = meshca_server::Limits::default();
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        meshca_server::Limits {
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_connections: count(self.max_connections),
+            request_timeout: self
+                .request_timeout
+                .unwrap_or_else(|| meshca_server::Limits::default_request_timeout(ra_timeout)),
+            keepalive_timeout: self.keepalive_timeout,
+            max_connection_age: self.max_connection_age,
+            api_permit_wait: self.kube_api_permit_wait,
+            max_token_reviews: count(self.max_token_reviews),
+            ..defaults
+        }
+    }
 }
 
 /// RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`).
@@ -366,6 +422,7 @@ async fn config(args: ServerArgs) -> Result<ServerConfig> {
         trusted_node_accounts,
         kube,
         kube_api_concurrency: args.kube_api_concurrency,
+        limits: args.limits.limits(ra.as_ref().map(|ra| ra.timeout)),
         jwt_keys: args.jwt_keys,
         jwt_issuer: args.jwt_issuer,
         local_token_issuer: standalone,

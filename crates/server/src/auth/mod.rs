@@ -20,6 +20,7 @@ pub use token_review::{TokenReviewer, check_audiences};
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
+use meshca_kube::ApiBusy;
 use meshca_pki::SpiffeId;
 use sha2::{Digest, Sha256};
 
@@ -184,6 +185,8 @@ impl Authenticator {
         let mut errors = Vec::new();
         // A token proven by one authenticator but naming no identity.
         let mut no_identity = false;
+        // TokenReview got no API call slot in time: the token is unjudged.
+        let mut busy = None;
         if let Some(reviewer) = &self.token_review {
             match reviewer.review(token).await {
                 Ok(account) => {
@@ -193,6 +196,7 @@ impl Authenticator {
                 }
                 Err(e) => {
                     no_identity |= e.is::<NoIdentity>();
+                    busy = busy.or(e.downcast_ref::<ApiBusy>().copied());
                     errors.push(format!("TokenReview: {e:#}"))
                 }
             }
@@ -217,6 +221,10 @@ impl Authenticator {
         }
         if no_identity {
             return Err(NoIdentity(errors.join("; ")).into());
+        }
+        if let Some(busy) = busy {
+            // Not refused: the caller should retry (`Unavailable`).
+            return Err(anyhow::Error::new(busy).context(errors.join("; ")));
         }
         bail!("{}", errors.join("; "))
     }
@@ -318,6 +326,39 @@ mod tests {
         let e = authenticate(&auth, &metrics, &path).await.unwrap_err();
         assert!(e.is::<NoIdentity>(), "{e:#}");
         assert_eq!(metrics.id_extraction_err.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_token_review_without_a_free_slot_in_time_is_busy_not_refused() {
+        use std::time::Duration;
+        let metrics = crate::metrics::Metrics::new(&mut Default::default());
+        // The API never answers: the one TokenReview slot stays taken.
+        let (client, _api) = meshca_kube::mock::client();
+        let reviews = meshca_kube::ApiLimit::new(1).with_permit_wait(Duration::from_millis(50));
+        let auth = Authenticator {
+            token_review: Some(TokenReviewer::new(
+                client,
+                vec!["istio-ca".into()],
+                meshca_kube::ApiLimit::new(8),
+                reviews,
+            )),
+            jwt: None,
+            ..jwt_authenticator(&issuer())
+        };
+        let holder = authenticate(&auth, &metrics, "first-token");
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            authenticate(&auth, &metrics, "second-token").await
+        };
+        let e = tokio::select! {
+            _ = holder => panic!("the mocked API never answers"),
+            r = second => r.unwrap_err(),
+        };
+        assert!(e.is::<ApiBusy>(), "{e:#}");
+        assert_eq!(
+            crate::grpc::service::auth_error_status(&e).code(),
+            tonic::Code::Unavailable
+        );
     }
 
     fn issuer_token_of_another_key(now: i64) -> String {

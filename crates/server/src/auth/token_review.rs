@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
-use meshca_kube::ApiLimit;
+use meshca_kube::{ApiBusy, ApiLimit};
 
 use super::{KubeAccount, NoIdentity, jwt};
 
@@ -15,18 +15,27 @@ pub struct TokenReviewer {
     api: kube::Api<TokenReview>,
     audiences: Vec<String>,
     limit: ApiLimit,
+    /// TokenReviews in flight (a share of `limit`).
+    reviews: ApiLimit,
 }
 
 impl TokenReviewer {
-    pub fn new(client: kube::Client, audiences: Vec<String>, limit: ApiLimit) -> Self {
+    pub fn new(
+        client: kube::Client,
+        audiences: Vec<String>,
+        limit: ApiLimit,
+        reviews: ApiLimit,
+    ) -> Self {
         TokenReviewer {
             api: kube::Api::all(client),
             audiences,
             limit,
+            reviews,
         }
     }
 
-    /// The account (and, for a bound token, its pod) a token proves.
+    /// The account (and, for a bound token, its pod) a token proves. No
+    /// call slot in time: an [`ApiBusy`] error (the token is unjudged).
     pub async fn review(&self, token: &str) -> Result<KubeAccount> {
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -35,11 +44,21 @@ impl TokenReviewer {
             },
             ..Default::default()
         };
-        let answer = self
-            .limit
-            .call(self.api.create(&PostParams::default(), &review))
-            .await
-            .context("TokenReview request")?;
+        let answer =
+            self.reviews
+                .call(
+                    self.limit
+                        .call(self.api.create(&PostParams::default(), &review)),
+                )
+                .await
+                .map_err(|e| match e {
+                    kube::Error::Service(e) => match e.downcast::<ApiBusy>() {
+                        Ok(busy) => anyhow::Error::from(*busy),
+                        Err(e) => anyhow::Error::new(kube::Error::Service(e))
+                            .context("TokenReview request"),
+                    },
+                    e => anyhow::Error::new(e).context("TokenReview request"),
+                })?;
         let status = answer.status.context("TokenReview without status")?;
         if status.authenticated != Some(true) {
             bail!("not authenticated: {}", status.error.unwrap_or_default());

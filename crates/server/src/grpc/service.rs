@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use meshca_kube::ApiBusy;
 use meshca_pki::{ErrorKind, GrpcCode};
 use meshca_proto::istio_certificate_service_server::IstioCertificateService;
 use meshca_proto::{IstioCertificateRequest, IstioCertificateResponse};
@@ -43,6 +44,24 @@ fn refuse(code: tonic::Code, message: &str, reason: &str) -> Status {
     status
 }
 
+/// The answer to a failed authentication: Istio's `Unauthenticated`, or
+/// `Unavailable` (`kube_api_busy`, which istio-agent retries) when the token
+/// could not be judged because no Kubernetes API call slot came in time.
+pub fn auth_error_status(e: &crate::auth::AuthError) -> Status {
+    if e.is::<ApiBusy>() {
+        return refuse(
+            tonic::Code::Unavailable,
+            "authentication unavailable, retry",
+            "kube_api_busy",
+        );
+    }
+    refuse(
+        tonic::Code::Unauthenticated,
+        "request authenticate failure",
+        "unauthenticated",
+    )
+}
+
 #[tonic::async_trait]
 impl IstioCertificateService for CaService {
     async fn create_certificate(
@@ -63,14 +82,15 @@ impl IstioCertificateService for CaService {
         let caller = match self.auth.authenticate(&creds, m).await {
             Ok(caller) => caller,
             Err(e) => {
-                m.authentication_failure.inc();
                 let remote = conn.and_then(|c| c.remote);
-                tracing::info!(?remote, error = %format!("{e:#}"), "authentication failed");
-                return Err(refuse(
-                    tonic::Code::Unauthenticated,
-                    "request authenticate failure",
-                    "unauthenticated",
-                ));
+                let status = auth_error_status(&e);
+                if status.code() == tonic::Code::Unavailable {
+                    tracing::warn!(?remote, error = %format!("{e:#}"), "authentication deferred: Kubernetes API busy");
+                } else {
+                    m.authentication_failure.inc();
+                    tracing::info!(?remote, error = %format!("{e:#}"), "authentication failed");
+                }
+                return Err(status);
             }
         };
         m.authenticated
@@ -151,5 +171,30 @@ impl IstioCertificateService for CaService {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_busy_kubernetes_api_is_unavailable_and_anything_else_unauthenticated() {
+        let busy = anyhow::Error::new(ApiBusy(Duration::from_secs(5)))
+            .context("TokenReview: Kubernetes API busy");
+        let status = auth_error_status(&busy);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status.metadata().get(REASON_HEADER).unwrap(),
+            "kube_api_busy"
+        );
+
+        let refused = auth_error_status(&anyhow::anyhow!("TokenReview: not authenticated"));
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            refused.metadata().get(REASON_HEADER).unwrap(),
+            "unauthenticated"
+        );
     }
 }

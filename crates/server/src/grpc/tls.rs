@@ -21,7 +21,7 @@ use rustls::server::WebPkiClientVerifier;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -142,10 +142,12 @@ pub struct ConnInfo {
     pub peer_cert: Option<Arc<Vec<u8>>>,
 }
 
-/// A TLS connection that tonic can serve.
+/// A TLS connection that tonic can serve; holds its place under the
+/// connection limit until tonic drops it.
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -191,13 +193,20 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts TCP connections and completes TLS handshakes off the accept loop;
-/// a slow or broken client never holds up others.
+/// a slow or broken client never holds up others. At most `max_connections`
+/// are open at once (handshakes included): more are closed at accept
+/// (reason `connection_limit`), and a slot frees when a connection closes.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsState>,
+    max_connections: usize,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -208,14 +217,19 @@ pub fn incoming(
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             if tx.is_closed() {
                 break;
             }
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Dropping the socket closes it: no handshake, no memory.
+                tracing::debug!(%remote, reason = "connection_limit", max_connections, "connection refused");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let peer_cert = stream
                             .get_ref()
@@ -227,7 +241,13 @@ pub fn incoming(
                             remote: Some(remote),
                             peer_cert,
                         };
-                        let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                stream,
+                                info,
+                                _slot: slot,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
