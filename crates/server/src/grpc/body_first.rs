@@ -65,9 +65,8 @@ where
                 Ok(collected) => collected.to_bytes(),
                 Err(e) => {
                     let status = if e.is::<http_body_util::LengthLimitError>() {
-                        tonic::Status::resource_exhausted(format!(
-                            "request larger than {limit} bytes"
-                        ))
+                        // What tonic answers a message over its decoding limit.
+                        tonic::Status::out_of_range(format!("request larger than {limit} bytes"))
                     } else {
                         tonic::Status::cancelled("request body not received")
                     };
