@@ -29,6 +29,8 @@ pub mod distribution;
 pub mod grpc;
 pub mod metrics;
 mod server;
+#[cfg(test)]
+mod test_ca;
 
 pub use config::{Limits, ServerConfig};
 pub use server::{Server, Started};

@@ -475,51 +475,12 @@ mod tests {
         assert_eq!(sample(&expired, chain), Some(-3600.0), "{expired}");
     }
 
-    /// A self-signed root CA (root TTL 10 days) and an intermediate under it
-    /// (TTL 1 day).
-    fn cas() -> (meshca_pki::CaBundle, meshca_pki::CaBundle) {
-        use meshca_pki::profile::{CaCertRequest, intermediate_ca, self_signed_root};
-        use meshca_pki::{CaBundle, KeyType, SigningKey, cert};
-        let now = time::OffsetDateTime::now_utc();
-        let day = std::time::Duration::from_secs(86_400);
-        let root_key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
-        let root_der = self_signed_root(
-            &CaCertRequest {
-                subject_der: &cert::organization_name("root"),
-                key: &root_key,
-                ttl: 10 * day,
-            },
-            now,
-        )
-        .unwrap();
-        let root = CaBundle::from_parts(
-            root_key,
-            root_der.clone(),
-            vec![],
-            vec![root_der.clone()],
-            now,
-        )
-        .unwrap();
-        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
-        let inter_der = intermediate_ca(
-            &CaCertRequest {
-                subject_der: &cert::organization_name("intermediate"),
-                key: &key,
-                ttl: day,
-            },
-            &root,
-            now,
-        )
-        .unwrap();
-        let inter = CaBundle::from_parts(key, inter_der, vec![], vec![root_der], now).unwrap();
-        (root, inter)
-    }
-
     /// As istiod: the root's expiry always, the cert chain's only when the
     /// CA has one (its `cert-chain.pem` is not empty).
     #[test]
     fn cert_chain_expiry_only_for_a_ca_below_a_root() {
-        let (root, inter) = cas();
+        let day = std::time::Duration::from_secs(86_400);
+        let (root, inter) = crate::test_ca::root_and_intermediate(10 * day, day);
         let mut own = Registry::default();
         let m = Metrics::new(&mut own);
         m.observe_ca(&inter);
