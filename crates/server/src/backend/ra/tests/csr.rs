@@ -80,7 +80,6 @@ fn denied_and_failed_are_final_and_beat_a_certificate() {
 }
 
 /// A CSR object `name` with `uid`, issued with `cert`.
-
 fn issued_object(name: &str, uid: &str, cert: &[u8]) -> CertificateSigningRequest {
     let mut csr = new_csr(b"PEM", "example.com/foo", 3600);
     csr.metadata.name = Some(name.into());
