@@ -141,11 +141,9 @@ impl Running {
         self.cas.iter().all(|ca| ca.borrow().is_some())
     }
 
-    /// The metrics, in the Prometheus text format.
+    /// The metrics, as `/metrics` serves them.
     pub fn metrics_text(&self) -> String {
-        let mut text = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+        monitoring::encode(None, &self.registry).unwrap_or_default()
     }
 
     /// Stops taking new work, lets reconciles in flight finish, releases
