@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
+use meshca_ca_store::secret::{istio_data, load_istio};
 use meshca_pki::profile::{CaCertRequest, self_signed_root};
 use meshca_pki::{CaBundle, KeyType, SigningKey, cert};
 use time::OffsetDateTime;
@@ -63,11 +64,6 @@ pub fn needs_rotation(
     let left = (not_after - now).as_seconds_f64();
     left / life < f64::from(grace_percentile) / 100.0
 }
-
-/// The Secret data of a self-signed bundle, in Istio's layout.
-pub use meshca_ca_store::secret::istio_data as data_from_bundle;
-/// The bundle held by an `istio-ca-secret`'s data.
-pub use meshca_ca_store::secret::load_istio as bundle_from_data;
 
 fn copy_key(key: &SigningKey) -> Result<SigningKey> {
     let pem_text = key.to_pkcs8_pem()?;
@@ -125,7 +121,7 @@ fn secret_of(namespace: &str, data: BTreeMap<String, ByteString>) -> Secret {
 
 fn read_bundle(secret: &Secret, now: OffsetDateTime) -> Result<CaBundle> {
     let empty = BTreeMap::new();
-    bundle_from_data(secret.data.as_ref().unwrap_or(&empty), now)
+    load_istio(secret.data.as_ref().unwrap_or(&empty), now)
 }
 
 /// How [`load_or_create`] got the CA.
@@ -163,7 +159,7 @@ pub async fn load_or_create(
     }
     let now = OffsetDateTime::now_utc();
     let bundle = new_root(spec, now).context("creating the self-signed CA")?;
-    let secret = secret_of(&config.namespace, data_from_bundle(&bundle)?);
+    let secret = secret_of(&config.namespace, istio_data(&bundle)?);
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             tracing::info!(secret = %place(), "created a self-signed root CA in the Secret");
@@ -281,7 +277,7 @@ async fn check_once(
             return Ok(changed.then_some(bundle));
         }
         let rotated = reissue(&bundle, ttl, now).context("re-issuing the self-signed root")?;
-        let mut next = secret_of(&config.namespace, data_from_bundle(&rotated)?);
+        let mut next = secret_of(&config.namespace, istio_data(&rotated)?);
         next.metadata.resource_version = secret.metadata.resource_version.clone();
         // Keep what else the Secret carries (labels, annotations, other keys).
         next.metadata.labels = secret.metadata.labels.clone();
@@ -342,7 +338,7 @@ mod tests {
             ttl: DAY,
         };
         let bundle = new_root(&spec, now).unwrap();
-        let data = data_from_bundle(&bundle).unwrap();
+        let data = istio_data(&bundle).unwrap();
         let keys: Vec<_> = data.keys().map(String::as_str).collect();
         assert_eq!(
             keys,
@@ -352,13 +348,13 @@ mod tests {
         assert!(data[CERT_CHAIN].0.is_empty());
         assert!(data[KEY].0.is_empty());
         assert_eq!(data[CA_CERT].0, data[ROOT_CERT].0);
-        let back = bundle_from_data(&data, now).unwrap();
+        let back = load_istio(&data, now).unwrap();
         assert_eq!(back.signing_cert_der(), bundle.signing_cert_der());
         assert_eq!(back.key().spki_der(), bundle.key().spki_der());
 
         let mut broken = data.clone();
         broken.remove(CA_KEY);
-        let err = bundle_from_data(&broken, now).unwrap_err().to_string();
+        let err = load_istio(&broken, now).unwrap_err().to_string();
         assert!(err.contains(CA_KEY), "{err}");
     }
 
