@@ -8,6 +8,7 @@ TESTENV_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KUBE_VERSION=v1.35.4
 KUBE_MAJOR=1
 KUBE_MINOR=35
+HELM_VERSION=v3.22.0
 
 TESTENV_CACHE="${MESHCA_TESTENV_CACHE:-$HOME/.cache/meshca-testenv}"
 
@@ -32,7 +33,7 @@ testenv_key() {
     {
       cat lib.sh build
       for f in kube/go.mod kube/go.sum etcd/go.mod etcd/go.sum zlint/go.mod zlint/go.sum \
-               istio/go.mod istio/go.sum; do
+               istio/go.mod istio/go.sum helm/go.mod helm/go.sum; do
         printf '%s\n' "$f"; cat "$f"
       done
       find istio/cmd -type f -name '*.go' | LC_ALL=C sort | while read -r f; do
