@@ -1,0 +1,98 @@
+{{/* The image reference: repository@digest, else repository:tag (tag defaults to appVersion). */}}
+{{- define "meshca.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels on every object; the selector uses only name and instance. */}}
+{{- define "meshca.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: meshca
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{- define "meshca.server.selector" -}}
+app.kubernetes.io/name: {{ .Values.server.name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end -}}
+
+{{- define "meshca.signer.selector" -}}
+app.kubernetes.io/name: {{ .Values.signer.name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: signer
+{{- end -}}
+
+{{/* The signer's ServiceAccount (the seed's name for it). */}}
+{{- define "meshca.signer.serviceAccount" -}}
+{{ .Values.signer.name }}-controller-manager
+{{- end -}}
+
+{{/* ztunnel's account unless set: the accounts allowed to impersonate. */}}
+{{- define "meshca.server.trustedNodeAccounts" -}}
+{{- if kindIs "invalid" .Values.server.trustedNodeAccounts -}}
+{{ .Values.istioNamespace }}/ztunnel
+{{- else -}}
+{{ join "," .Values.server.trustedNodeAccounts }}
+{{- end -}}
+{{- end -}}
+
+{{/* The server's ServiceAccount as an RBAC subject. */}}
+{{- define "meshca.server.subject" -}}
+- kind: ServiceAccount
+  name: {{ .Values.server.name }}
+  namespace: {{ .Release.Namespace }}
+{{- end -}}
+
+{{- define "meshca.signer.subject" -}}
+- kind: ServiceAccount
+  name: {{ include "meshca.signer.serviceAccount" . }}
+  namespace: {{ .Release.Namespace }}
+{{- end -}}
+
+{{/* Cluster-scoped names carry the release namespace, so two installs
+     (e.g. a server in istio-system and one in a test namespace) never share
+     a ClusterRole. */}}
+{{- define "meshca.server.clusterName" -}}
+{{ .Values.server.name }}-{{ .Release.Namespace }}
+{{- end -}}
+
+{{/* Pod scheduling and security settings shared by both Deployments. */}}
+{{- define "meshca.podSpecCommon" -}}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .root.Values.hostNetwork }}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ .component.terminationGracePeriodSeconds }}
+{{- with .component.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .component.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .component.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A Go duration of hours (e.g. 720h) as seconds, for alert thresholds. */}}
+{{- define "meshca.seconds" -}}
+{{- if hasSuffix "h" . -}}
+{{ mul (trimSuffix "h" . | atoi) 3600 }}
+{{- else -}}
+{{- fail (printf "durations in monitoring values are whole hours such as 720h, not %q" .) -}}
+{{- end -}}
+{{- end -}}
