@@ -12,12 +12,12 @@
 //! testenv/down "$MESHCA_TESTENV_DIR"
 //! ```
 //!
-//! One `meshca signer` (release binary, exactly deploy/signer/rbac.yaml's
+//! One `meshca signer` (release binary, exactly the Helm chart's signer
 //! RBAC, default settings: kube-rs has no client-side QPS limiter, at most
 //! 64 CSRs in progress) signs for `<namespace>.example.com/foo` with an
 //! ECDSA P-256 intermediate. Both RA clients create and approve their own
 //! CSRs (`/approval`), as istiod does:
-//! - `meshca server` in RA mode with exactly deploy/server/rbac.yaml +
+//! - `meshca server` in RA mode with exactly the Helm chart's RBAC +
 //!   rbac-ra.yaml (its default --kube-api-concurrency: at most 64 API calls in flight, FIFO);
 //! - istiod (`pilot-discovery`, `EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`,
 //!   `K8S_SIGNER`, the signer's root in `./etc/external-ca-cert/`), as a
@@ -61,11 +61,8 @@ use bench_common::{
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
-use meshca_testsupport::{RbacSpec, TestEnv, TestNamespace};
+use meshca_testsupport::{RbacSpec, TestEnv, TestNamespace, chart};
 use tokio::task::JoinHandle;
-
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
-const SERVER_RA_RBAC: &str = include_str!("../../../deploy/server/rbac-ra.yaml");
 
 /// One CA under test.
 struct Ca {
@@ -158,17 +155,16 @@ fn signer_ca(base: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((dir, root.join("root-cert.pem")))
 }
 
-/// `meshca signer` with exactly deploy/signer/rbac.yaml's RBAC; returns it
+/// `meshca signer` with exactly the chart's signer RBAC; returns it
 /// and its monitoring address.
 async fn start_signer(ns: &TestNamespace, signer: &str, ca_dir: &Path) -> Result<(Proc, String)> {
-    let o = meshca_signer::manifests::Options {
-        name: ns.unique_name("bench"),
-        namespace: ns.name().to_string(),
-        istio_namespace: ns.name().to_string(),
-        signer_names: vec![signer.to_string()],
-        image: "meshca:bench".into(),
-    };
-    let rbac = meshca_signer::manifests::render_text(meshca_signer::manifests::FILES[1].1, &o);
+    let rbac = chart::signer_rbac(
+        ns.name(),
+        &ns.unique_name("bench"),
+        &[signer],
+        ns.name(),
+        &["leaderElection.enabled=false", "signer.trustBundle=false"],
+    )?;
     let identity = ns
         .identity_from_manifest("signer-ca-controller-manager", &rbac)
         .await?;
@@ -198,18 +194,20 @@ async fn start_signer(ns: &TestNamespace, signer: &str, ca_dir: &Path) -> Result
     Ok((proc, mon))
 }
 
-/// `meshca server` in RA mode with exactly its manifests' RBAC.
+/// `meshca server` in RA mode with exactly the chart's RBAC for it.
 async fn start_meshca_ra(
     ns: &TestNamespace,
     signer: &str,
     root_file: &Path,
 ) -> Result<(Proc, String, PathBuf)> {
-    let ra_rbac = SERVER_RA_RBAC
-        .replace("example.com/foo", signer)
-        .replace("meshca-server-ra", &ns.unique_name("meshca-server-ra"));
-    let identity = ns
-        .identity_from_manifest("meshca", &format!("{SERVER_RBAC}\n---\n{ra_rbac}"))
-        .await?;
+    let rbac = chart::server_rbac(
+        ns.name(),
+        &[
+            "server.ra.enabled=true",
+            &format!("server.ra.signer={signer}"),
+        ],
+    )?;
+    let identity = ns.identity_from_manifest("meshca", &rbac).await?;
     let state = ns.temp_dir().join("meshca");
     let addr = format!("127.0.0.1:{}", free_port());
     let mon = format!("127.0.0.1:{}", free_port());

@@ -34,9 +34,7 @@ use bench_common::{
     Auth, HEADER, IstiodOptions, Proc, free_port, loadgen, median, meshca_bin, row, rss_mib,
     start_istiod, tokens, wait_http,
 };
-use meshca_testsupport::TestEnv;
-
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
+use meshca_testsupport::{TestEnv, chart};
 
 /// A running `meshca server` with its own state directory and CA key type.
 struct Meshca {
@@ -94,7 +92,8 @@ async fn main() -> Result<()> {
     let tmp = ns.temp_dir().to_owned();
     let renewal_tokens = tokens(&ns, "w", 64).await?;
 
-    let identity = ns.identity_from_manifest("meshca", SERVER_RBAC).await?;
+    let rbac = chart::server_rbac(ns.name(), &[])?;
+    let identity = ns.identity_from_manifest("meshca", &rbac).await?;
     let rsa = start_meshca(&tmp, identity.kubeconfig_path(), "rsa-2048").await?;
     let p256 = start_meshca(&tmp, identity.kubeconfig_path(), "ecdsa-p256").await?;
 

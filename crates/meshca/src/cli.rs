@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::commands::{ca, inspect, loadgen, manifests, request, server, signer, token, verify};
+use crate::commands::{ca, inspect, loadgen, request, server, signer, token, verify};
 
 #[derive(Parser)]
 #[command(
@@ -36,9 +36,6 @@ enum Command {
     Loadgen(Box<loadgen::LoadgenArgs>),
     /// Run the Kubernetes CSR signer controller (the seed's custom CA controller).
     Signer(Box<signer::SignerArgs>),
-    /// Print deployment manifests.
-    #[command(subcommand)]
-    Manifests(manifests::ManifestsCommand),
 }
 
 pub fn parse_and_run() -> ExitCode {
@@ -52,7 +49,6 @@ pub fn parse_and_run() -> ExitCode {
         Command::Request(a) => request::request(&a),
         Command::Loadgen(a) => loadgen::loadgen(&a),
         Command::Signer(a) => signer::signer(*a),
-        Command::Manifests(c) => manifests::run(c),
     };
     match result {
         Ok(code) => code,

@@ -22,10 +22,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use meshca_server::ca::istio_secret::Origin;
-use meshca_testsupport::{Identity, RbacSpec, TestEnv, TestNamespace, rule};
+use meshca_testsupport::{Identity, RbacSpec, TestEnv, TestNamespace, chart, rule};
 
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
-const CA_SECRET_RBAC: &str = include_str!("../../../deploy/server/rbac-ca-secret.yaml");
 const SECRET: &str = "istio-ca-secret";
 
 struct Server {
@@ -43,14 +41,11 @@ impl Drop for Server {
     }
 }
 
-/// The server's identity: its manifests' RBAC, the Role in the test namespace.
+/// The server's identity: the chart's RBAC for a self-signed CA in the test
+/// namespace.
 async fn server_identity(ns: &TestNamespace) -> Result<Identity> {
-    let role = CA_SECRET_RBAC.replace(
-        "namespace: istio-system",
-        &format!("namespace: {}", ns.name()),
-    );
-    ns.identity_from_manifest("meshca", &format!("{SERVER_RBAC}\n---\n{role}"))
-        .await
+    let rbac = chart::server_rbac(ns.name(), &["server.ca=selfSigned"])?;
+    ns.identity_from_manifest("meshca", &rbac).await
 }
 
 impl Server {

@@ -1,5 +1,5 @@
 //! ztunnel impersonation in `meshca server` against a real kube-apiserver,
-//! with exactly deploy/server/rbac.yaml + rbac-impersonation.yaml. There is
+//! with exactly the Helm chart's RBAC for impersonation. There is
 //! no kubelet or scheduler: Pods are created with `spec.nodeName` set (they
 //! stay Pending) and tokens are bound to them with TokenRequest
 //! `boundObjectRef`, so TokenReview names the caller's pod as on a node.
@@ -17,12 +17,9 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use meshca_proto::IstioCertificateRequest;
 use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshca_testsupport::{TestEnv, TestNamespace};
+use meshca_testsupport::{TestEnv, TestNamespace, chart};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
-const IMPERSONATION_RBAC: &str = include_str!("../../../deploy/server/rbac-impersonation.yaml");
 
 /// A running `meshca server`, killed on drop.
 struct Server {
@@ -45,12 +42,8 @@ impl Server {
     }
 
     async fn start_with(ns: &TestNamespace, trusted: &str, extra: &[&str]) -> Result<Server> {
-        let identity = ns
-            .identity_from_manifest(
-                "meshca",
-                &format!("{SERVER_RBAC}\n---\n{IMPERSONATION_RBAC}"),
-            )
-            .await?;
+        let rbac = chart::server_rbac(ns.name(), &["server.trustedNodeAccounts={ns/ztunnel}"])?;
+        let identity = ns.identity_from_manifest("meshca", &rbac).await?;
         let state = tempfile::tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port());
         let monitoring = format!("127.0.0.1:{}", free_port());

@@ -19,11 +19,9 @@ use anyhow::{Context, Result, bail};
 use common::{free_port, pem_der};
 use meshca_proto::IstioCertificateRequest;
 use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshca_testsupport::{Proc, TestEnv, TestNamespace};
+use meshca_testsupport::{Proc, TestEnv, TestNamespace, chart};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
 
 /// What istiod exposes after [`same_requests`] with its self-signed CA
 /// (no cert chain, so no `citadel_server_cert_chain_expiry_*`).
@@ -82,9 +80,10 @@ impl Ca {
 }
 
 /// `meshca server` as the mesh CA (self-signed CA in a temp dir), checking
-/// tokens with TokenReview under exactly deploy/server/rbac.yaml.
+/// tokens with TokenReview under exactly the chart's RBAC for that configuration.
 async fn start_meshca(ns: &TestNamespace, dir: &Path) -> Result<(Proc, Ca)> {
-    let identity = ns.identity_from_manifest("meshca", SERVER_RBAC).await?;
+    let rbac = chart::server_rbac(ns.name(), &[])?;
+    let identity = ns.identity_from_manifest("meshca", &rbac).await?;
     let grpc = format!("127.0.0.1:{}", free_port());
     let monitoring = format!("127.0.0.1:{}", free_port());
     let state = dir.join("meshca");

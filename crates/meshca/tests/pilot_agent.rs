@@ -1,6 +1,6 @@
 //! The real pilot-agent (Istio's own, built from its module) fetches its
 //! workload certificate from `meshca server` with a real ServiceAccount token.
-//! meshca runs as in a cluster, with exactly its manifests' RBAC: its
+//! meshca runs as in a cluster, with exactly the Helm chart's RBAC: its
 //! self-signed CA in Secret `istio-ca-secret`, its roots in ConfigMap
 //! `istio-ca-root-cert` in every namespace; pilot-agent trusts the root it
 //! finds in that ConfigMap, as a pod that mounts it does.
@@ -21,12 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::{Api, DeleteParams, ListParams};
-use meshca_testsupport::{TestEnv, TokenOptions};
+use meshca_testsupport::{TestEnv, TokenOptions, chart};
 use tokio::net::{TcpStream, UnixListener};
-
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
-const ROOT_CM_RBAC: &str = include_str!("../../../deploy/server/rbac-root-configmap.yaml");
-const CA_SECRET_RBAC: &str = include_str!("../../../deploy/server/rbac-ca-secret.yaml");
 
 /// Waits until ConfigMap istio-ca-root-cert holds one and the same root in
 /// every namespace istiod would serve; returns it.
@@ -127,11 +123,15 @@ async fn pilot_agent_fetches_and_writes_a_workload_certificate_from_meshca() -> 
     let ns = env.namespace("agent").await?;
     let dir = ns.temp_dir().to_owned();
 
-    // meshca as the mesh CA, with its manifests' RBAC (namespace: this test's).
-    let rbac = format!("{SERVER_RBAC}\n---\n{ROOT_CM_RBAC}\n---\n{CA_SECRET_RBAC}").replace(
-        "namespace: istio-system",
-        &format!("namespace: {}", ns.name()),
-    );
+    // meshca as the mesh CA, with the Helm chart's RBAC (namespace: this test's).
+    let rbac = chart::server_rbac(
+        ns.name(),
+        &[
+            "server.ca=selfSigned",
+            "server.rootConfigMap=true",
+            "leaderElection.enabled=true",
+        ],
+    )?;
     let identity = ns.identity_from_manifest("meshca", &rbac).await?;
     let (addr, monitoring) = (
         format!("127.0.0.1:{}", free_port()),

@@ -1,7 +1,7 @@
 //! `meshca server` in RA mode (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`)
 //! against a real kube-apiserver and the real `meshca signer`: the server
-//! runs with exactly deploy/server/rbac.yaml + rbac-ra.yaml, the signer with
-//! exactly deploy/signer/rbac.yaml. Each test has its own signer name
+//! runs with exactly the Helm chart's RBAC for RA mode, the signer with
+//! exactly the chart's signer RBAC. Each test has its own signer name
 //! (`<namespace>.example.com/foo`, substituted for the manifest's
 //! `example.com/foo`) so tests running at once never sign each other's CSRs.
 
@@ -19,12 +19,22 @@ use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use meshca_proto::IstioCertificateRequest;
 use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshca_testsupport::{TestEnv, TestNamespace};
+use meshca_testsupport::{TestEnv, TestNamespace, chart};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use x509_parser::prelude::*;
 
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
-const SERVER_RA_RBAC: &str = include_str!("../../../deploy/server/rbac-ra.yaml");
+/// The chart's RBAC for a server in RA mode forwarding to `signer` (its
+/// ClusterRole uniquely named: tests in one namespace use other signers).
+fn server_ra_rbac(ns: &TestNamespace, signer: &str) -> Result<String> {
+    chart::server_rbac(
+        ns.name(),
+        &[
+            "server.ra.enabled=true",
+            &format!("server.ra.signer={signer}"),
+            &format!("server.name={}", ns.unique_name("meshca")),
+        ],
+    )
+}
 
 /// A child process killed on drop.
 /// The signer's CA: a root and an intermediate (Istio's cacerts layout).
@@ -63,21 +73,20 @@ fn signer_ca(base: &Path) -> Result<SignerCa> {
     Ok(SignerCa { dir, root_pem })
 }
 
-/// `meshca signer` for `signer` with deploy/signer/rbac.yaml's RBAC.
+/// `meshca signer` for `signer` with the chart's RBAC for it.
 async fn start_signer(
     ns: &TestNamespace,
     signer: &str,
     ca: &SignerCa,
     trust_domains: &str,
 ) -> Result<Proc> {
-    let o = meshca_signer::manifests::Options {
-        name: ns.unique_name("m"),
-        namespace: ns.name().to_string(),
-        istio_namespace: ns.name().to_string(),
-        signer_names: vec![signer.to_string()],
-        image: "meshca:test".into(),
-    };
-    let rbac = meshca_signer::manifests::render_text(meshca_signer::manifests::FILES[1].1, &o);
+    let rbac = chart::signer_rbac(
+        ns.name(),
+        &ns.unique_name("m"),
+        &[signer],
+        ns.name(),
+        &["leaderElection.enabled=false", "signer.trustBundle=false"],
+    )?;
     let identity = ns
         .identity_from_manifest("signer-ca-controller-manager", &rbac)
         .await?;
@@ -97,7 +106,7 @@ async fn start_signer(
     Ok(Proc(child))
 }
 
-/// `meshca server` in RA mode with exactly its manifests' RBAC.
+/// `meshca server` in RA mode with exactly the chart's RBAC for it.
 struct Server {
     _child: Proc,
     addr: String,
@@ -111,11 +120,8 @@ impl Server {
         root_pem: &str,
         extra: &[&str],
     ) -> Result<Self> {
-        let ra_rbac = SERVER_RA_RBAC
-            .replace("example.com/foo", signer)
-            .replace("meshca-server-ra", &ns.unique_name("meshca-server-ra"));
         let identity = ns
-            .identity_from_manifest("meshca", &format!("{SERVER_RBAC}\n---\n{ra_rbac}"))
+            .identity_from_manifest("meshca", &server_ra_rbac(ns, signer)?)
             .await?;
         let state = tempfile::tempdir()?;
         let root_file = state.path().join("external-ca-cert/root-cert.pem");
@@ -755,11 +761,8 @@ async fn a_csr_swapped_under_the_same_name_is_never_approved_nor_deleted() {
         let ca = signer_ca(&dir).unwrap();
         let roots_file = dir.join("root-cert.pem");
         std::fs::write(&roots_file, &ca.root_pem).unwrap();
-        let ra_rbac = SERVER_RA_RBAC
-            .replace("example.com/foo", &signer)
-            .replace("meshca-server-ra", &ns.unique_name("meshca-server-ra"));
         let identity = ns
-            .identity_from_manifest("meshca", &format!("{SERVER_RBAC}\n---\n{ra_rbac}"))
+            .identity_from_manifest("meshca", &server_ra_rbac(&ns, &signer).unwrap())
             .await
             .unwrap();
         let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());

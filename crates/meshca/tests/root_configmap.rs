@@ -23,11 +23,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use meshca_testsupport::{Identity, TestEnv};
+use meshca_testsupport::{Identity, TestEnv, chart};
 
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
-const ROOT_CM_RBAC: &str = include_str!("../../../deploy/server/rbac-root-configmap.yaml");
-const BUNDLE_RBAC: &str = include_str!("../../../deploy/server/rbac-cluster-trust-bundle.yaml");
 const BUNDLE: &str = "istio.io:istiod-ca:root-cert";
 const LEASE: &str = "meshca-namespace-controller";
 
@@ -214,10 +211,15 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
             meshca(&all).unwrap();
         }
 
-        let rbac = format!("{SERVER_RBAC}\n---\n{ROOT_CM_RBAC}\n---\n{BUNDLE_RBAC}").replace(
-            "namespace: istio-system",
-            &format!("namespace: {}", home.name()),
-        );
+        let rbac = chart::server_rbac(
+            home.name(),
+            &[
+                "server.rootConfigMap=true",
+                "leaderElection.enabled=true",
+                "server.clusterTrustBundle=true",
+            ],
+        )
+        .unwrap();
         let identity = home.identity_from_manifest("meshca", &rbac).await.unwrap();
         let leases = Api::<Lease>::namespaced(admin.clone(), home.name());
         let first_replica = replica(&identity, &plugged, home.name(), "rootcm-a").await;

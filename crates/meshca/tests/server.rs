@@ -14,11 +14,9 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use meshca_proto::IstioCertificateRequest;
 use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshca_testsupport::{TestEnv, TestNamespace, TokenOptions};
+use meshca_testsupport::{TestEnv, TestNamespace, TokenOptions, chart};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use x509_parser::prelude::*;
-
-const SERVER_RBAC: &str = include_str!("../../../deploy/server/rbac.yaml");
 
 /// A running `meshca server`, killed on drop.
 struct Server {
@@ -37,9 +35,10 @@ impl Drop for Server {
 
 impl Server {
     /// Starts meshca as the mesh CA, authenticating with TokenReview as a
-    /// ServiceAccount bound to exactly deploy/server/rbac.yaml.
+    /// ServiceAccount bound to exactly the chart's RBAC for that configuration.
     async fn start(ns: &TestNamespace, extra: &[&str]) -> Result<Server> {
-        let identity = ns.identity_from_manifest("meshca", SERVER_RBAC).await?;
+        let rbac = chart::server_rbac(ns.name(), &[])?;
+        let identity = ns.identity_from_manifest("meshca", &rbac).await?;
         let state = tempfile::tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port());
         let monitoring = format!("127.0.0.1:{}", free_port());

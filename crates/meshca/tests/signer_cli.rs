@@ -1,8 +1,8 @@
 //! `meshca signer` started as a user starts it, with its CA as two separate
 //! files (signer-ca's `--ca-cert-path`/`--ca-key-path`, or `caCertPath`/
 //! `caKeyPath`/`caRootsPath` in a `--config` file), against a real
-//! kube-apiserver: running with exactly deploy/signer/rbac.yaml's RBAC, it
-//! signs a CSR approved by an identity with deploy/signer/istiod.yaml's.
+//! kube-apiserver: running with exactly the Helm chart's RBAC for it, it
+//! signs a CSR approved by an identity with what the chart grants istiod.
 
 mod common;
 
@@ -19,8 +19,7 @@ use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequestStatus,
 };
 use kube::api::{Api, ObjectMeta, PostParams};
-use meshca_signer::manifests;
-use meshca_testsupport::{Identity, TestEnv, TestNamespace};
+use meshca_testsupport::{Identity, TestEnv, TestNamespace, chart};
 
 const USAGES: [&str; 4] = [
     "digital signature",
@@ -60,20 +59,14 @@ fn make_ca(base: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The signer's and istiod's identities, with exactly their manifests' RBAC.
+/// The signer's and istiod's identities, with exactly the chart's RBAC.
 async fn identities(ns: &TestNamespace, signer: &str) -> Result<(Identity, kube::Client)> {
-    let o = manifests::Options {
-        name: ns.unique_name("m"),
-        namespace: ns.name().to_string(),
-        istio_namespace: ns.name().to_string(),
-        signer_names: vec![signer.to_string()],
-        image: "meshca:test".into(),
-    };
-    let rbac = manifests::render_text(manifests::FILES[1].1, &o);
+    let name = ns.unique_name("m");
+    let rbac = chart::signer_rbac(ns.name(), &name, &[signer], ns.name(), &[])?;
     let controller = ns
         .identity_from_manifest("signer-ca-controller-manager", &rbac)
         .await?;
-    let istiod_rbac = manifests::render_text(manifests::FILES[4].1, &o);
+    let istiod_rbac = chart::istiod_ra_rbac(ns.name(), &name, &[signer], ns.name())?;
     let istiod = ns
         .identity_from_manifest("istiod", &istiod_rbac)
         .await?
@@ -83,7 +76,7 @@ async fn identities(ns: &TestNamespace, signer: &str) -> Result<(Identity, kube:
 }
 
 /// `meshca signer ARGS` as `identity`, as deployed: leader election (on by
-/// default) on the manifests' Lease in its own namespace.
+/// default) on the chart's Lease in its own namespace.
 fn start_signer(identity: &Identity, namespace: &str, args: &[&str]) -> Result<Proc> {
     let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
         .arg("signer")

@@ -52,7 +52,6 @@ pub mod config;
 pub mod controller;
 pub mod decide;
 pub mod events;
-pub mod manifests;
 pub mod metrics;
 pub mod trust;
 

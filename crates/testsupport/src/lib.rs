@@ -33,10 +33,11 @@
 //!
 //! Where things are (one job per file; everything is re-exported here):
 //!
+//! - `chart.rs`: the Helm chart rendered by testenv's helm ([`chart::render`]).
 //! - `env.rs`: [`TestEnv`] and its settings, paths of the testenv binaries.
 //! - `namespace.rs`: [`TestNamespace`], its ServiceAccounts and cleanup.
 //! - `tokens.rs`: TokenRequest ([`TokenOptions`]) and [`token_review`].
-//! - `rbac.rs`: [`RbacSpec`], [`rule`], grants and component manifests.
+//! - `rbac.rs`: [`RbacSpec`], [`rule`], grants from a component's RBAC (the chart's).
 //! - `identity.rs`: [`Identity`], a ServiceAccount with its RBAC and kubeconfig.
 //! - `names.rs`: [`unique_name`] and the label on every object made here.
 //! - `process.rs`: [`Proc`] and [`free_port`] for processes a test starts.
@@ -44,6 +45,7 @@
 //! - [`is_not_found`], [`api_status_code`]: `meshca_kube::status`, re-exported.
 #![forbid(unsafe_code)]
 
+pub mod chart;
 mod env;
 mod identity;
 mod names;

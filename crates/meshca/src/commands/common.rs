@@ -31,7 +31,7 @@ impl LogArgs {
     }
 }
 
-/// Leader election: on by default (the manifests run replicas), one opt-out.
+/// Leader election: on by default (the Helm chart runs replicas), one opt-out.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LeaderElectionArgs {
     /// Run without a Lease (one replica, or no Lease RBAC): this replica always leads.

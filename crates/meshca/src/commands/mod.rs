@@ -5,7 +5,6 @@ pub mod ca;
 pub mod common;
 pub mod inspect;
 pub mod loadgen;
-pub mod manifests;
 pub mod request;
 pub mod server;
 pub mod signer;

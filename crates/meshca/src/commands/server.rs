@@ -66,7 +66,7 @@ pub struct ServerArgs {
     /// Accounts (`<namespace>/<service account>`, comma separated) that may
     /// ask for another workload's certificate (ztunnel's
     /// ImpersonatedIdentity); pods are then watched (RBAC:
-    /// deploy/server/rbac-impersonation.yaml). Empty turns it off.
+    /// the Helm chart's impersonation ClusterRole). Empty turns it off.
     #[arg(
         long,
         env = "CA_TRUSTED_NODE_ACCOUNTS",
@@ -243,7 +243,7 @@ pub struct DistributionArgs {
     #[arg(long, env = "MESHCA_NO_ROOT_CONFIGMAP")]
     pub no_root_configmap: bool,
     /// Also publish the roots as ClusterTrustBundle istio.io:istiod-ca:root-cert
-    /// (certificates.k8s.io/v1beta1; deploy/server/rbac-cluster-trust-bundle.yaml).
+    /// (certificates.k8s.io/v1beta1; server.clusterTrustBundle in the Helm chart).
     #[arg(long, env = "ENABLE_CLUSTER_TRUST_BUNDLE_API")]
     pub cluster_trust_bundle: bool,
     /// Lease in POD_NAMESPACE electing the one replica that writes the roots.

@@ -82,7 +82,7 @@ pub struct SignerArgs {
     #[arg(long)]
     pub no_trust_bundle: bool,
     /// Leader election is on by default (--no-leader-election turns it
-    /// off); kept so existing manifests with `--leader-elect` still start.
+    /// off); kept so older manifests with `--leader-elect` still start.
     #[arg(long, hide = true)]
     pub leader_elect: bool,
     #[command(flatten)]

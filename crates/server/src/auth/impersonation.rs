@@ -323,7 +323,7 @@ impl PodStore {
                             tracing::warn!(
                                 error = %e,
                                 "watching pods for impersonation failed; not ready until it works \
-                                 (RBAC: deploy/server/rbac-impersonation.yaml, or --no-impersonation); \
+                                 (RBAC: the Helm chart's impersonation ClusterRole, or --no-impersonation); \
                                  retrying"
                             );
                         }

@@ -147,7 +147,7 @@ pub async fn load_or_create(
     // Errors say what to check: the RBAC, the namespace, or the way out.
     let failed = || {
         format!(
-            "{} (RBAC: deploy/server/rbac-ca-secret.yaml in POD_NAMESPACE; or --no-ca-secret \
+            "{} (RBAC: the Helm chart's <name>-ca-secret Role in POD_NAMESPACE; or --no-ca-secret \
              to keep the CA in the state directory)",
             place()
         )

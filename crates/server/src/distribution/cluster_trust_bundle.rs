@@ -98,7 +98,7 @@ pub async fn run(client: kube::Client, mut roots: watch::Receiver<String>) {
                         tracing::warn!(
                             error = %e,
                             "ClusterTrustBundle {BUNDLE_NAME}: sync failed (API enabled? RBAC: \
-                             deploy/server/rbac-cluster-trust-bundle.yaml); retrying"
+                             the Helm chart with server.clusterTrustBundle=true); retrying"
                         );
                     } else {
                         tracing::debug!(error = %e, "ClusterTrustBundle sync");

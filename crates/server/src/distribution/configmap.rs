@@ -220,7 +220,7 @@ pub async fn run(client: kube::Client, roots: watch::Receiver<String>) {
                     tracing::warn!(
                         error = %e,
                         "{CONFIGMAP_NAME}: cannot watch namespaces/ConfigMaps (RBAC: \
-                         deploy/server/rbac-root-configmap.yaml; or --no-root-configmap); retrying"
+                         the Helm chart's root-configmap ClusterRole; or --no-root-configmap); retrying"
                     );
                 }
                 Err(e) => tracing::debug!(error = %e, "{CONFIGMAP_NAME} controller"),

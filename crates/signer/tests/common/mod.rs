@@ -18,8 +18,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use meshca_pki::profile::{CaCertRequest, intermediate_ca, self_signed_root};
 use meshca_pki::{CaBundle, KeyType, SigningKey, cert, pem};
-use meshca_signer::manifests;
-use meshca_testsupport::{Identity, TestEnv, TestNamespace, openssl};
+use meshca_testsupport::{Identity, TestEnv, TestNamespace, chart, openssl};
 use time::OffsetDateTime;
 
 pub const ISTIOD_USAGES: [&str; 4] = [
@@ -108,28 +107,38 @@ pub fn write_ca_dir(dir: &Path, cert_pem: &str, key_pem: &str, roots_pem: &str) 
     }
 }
 
-/// The rendered manifests for this test: objects in the test namespace,
-/// cluster-scoped names unique to the test.
-pub fn manifest_options(ns: &TestNamespace, signers: &[&str]) -> manifests::Options {
-    manifests::Options {
-        name: ns.unique_name("m"),
-        namespace: ns.name().to_string(),
-        istio_namespace: ns.name().to_string(),
-        signer_names: signers.iter().map(|s| s.to_string()).collect(),
-        image: "meshca:test".into(),
+/// How the chart is rendered for this test: objects in the test namespace
+/// (istiod's too), cluster-scoped names unique to the test.
+pub struct ManifestOptions {
+    pub name: String,
+    pub namespace: String,
+    pub signer_names: Vec<String>,
+}
+
+impl ManifestOptions {
+    fn signer_names(&self) -> Vec<&str> {
+        self.signer_names.iter().map(String::as_str).collect()
     }
 }
 
-/// The controller's identity: exactly deploy/signer/rbac.yaml's RBAC.
-pub async fn controller_identity(ns: &TestNamespace, o: &manifests::Options) -> Result<Identity> {
-    let yaml = manifests::render_text(manifests::FILES[1].1, o);
+pub fn manifest_options(ns: &TestNamespace, signers: &[&str]) -> ManifestOptions {
+    ManifestOptions {
+        name: ns.unique_name("m"),
+        namespace: ns.name().to_string(),
+        signer_names: signers.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// The controller's identity: exactly the chart's RBAC for the signer.
+pub async fn controller_identity(ns: &TestNamespace, o: &ManifestOptions) -> Result<Identity> {
+    let yaml = chart::signer_rbac(&o.namespace, &o.name, &o.signer_names(), &o.namespace, &[])?;
     ns.identity_from_manifest("signer-ca-controller-manager", &yaml)
         .await
 }
 
-/// istiod's identity in RA mode: exactly deploy/signer/istiod.yaml's RBAC.
-pub async fn istiod_identity(ns: &TestNamespace, o: &manifests::Options) -> Result<Identity> {
-    let yaml = manifests::render_text(manifests::FILES[4].1, o);
+/// istiod's identity in RA mode: exactly what the signer's chart grants it.
+pub async fn istiod_identity(ns: &TestNamespace, o: &ManifestOptions) -> Result<Identity> {
+    let yaml = chart::istiod_ra_rbac(&o.namespace, &o.name, &o.signer_names(), &o.namespace)?;
     ns.identity_from_manifest("istiod", &yaml).await
 }
 
