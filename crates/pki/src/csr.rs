@@ -1,6 +1,7 @@
 //! CSR validation: everything checked before a single byte is signed.
 
 use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::cri_attributes::ParsedCriAttribute;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{self as oids, Oid};
 use x509_parser::prelude::FromDer;
@@ -132,9 +133,31 @@ fn validate_csr_der(der: &[u8], policy: &CsrPolicy) -> Result<ValidatedCsr, CsrE
 
     let mut requested_sans = Vec::new();
     let mut requests_ca = false;
-    if let Some(extensions) = csr.requested_extensions() {
-        for ext in extensions {
-            match ext {
+    // Every extensionRequest attribute, not only the first (which is all
+    // `requested_extensions()` looks at): a second one could hide CA:TRUE.
+    let mut requests = info
+        .iter_attributes()
+        .filter_map(|a| match a.parsed_attribute() {
+            ParsedCriAttribute::ExtensionRequest(r) => Some(r),
+            _ => None,
+        });
+    let request = requests.next();
+    if requests.next().is_some() {
+        return Err(CsrError::DuplicateExtension(
+            "the extensionRequest attribute".into(),
+        ));
+    }
+    if let Some(request) = request {
+        let mut seen: Vec<&Oid<'_>> = Vec::new();
+        for ext in &request.extensions {
+            if seen.contains(&&ext.oid) {
+                return Err(CsrError::DuplicateExtension(format!(
+                    "extension {}",
+                    ext.oid.to_id_string()
+                )));
+            }
+            seen.push(&ext.oid);
+            match ext.parsed_extension() {
                 ParsedExtension::SubjectAlternativeName(san) => {
                     for name in &san.general_names {
                         requested_sans.push(san_entry(name)?);
@@ -197,9 +220,12 @@ fn classify_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<Cs
     let alg = &spki.algorithm.algorithm;
     if *alg == oids::OID_PKCS1_RSAENCRYPTION {
         match spki.parsed() {
-            Ok(PublicKey::RSA(rsa)) => Ok(CsrKey::Rsa {
-                bits: bit_length(rsa.modulus),
-            }),
+            Ok(PublicKey::RSA(rsa)) => {
+                check_rsa_exponent(rsa.exponent)?;
+                Ok(CsrKey::Rsa {
+                    bits: bit_length(rsa.modulus),
+                })
+            }
             _ => Err(CsrError::Malformed("RSA public key".into())),
         }
     } else if *alg == oids::OID_KEY_TYPE_EC_PUBLIC_KEY {
@@ -207,6 +233,9 @@ fn classify_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<Cs
             .algorithm
             .parameters
             .as_ref()
+            // The tag first: `as_oid` reads any value's bytes as an OID, so
+            // explicit parameters (a SEQUENCE) could pass for a named curve.
+            .filter(|p| p.tag() == x509_parser::der_parser::asn1_rs::Tag::Oid)
             .and_then(|p| p.as_oid().ok())
             .ok_or_else(|| CsrError::Curve("(none or explicit parameters)".into()))?;
         if curve == oids::OID_EC_P256 {
@@ -246,6 +275,25 @@ fn check_key(key: CsrKey, policy: &CsrPolicy) -> Result<(), CsrError> {
     }
 }
 
+/// Odd, at least 3, below 2^32 (Go's crypto/rsa refuses more than 2^31-1,
+/// and everything issues with 65537): e = 1 makes any "signature" verify,
+/// an even e is no RSA key, a huge one is a cost attack on verification.
+fn check_rsa_exponent(big_endian: &[u8]) -> Result<(), CsrError> {
+    let digits: Vec<u8> = big_endian.iter().copied().skip_while(|b| *b == 0).collect();
+    let refuse = || {
+        let hex: String = digits.iter().map(|b| format!("{b:02x}")).collect();
+        CsrError::RsaExponent(format!("0x{}", if hex.is_empty() { "0" } else { &hex }))
+    };
+    if digits.len() > 4 {
+        return Err(refuse());
+    }
+    let e = digits.iter().fold(0u64, |e, b| (e << 8) | u64::from(*b));
+    if e < 3 || e % 2 == 0 {
+        return Err(refuse());
+    }
+    Ok(())
+}
+
 fn bit_length(big_endian: &[u8]) -> usize {
     let digits: Vec<_> = big_endian.iter().skip_while(|b| **b == 0).collect();
     match digits.first() {
@@ -282,23 +330,44 @@ pub fn build_csr(
     sans: &[SanEntry],
 ) -> Result<String, String> {
     use crate::der;
-    let mut attributes = Vec::new();
+    let mut extensions = Vec::new();
     if !sans.is_empty() {
-        let san_ext = der::sequence(&[
+        extensions.push(der::sequence(&[
             &der::oid(&[2, 5, 29, 17]),
             &der::octet_string(&crate::san::san_extension_value(sans)?),
-        ]);
-        // extensionRequest (PKCS#9) attribute holding one SAN extension.
-        attributes = der::sequence(&[
-            &der::oid(&[1, 2, 840, 113549, 1, 9, 14]),
-            &der::tlv(der::SET, &[&der::sequence(&[&san_ext])]),
-        ]);
+        ]));
     }
+    let attributes = match extensions.is_empty() {
+        true => Vec::new(),
+        false => vec![extension_request(&extensions)],
+    };
+    build_csr_with_attributes(key, subject_der, &attributes)
+}
+
+/// The PKCS#9 extensionRequest attribute holding these DER extensions.
+pub fn extension_request(extensions: &[Vec<u8>]) -> Vec<u8> {
+    use crate::der;
+    let extensions: Vec<&[u8]> = extensions.iter().map(Vec::as_slice).collect();
+    der::sequence(&[
+        &der::oid(&[1, 2, 840, 113549, 1, 9, 14]),
+        &der::tlv(der::SET, &[&der::sequence(&extensions)]),
+    ])
+}
+
+/// A CSR signed by `key` with exactly these DER attributes, whatever they
+/// say: for tests and fuzzing of what validation refuses.
+pub fn build_csr_with_attributes(
+    key: &crate::key::SigningKey,
+    subject_der: &[u8],
+    attributes: &[Vec<u8>],
+) -> Result<String, String> {
+    use crate::der;
+    let attributes: Vec<&[u8]> = attributes.iter().map(Vec::as_slice).collect();
     let info = der::sequence(&[
         &der::small_integer(0),
         subject_der,
         &key.spki_der(),
-        &der::tlv(der::context(0, true), &[&attributes]),
+        &der::tlv(der::context(0, true), &attributes),
     ]);
     let algorithm = key.signature_algorithm_der();
     let signature = key.sign(&info).map_err(|e| e.to_string())?;
@@ -353,6 +422,179 @@ mod tests {
             "system:masters",
             "kubernetes-admin"
         )));
+    }
+
+    /// A PEM CSR with this SPKI and a signature that cannot verify: what
+    /// the key checks refuse must be refused before the signature is tried.
+    fn unsigned_csr(spki: &[u8], signature_algorithm: &[u64]) -> String {
+        use crate::der;
+        let info = der::sequence(&[
+            &der::small_integer(0),
+            crate::cert::EMPTY_NAME,
+            spki,
+            &der::tlv(der::context(0, true), &[]),
+        ]);
+        let alg = der::sequence(&[&der::oid(signature_algorithm)]);
+        let csr = der::sequence(&[&info, &alg, &der::bit_string(&[0x55; 64])]);
+        pem::encode("CERTIFICATE REQUEST", &csr)
+    }
+
+    const SHA256_WITH_RSA: [u64; 7] = [1, 2, 840, 113549, 1, 1, 11];
+    const ECDSA_WITH_SHA256: [u64; 7] = [1, 2, 840, 10045, 4, 3, 2];
+
+    fn rsa_spki(exponent: &[u8]) -> Vec<u8> {
+        use crate::der;
+        let modulus = [0xc3u8; 256]; // 2048 bits, odd
+        let key = der::sequence(&[
+            &der::unsigned_integer(&modulus),
+            &der::unsigned_integer(exponent),
+        ]);
+        der::sequence(&[
+            &der::sequence(&[&der::oid(&[1, 2, 840, 113549, 1, 1, 1]), &[der::NULL, 0]]),
+            &der::bit_string(&key),
+        ])
+    }
+
+    #[test]
+    fn rsa_exponents_that_are_one_even_or_huge_are_refused() {
+        let policy = CsrPolicy::default();
+        for exponent in [
+            &[0x01][..],
+            &[0x00],
+            &[0x02],
+            &[0x01, 0x00, 0x00],             // 65536: even
+            &[0x01, 0x00, 0x00, 0x00, 0x01], // 2^32 + 1
+            &[0xff; 64],                     // a 512-bit exponent
+        ] {
+            let pem = unsigned_csr(&rsa_spki(exponent), &SHA256_WITH_RSA);
+            let err = validate_csr(pem.as_bytes(), &policy).unwrap_err();
+            assert_eq!(err.reason(), "csr_rsa_exponent", "{exponent:02x?}: {err}");
+        }
+        // 65537 and 3 pass the exponent check and fail at the signature.
+        for exponent in [&[0x01, 0x00, 0x01][..], &[0x03]] {
+            let pem = unsigned_csr(&rsa_spki(exponent), &SHA256_WITH_RSA);
+            let err = validate_csr(pem.as_bytes(), &policy).unwrap_err();
+            assert_eq!(err, CsrError::BadSignature, "{exponent:02x?}");
+        }
+    }
+
+    #[test]
+    fn explicit_curve_parameters_and_secp256k1_are_refused() {
+        use crate::der;
+        let point = [&[0x04u8][..], &[0x11; 64]].concat();
+        let ec_spki = |parameters: &[u8]| {
+            der::sequence(&[
+                &der::sequence(&[&der::oid(&[1, 2, 840, 10045, 2, 1]), parameters]),
+                &der::bit_string(&point),
+            ])
+        };
+        let secp256k1 = der::oid(&[1, 3, 132, 0, 10]);
+        // specifiedCurve: ECParameters SEQUENCE { version 1, fieldID, curve, base, order }.
+        let explicit = der::sequence(&[
+            &der::small_integer(1),
+            &der::sequence(&[&der::oid(&[1, 2, 840, 10045, 1, 1]), &der::small_integer(7)]),
+        ]);
+        // A SEQUENCE whose content bytes are P-256's OID: still explicit.
+        let p256 = der::oid(&[1, 2, 840, 10045, 3, 1, 7]);
+        let disguised = der::tlv(der::SEQUENCE, &[&p256[2..]]);
+        for (parameters, want) in [
+            (
+                disguised,
+                CsrError::Curve("(none or explicit parameters)".into()),
+            ),
+            (secp256k1, CsrError::Curve("1.3.132.0.10".into())),
+            (
+                explicit,
+                CsrError::Curve("(none or explicit parameters)".into()),
+            ),
+            (
+                Vec::new(),
+                CsrError::Curve("(none or explicit parameters)".into()),
+            ),
+        ] {
+            let pem = unsigned_csr(&ec_spki(&parameters), &ECDSA_WITH_SHA256);
+            let err = validate_csr(pem.as_bytes(), &CsrPolicy::default()).unwrap_err();
+            assert_eq!(err, want);
+            assert_eq!(err.reason(), "csr_key_curve");
+        }
+    }
+
+    /// A properly signed CSR with these extensions (full DER Extension
+    /// SEQUENCEs), in one extensionRequest attribute.
+    fn signed_csr(extensions: &[Vec<u8>]) -> String {
+        use crate::key::{KeyType, SigningKey};
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        build_csr_with_attributes(
+            &key,
+            crate::cert::EMPTY_NAME,
+            &[extension_request(extensions)],
+        )
+        .unwrap()
+    }
+
+    fn extension(oid: &[u64], value: &[u8]) -> Vec<u8> {
+        use crate::der;
+        der::sequence(&[&der::oid(oid), &der::octet_string(value)])
+    }
+
+    const SAN: [u64; 4] = [2, 5, 29, 17];
+    const BASIC_CONSTRAINTS: [u64; 4] = [2, 5, 29, 19];
+
+    fn san(entries: &[SanEntry]) -> Vec<u8> {
+        extension(&SAN, &crate::san::san_extension_value(entries).unwrap())
+    }
+
+    #[test]
+    fn duplicate_extensions_and_extension_requests_are_refused() {
+        use crate::der;
+        let id = SanEntry::Uri("spiffe://cluster.local/ns/a/sa/b".into());
+        let other = SanEntry::Uri("spiffe://cluster.local/ns/kube-system/sa/admin".into());
+        let ca = extension(&BASIC_CONSTRAINTS, &der::sequence(&[&der::boolean(true)]));
+        let not_ca = extension(&BASIC_CONSTRAINTS, &der::sequence(&[]));
+        let policy = CsrPolicy::default();
+        for extensions in [
+            vec![
+                san(std::slice::from_ref(&id)),
+                san(std::slice::from_ref(&other)),
+            ],
+            vec![san(std::slice::from_ref(&id)), not_ca.clone(), ca.clone()],
+        ] {
+            let err = validate_csr(signed_csr(&extensions).as_bytes(), &policy).unwrap_err();
+            assert_eq!(err.reason(), "csr_extension_duplicate", "{err}");
+        }
+        // A second extensionRequest attribute (which a parser looking at the
+        // first only would never see) hiding CA:TRUE.
+        let key = crate::key::SigningKey::generate(crate::key::KeyType::EcdsaP256).unwrap();
+        let pem = build_csr_with_attributes(
+            &key,
+            crate::cert::EMPTY_NAME,
+            &[extension_request(&[san(&[id])]), extension_request(&[ca])],
+        )
+        .unwrap();
+        let err = validate_csr(pem.as_bytes(), &policy).unwrap_err();
+        assert_eq!(err.reason(), "csr_extension_duplicate", "{err}");
+    }
+
+    #[test]
+    fn ip_sans_of_a_bad_length_and_malformed_extension_values_are_refused() {
+        use crate::der;
+        let ip = |bytes: &[u8]| der::tlv(der::context(7, false), &[bytes]);
+        let policy = CsrPolicy::default();
+        for bad in [
+            extension(&SAN, &der::sequence(&[&ip(&[10, 0, 0, 1, 9])])),
+            extension(&SAN, &der::sequence(&[&ip(&[])])),
+            extension(&SAN, &der::sequence(&[&ip(&[0; 15])])),
+            // Not a GeneralNames SEQUENCE at all.
+            extension(&SAN, &[0x30, 0x05, 0x01]),
+            extension(&SAN, b"garbage"),
+            extension(&BASIC_CONSTRAINTS, &[0x30, 0x03, 0x01, 0x01]),
+        ] {
+            let err = validate_csr(signed_csr(&[bad]).as_bytes(), &policy).unwrap_err();
+            assert!(
+                matches!(err.reason(), "csr_extension_malformed" | "csr_malformed"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -73,6 +73,10 @@ pub enum CsrError {
     BadSignature,
     #[error("requested extension {0} is malformed")]
     MalformedExtension(&'static str),
+    #[error("RSA public exponent {0} is not allowed (it must be odd, at least 3 and below 2^32)")]
+    RsaExponent(String),
+    #[error("the CSR requests {0} more than once")]
+    DuplicateExtension(String),
 }
 
 impl CsrError {
@@ -91,6 +95,8 @@ impl CsrError {
             CsrError::SignatureAlgorithm(_) => "csr_signature_algorithm",
             CsrError::BadSignature => "csr_signature_invalid",
             CsrError::MalformedExtension(_) => "csr_extension_malformed",
+            CsrError::RsaExponent(_) => "csr_rsa_exponent",
+            CsrError::DuplicateExtension(_) => "csr_extension_duplicate",
         }
     }
 }
@@ -106,6 +112,8 @@ pub enum PolicyViolation {
     TrustDomain(String),
     #[error("DNS SANs are not allowed ({0})")]
     DnsSan(String),
+    #[error("wildcard DNS SAN {0} is not allowed")]
+    WildcardDnsSan(String),
     #[error("IP SANs are not allowed ({0})")]
     IpSan(String),
     #[error("email SANs are not allowed ({0})")]
@@ -131,6 +139,7 @@ impl PolicyViolation {
             PolicyViolation::UriNotSpiffe(_) => "policy_uri_not_spiffe",
             PolicyViolation::TrustDomain(_) => "policy_trust_domain",
             PolicyViolation::DnsSan(_) => "policy_dns_san",
+            PolicyViolation::WildcardDnsSan(_) => "policy_dns_san_wildcard",
             PolicyViolation::IpSan(_) => "policy_ip_san",
             PolicyViolation::EmailSan(_) => "policy_email_san",
             PolicyViolation::OtherSan(_) => "policy_other_san",

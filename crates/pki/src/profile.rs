@@ -259,6 +259,11 @@ fn check_sans(policy: &SanPolicy, sans: &[SanEntry]) -> Result<(), PolicyViolati
             SanEntry::Dns(name) if !policy.allow_dns => {
                 return Err(PolicyViolation::DnsSan(name.clone()));
             }
+            // A wildcard would let one workload answer for every name under
+            // it; kube-controller-manager's signers never get one from Istio.
+            SanEntry::Dns(name) if name.contains('*') => {
+                return Err(PolicyViolation::WildcardDnsSan(name.clone()));
+            }
             SanEntry::Ip(ip) if !policy.allow_ip => {
                 return Err(PolicyViolation::IpSan(ip.to_string()));
             }

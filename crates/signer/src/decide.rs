@@ -533,6 +533,25 @@ mod tests {
     }
 
     #[test]
+    fn wildcard_dns_sans_fail_even_where_dns_sans_are_allowed() {
+        let ca = ca_with_intermediate(Duration::from_secs(86400));
+        let mut policy = SignerPolicy::istiod(SIGNER);
+        policy.profile.sans.allow_dns = true;
+        let run = |dns: &str| {
+            let sans = [spiffe("cluster.local"), SanEntry::Dns(dns.into())];
+            let csr = csr_with(csr_pem(cert::EMPTY_NAME, &sans), istiod_usages());
+            decide(&csr, &policy, Some(&ca), now())
+        };
+        for wildcard in ["*.example.com", "*", "a.*.example.com", "foo*.example.com"] {
+            expect_fail(run(wildcard), "policy_dns_san_wildcard");
+        }
+        assert!(
+            matches!(run("svc.ns.svc.cluster.local"), Action::Issue { .. }),
+            "a plain DNS SAN is issued where the policy allows DNS SANs"
+        );
+    }
+
+    #[test]
     fn tampered_csr_signature_fails() {
         let ca = ca_with_intermediate(Duration::from_secs(86400));
         let policy = SignerPolicy::istiod(SIGNER);

@@ -271,6 +271,100 @@ mod tests {
         assert_eq!(entries.entry_count(), 2);
     }
 
+    /// Threads hammer one cache the way the authenticator does (a miss asks
+    /// the "apiserver", a success is cached) while half the tokens are
+    /// revoked mid-run: a revoked token is served from the cache only within
+    /// one TTL of the last answer that still said yes, never later.
+    #[test]
+    fn revoked_tokens_end_within_one_ttl_under_concurrent_use() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Barrier};
+        let ttl = Duration::from_millis(150);
+        // Small enough that the flood of one-off tokens below evicts entries.
+        let cache = Arc::new(TokenCache::new(ttl, 64));
+        let start = Instant::now();
+        let revoked = Arc::new(AtomicBool::new(false));
+        // When the last "still valid" answer for a revoked token was cached
+        // (µs since start, recorded after the insert: an upper bound).
+        let last_yes = Arc::new(AtomicU64::new(0));
+        let threads = 8;
+        let barrier = Arc::new(Barrier::new(threads + 1));
+        let exp = Some(now() + 600);
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (cache, revoked, last_yes, barrier) = (
+                    cache.clone(),
+                    revoked.clone(),
+                    last_yes.clone(),
+                    barrier.clone(),
+                );
+                std::thread::spawn(move || {
+                    let account = KubeAccount::new("ns".into(), "sa".into());
+                    let mut late_hits = Vec::new();
+                    let mut valid_hits = 0u64;
+                    barrier.wait();
+                    let mut i = 0u32;
+                    while start.elapsed() < Duration::from_millis(900) {
+                        i = i.wrapping_add(1);
+                        // Keys 0-15 stay valid, 16-31 are revoked at 300 ms,
+                        // and every 4th request is a one-off token (churn).
+                        let key: [u8; 32] = match i % 4 {
+                            0 => {
+                                let mut k = [0xee; 32];
+                                k[..4].copy_from_slice(&i.to_le_bytes());
+                                k[4] = t as u8;
+                                k
+                            }
+                            _ => [(i % 32) as u8; 32],
+                        };
+                        let to_revoke = (16..32).contains(&key[0]) && key[1] == key[0];
+                        // Taken before the lookup: a thread descheduled
+                        // after it cannot make a timely hit look late.
+                        let asked_at = start.elapsed();
+                        let was_revoked = revoked.load(Ordering::SeqCst);
+                        if cache.get(&key).is_some() {
+                            if to_revoke && was_revoked {
+                                late_hits.push(asked_at);
+                            } else if !to_revoke {
+                                valid_hits += 1;
+                            }
+                            continue;
+                        }
+                        let says_yes = !(to_revoke && revoked.load(Ordering::SeqCst));
+                        if says_yes {
+                            cache.insert(key, &account, "token_review", exp);
+                            if to_revoke {
+                                let at = start.elapsed().as_micros() as u64;
+                                last_yes.fetch_max(at, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    (late_hits, valid_hits)
+                })
+            })
+            .collect();
+        barrier.wait();
+        std::thread::sleep(Duration::from_millis(300));
+        revoked.store(true, Ordering::SeqCst);
+        let mut valid_hits = 0;
+        let mut late = Vec::new();
+        for w in workers {
+            let (hits, valid) = w.join().unwrap();
+            late.extend(hits);
+            valid_hits += valid;
+        }
+        let bound = Duration::from_micros(last_yes.load(Ordering::SeqCst)) + ttl;
+        let beyond: Vec<_> = late.iter().filter(|t| **t > bound).collect();
+        assert!(
+            beyond.is_empty(),
+            "revoked tokens served after {bound:?} (last yes + TTL): {beyond:?}"
+        );
+        assert!(
+            valid_hits > 0,
+            "the valid tokens were never served from the cache"
+        );
+    }
+
     #[test]
     fn a_zero_ttl_or_size_caches_nothing() {
         let exp = Some(now() + 600);

@@ -422,6 +422,38 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_claims_and_header_fields_are_refused() {
+        let rsa = rsa_key();
+        let jwks = json!({"keys": [rsa_jwk(&rsa, "k")]}).to_string();
+        let verifier =
+            JwtVerifier::new(jwks.as_bytes(), "https://issuer", &["istio-ca".into()]).unwrap();
+        // Raw JSON: a JSON value cannot hold a key twice.
+        let raw = |header: &str, claims: &str| {
+            let signed = format!(
+                "{}.{}",
+                B64URL.encode(header.as_bytes()),
+                B64URL.encode(claims.as_bytes())
+            );
+            let sig = rsa.sign(signed.as_bytes()).unwrap();
+            format!("{signed}.{}", B64URL.encode(sig))
+        };
+        let header = r#"{"alg":"RS256","kid":"k"}"#;
+        let good = r#"{"iss":"https://issuer","sub":"system:serviceaccount:ns1:sa1","aud":"istio-ca","exp":1600}"#;
+        assert!(verifier.verify(&raw(header, good), 1_100).is_ok());
+        for claims in [
+            // Which `sub` wins differs between JSON parsers: refuse both.
+            r#"{"iss":"https://issuer","sub":"system:serviceaccount:ns1:sa1","sub":"system:serviceaccount:kube-system:admin","aud":"istio-ca","exp":1600}"#,
+            r#"{"iss":"https://issuer","sub":"system:serviceaccount:ns1:sa1","aud":"istio-ca","exp":1600,"exp":99999999999}"#,
+            r#"{"iss":"https://evil","iss":"https://issuer","sub":"system:serviceaccount:ns1:sa1","aud":"istio-ca","exp":1600}"#,
+        ] {
+            let err = verifier.verify(&raw(header, claims), 1_100);
+            assert!(err.is_err(), "{claims} was accepted as {err:?}");
+        }
+        let twice = r#"{"alg":"RS256","kid":"k","alg":"none"}"#;
+        assert!(verifier.verify(&raw(twice, good), 1_100).is_err());
+    }
+
+    #[test]
     fn a_flipped_signature_byte_is_refused() {
         let issuer = issuer();
         let verifier = JwtVerifier::new(
