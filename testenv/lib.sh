@@ -33,10 +33,10 @@ testenv_key() {
     {
       cat lib.sh build
       for f in kube/go.mod kube/go.sum etcd/go.mod etcd/go.sum zlint/go.mod zlint/go.sum \
-               istio/go.mod istio/go.sum helm/go.mod helm/go.sum; do
+               istio/go.mod istio/go.sum helm/go.mod helm/go.sum spiffe/go.mod spiffe/go.sum; do
         printf '%s\n' "$f"; cat "$f"
       done
-      find istio/cmd -type f -name '*.go' | LC_ALL=C sort | while read -r f; do
+      find istio/cmd spiffe/cmd -type f -name '*.go' | LC_ALL=C sort | while read -r f; do
         printf '%s\n' "$f"; cat "$f"
       done
       go env GOVERSION GOOS GOARCH

@@ -147,7 +147,12 @@ async fn every_profile_applies_with_server_side_dry_run() {
     let ns = env.namespace("chart").await.unwrap();
     let istio = format!("istioNamespace={}", ns.name());
     for p in PROFILES {
-        let mut sets = vec![istio.as_str(), "image.tag=test"];
+        let mut sets = vec![
+            istio.as_str(),
+            "image.tag=test",
+            "server.spiffeBundle.enabled=true",
+            "server.spiffeBundle.tlsSecret=bundle-tls",
+        ];
         sets.extend(MONITORING);
         let yaml = chart::render(ns.name(), &[chart::profile(p)], &sets).unwrap();
         let kinds = chart::dry_run_apply(&admin, &yaml)

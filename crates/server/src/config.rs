@@ -50,6 +50,8 @@ pub struct ServerConfig {
     /// Where the roots go (ConfigMaps, ClusterTrustBundle) and who writes
     /// them; needs `kube`.
     pub distribution: distribution::DistributionConfig,
+    /// The SPIFFE bundle endpoint (federation, `https_web`), off when `None`.
+    pub spiffe_bundle: Option<distribution::spiffe_bundle::SpiffeBundleConfig>,
     /// With `kube` and no plugged-in CA: the self-signed CA lives in Secret
     /// `istio-ca-secret` here (and is rotated) instead of the state directory.
     pub ca_secret: Option<istio_secret::CaSecretConfig>,

@@ -24,7 +24,7 @@ use crate::backend::local::{LocalBackend, current_ca};
 use crate::backend::ra::KubernetesRa;
 use crate::ca::reload::Reloader;
 use crate::ca::{self, CaOrigin};
-use crate::distribution;
+use crate::distribution::{self, spiffe_bundle};
 use crate::grpc::body_first::BodyFirstLayer;
 use crate::grpc::service::CaService;
 use crate::grpc::tls::{self, TlsState};
@@ -46,6 +46,7 @@ pub struct Server {
     tls: Arc<TlsState>,
     pods: Option<PodStore>,
     listener: tokio::net::TcpListener,
+    spiffe_bundle: Option<spiffe_bundle::Endpoint>,
     registry: Arc<Registry>,
     _ca_tasks: tokio_util::sync::DropGuard,
 }
@@ -123,6 +124,10 @@ impl Server {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
+        let spiffe_bundle = match &config.spiffe_bundle {
+            Some(cfg) => Some(spiffe_bundle::Endpoint::bind(cfg.clone()).await?),
+            None => None,
+        };
         Ok(Server {
             service: CaService {
                 backend,
@@ -136,6 +141,7 @@ impl Server {
             tls,
             pods,
             listener,
+            spiffe_bundle,
             registry: Arc::new(registry),
             config,
             _ca_tasks: ca_tasks.drop_guard(),
@@ -145,6 +151,11 @@ impl Server {
     /// Where :15012 listens (the real port when 0 was asked for).
     pub fn local_addr(&self) -> Result<std::net::SocketAddr> {
         Ok(self.listener.local_addr()?)
+    }
+
+    /// Where the SPIFFE bundle endpoint listens, if it is on.
+    pub fn spiffe_bundle_addr(&self) -> Option<std::net::SocketAddr> {
+        self.spiffe_bundle.as_ref()?.local_addr().ok()
     }
 
     /// What a standalone user needs to know.
@@ -167,6 +178,7 @@ impl Server {
             tls,
             pods,
             listener,
+            spiffe_bundle,
             registry,
             _ca_tasks,
         } = self;
@@ -196,6 +208,9 @@ impl Server {
                 background.clone(),
             )
             .await?;
+        }
+        if let Some(endpoint) = spiffe_bundle {
+            tokio::spawn(endpoint.serve(roots.clone(), background.clone()));
         }
         let distribution = match config.kube.clone() {
             Some(client) if config.distribution.enabled() => {

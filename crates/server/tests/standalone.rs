@@ -52,6 +52,7 @@ fn standalone(state_dir: &Path) -> ServerConfig {
             election: None,
         },
         ca_secret: None,
+        spiffe_bundle: None,
         limits: Limits::default(),
     }
 }

@@ -13,6 +13,7 @@ use meshca_server::backend::ra::{
 };
 use meshca_server::ca::istio_secret::CaSecretConfig;
 use meshca_server::distribution::DistributionConfig;
+use meshca_server::distribution::spiffe_bundle::SpiffeBundleConfig;
 use meshca_server::grpc::tls::ServingNames;
 use meshca_server::{Server, ServerConfig, Started};
 
@@ -136,6 +137,8 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub distribution: DistributionArgs,
     #[command(flatten)]
+    pub spiffe_bundle: SpiffeBundleArgs,
+    #[command(flatten)]
     pub ca_secret: CaSecretArgs,
     #[command(flatten)]
     pub log: LogArgs,
@@ -255,6 +258,37 @@ pub struct DistributionArgs {
     pub leader_election_lease: String,
     #[command(flatten)]
     pub leader_election: LeaderElectionArgs,
+}
+
+/// The SPIFFE bundle endpoint (SPIFFE Federation, profile `https_web`).
+#[derive(clap::Args)]
+pub struct SpiffeBundleArgs {
+    /// Serve the trust domain's SPIFFE bundle (the roots as a JWK Set with
+    /// `spiffe_sequence`) over HTTPS here, at path `/`, for federation;
+    /// needs --spiffe-bundle-cert and --spiffe-bundle-key.
+    #[arg(long, env = "MESHCA_SPIFFE_BUNDLE_LISTEN", requires_all = ["spiffe_bundle_cert", "spiffe_bundle_key"])]
+    pub spiffe_bundle_listen: Option<SocketAddr>,
+    /// The endpoint's serving certificate chain (PEM), one the consumers'
+    /// web PKI roots trust for its name; re-read when it changes.
+    #[arg(long, env = "MESHCA_SPIFFE_BUNDLE_CERT")]
+    pub spiffe_bundle_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "MESHCA_SPIFFE_BUNDLE_KEY")]
+    pub spiffe_bundle_key: Option<PathBuf>,
+    /// `spiffe_refresh_hint`: how often consumers should poll.
+    #[arg(long, env = "MESHCA_SPIFFE_BUNDLE_REFRESH_HINT", value_parser = parse_duration, default_value = "5m")]
+    pub spiffe_bundle_refresh_hint: Duration,
+}
+
+impl SpiffeBundleArgs {
+    fn config(&self) -> Option<SpiffeBundleConfig> {
+        Some(SpiffeBundleConfig {
+            listen: self.spiffe_bundle_listen?,
+            cert_file: self.spiffe_bundle_cert.clone()?,
+            key_file: self.spiffe_bundle_key.clone()?,
+            refresh_hint: self.spiffe_bundle_refresh_hint,
+        })
+    }
 }
 
 /// The self-signed CA in Secret `istio-ca-secret`.
@@ -440,6 +474,7 @@ async fn config(args: ServerArgs) -> Result<ServerConfig> {
             .distribution
             .config(&args.ca_secret.ca_secret_namespace),
         ca_secret: args.ca_secret.config(),
+        spiffe_bundle: args.spiffe_bundle.config(),
     })
 }
 

@@ -12,6 +12,7 @@
 
 pub mod cluster_trust_bundle;
 pub mod configmap;
+pub mod spiffe_bundle;
 
 use meshca_kube::{CancellationToken, Elector, LeaderElection};
 use tokio::sync::watch;
