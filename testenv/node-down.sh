@@ -100,12 +100,18 @@ if [[ -f "$NODE_DIR/sysctls.saved" ]]; then
 fi
 
 rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+# The kubelet's symlinks to its containers' logs (which live in DIR).
+if [[ -d /var/log/containers ]]; then
+  for l in /var/log/containers/*.log; do
+    [[ -L "$l" && "$(readlink "$l")" == "$DIR/"* ]] && rm -f "$l"
+  done
+fi
 # Directories that did not exist before testenv/up node, deepest first.
 if [[ -f "$NODE_DIR/created-dirs" ]]; then
   while read -r d; do
     case "$d" in
       /run/containerd) rm -rf --one-file-system /run/containerd ;;
-      /var/lib/kubelet*) find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true ;;
+      /var/lib/kubelet* | /var/log/containers) find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true ;;
     esac
   done < <(sort -r "$NODE_DIR/created-dirs")
 fi

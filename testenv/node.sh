@@ -32,7 +32,7 @@ fi
     printf '%s=%s\n' "$s" "$(sysctl -n "$s")"
   done
 } >"$NODE_DIR/sysctls.saved"
-for d in /var/lib/kubelet /var/lib/kubelet/device-plugins /run/containerd; do
+for d in /var/lib/kubelet /var/lib/kubelet/device-plugins /run/containerd /var/log/containers; do
   [[ -e "$d" ]] || printf '%s\n' "$d" >>"$NODE_DIR/created-dirs"
 done
 touch "$NODE_DIR/created-dirs"
