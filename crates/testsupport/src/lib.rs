@@ -36,6 +36,8 @@
 //! - `chart.rs`: the Helm chart rendered by testenv's helm ([`chart::render`]).
 //! - `env.rs`: [`TestEnv`] and its settings, paths of the testenv binaries.
 //! - `namespace.rs`: [`TestNamespace`], its ServiceAccounts and cleanup.
+//! - `node.rs`: [`TestNode`], the real node of `testenv/up node`, and
+//!   [`build_image`] (`deploy/image/build`) for the images its pods run.
 //! - `tokens.rs`: TokenRequest ([`TokenOptions`]) and [`token_review`].
 //! - `rbac.rs`: [`RbacSpec`], [`rule`], grants from a component's RBAC (the chart's).
 //! - `identity.rs`: [`Identity`], a ServiceAccount with its RBAC and kubeconfig.
@@ -50,6 +52,7 @@ mod env;
 mod identity;
 mod names;
 mod namespace;
+mod node;
 pub mod openssl;
 mod process;
 mod rbac;
@@ -60,6 +63,7 @@ pub use identity::{Identity, client_from_kubeconfig};
 pub use meshca_kube::status::{code as api_status_code, is_not_found};
 pub use names::{TESTSUPPORT_LABEL, unique_name};
 pub use namespace::TestNamespace;
+pub use node::{Image, TestNode, build_image, repo_root};
 pub use process::{Proc, free_port};
 pub use rbac::{RbacSpec, rule};
 pub use tokens::{ISTIO_CA_AUDIENCE, TokenOptions, token_review};
