@@ -59,7 +59,7 @@ stop_pidfile "$DIR/pids/containerd.pid"
 # Shims outlive containerd (they are reparented); ours name our socket. By pid only.
 for p in /proc/[0-9]*; do
   pid="${p#/proc/}"
-  cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
+  cmd="$(tr '\0' ' ' 2>/dev/null <"$p/cmdline")" || continue
   [[ "$cmd" == *containerd-shim* && "$cmd" == *"$CTD_SOCK"* ]] || continue
   log "stopping containerd shim pid $pid"
   kill -TERM "$pid" 2>/dev/null || true

@@ -54,9 +54,12 @@ fn meshca_image_is_reproducible_and_minimal() -> Result<()> {
 
     let oci = tmp.path().join("oci");
     std::fs::create_dir(&oci)?;
-    run(Command::new("tar").arg("-xf").arg(&image.archive).arg("-C").arg(&oci))?;
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(oci.join("index.json"))?)?;
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&image.archive)
+        .arg("-C")
+        .arg(&oci))?;
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(oci.join("index.json"))?)?;
     let m = &index["manifests"][0];
     assert_eq!(m["digest"], image.digest.as_str());
     assert_eq!(
@@ -67,7 +70,10 @@ fn meshca_image_is_reproducible_and_minimal() -> Result<()> {
     let config = blob_json(&oci, manifest["config"]["digest"].as_str().unwrap())?;
     let c = &config["config"];
     assert_eq!(c["User"], "65532:65532");
-    assert_eq!(c["Entrypoint"], serde_json::json!(["/usr/local/bin/meshca"]));
+    assert_eq!(
+        c["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/meshca"])
+    );
     assert_eq!(config["created"], "2026-01-01T00:00:00Z");
     let head = run(Command::new("git").args(["rev-parse", "HEAD"]))?;
     let revision = c["Labels"]["org.opencontainers.image.revision"]
@@ -122,7 +128,10 @@ fn meshca_image_is_reproducible_and_minimal() -> Result<()> {
         .map(|(name, _)| name)
         .collect();
     for w in &want {
-        assert!(files.contains_key(w), "{w} missing from the layer: {files:?}");
+        assert!(
+            files.contains_key(w),
+            "{w} missing from the layer: {files:?}"
+        );
     }
     assert_eq!(
         regular.len(),

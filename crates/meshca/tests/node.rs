@@ -88,7 +88,12 @@ async fn meshca_deployment_runs_on_the_node_from_a_local_image() -> Result<()> {
     let imported = node.import(&image.archive)?;
     assert_eq!(imported, image.name);
     assert_eq!(image.name, "docker.io/library/meshca:node-e2e");
-    eprintln!("image {} {} built and imported in {:?}", image.name, image.digest, t.elapsed());
+    eprintln!(
+        "image {} {} built and imported in {:?}",
+        image.name,
+        image.digest,
+        t.elapsed()
+    );
 
     // A ServiceAccount of its own, and the JWT keys in a ConfigMap.
     ns.create_service_account("meshca").await?;
@@ -105,7 +110,11 @@ async fn meshca_deployment_runs_on_the_node_from_a_local_image() -> Result<()> {
 
     let grpc = free_port();
     let monitoring = free_port();
-    let issuer = env.config().sa_issuer.clone().context("MESHCA_TESTENV_SA_ISSUER")?;
+    let issuer = env
+        .config()
+        .sa_issuer
+        .clone()
+        .context("MESHCA_TESTENV_SA_ISSUER")?;
     let restricted = serde_json::json!({
         "runAsNonRoot": true,
         "runAsUser": 65532,
@@ -223,9 +232,16 @@ async fn meshca_deployment_runs_on_the_node_from_a_local_image() -> Result<()> {
         .clone();
     let api_dir = node.pod_volume(&uid, "kubernetes.io~projected", &api_access);
     for f in ["token", "ca.crt", "namespace"] {
-        assert!(api_dir.join(f).is_file(), "{} missing", api_dir.join(f).display());
+        assert!(
+            api_dir.join(f).is_file(),
+            "{} missing",
+            api_dir.join(f).display()
+        );
     }
-    assert_eq!(std::fs::read_to_string(api_dir.join("namespace"))?, ns.name());
+    assert_eq!(
+        std::fs::read_to_string(api_dir.join("namespace"))?,
+        ns.name()
+    );
 
     // The CA the init container made in the emptyDir, as the server serves it,
     // and the projected istio-ca token the kubelet wrote for the pod's account.
@@ -297,4 +313,85 @@ fn read_chain(path: &Path) -> Result<Vec<String>> {
         .map(|s| s.trim().to_owned())
         .filter(|s| s.starts_with("-----BEGIN"))
         .collect())
+}
+
+/// Istio's pilot-discovery and pilot-agent (testenv's builds) in an image of
+/// their own (`deploy/image/build istio`) run on the node as a non-root pod
+/// with a read-only root filesystem: the image the istiod-as-a-pod and
+/// proxyless-workload tests start from.
+#[tokio::test(flavor = "multi_thread")]
+async fn istio_image_runs_on_the_node() -> Result<()> {
+    let node = TestNode::get();
+    let env = TestEnv::get().await;
+    let client = env.client();
+    let ns = env.namespace("node-istio").await?;
+    let tmp = tempfile::tempdir()?;
+    let bindir = env.config().bin_dir.to_str().context("bin dir")?.to_owned();
+    let image = build_image(
+        "istio",
+        &["--bindir", &bindir, "--tag", "node-e2e"],
+        &tmp.path().join("istio.oci.tar"),
+    )?;
+    assert_eq!(node.import(&image.archive)?, image.name);
+
+    let pods = Api::<Pod>::namespaced(client.clone(), ns.name());
+    for bin in ["pilot-discovery", "pilot-agent"] {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": bin},
+            "spec": {
+                "hostNetwork": true,
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": false,
+                "containers": [{
+                    "name": "istio",
+                    "image": image.name,
+                    "imagePullPolicy": "Never",
+                    "command": [format!("/usr/local/bin/{bin}")],
+                    "args": ["version", "--short"],
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 1337,
+                        "readOnlyRootFilesystem": true,
+                        "allowPrivilegeEscalation": false,
+                        "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                }],
+            },
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    for bin in ["pilot-discovery", "pilot-agent"] {
+        let t = Instant::now();
+        loop {
+            let p = pods.get(bin).await?;
+            let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+            match phase.as_deref() {
+                Some("Succeeded") => break,
+                Some("Failed") => bail!(
+                    "{bin} failed: {}\n{}",
+                    pods.logs(bin, &LogParams::default())
+                        .await
+                        .unwrap_or_default(),
+                    diagnose(&client, ns.name()).await
+                ),
+                _ if t.elapsed() > Duration::from_secs(60) => bail!(
+                    "{bin} not done after 60 s\n{}",
+                    diagnose(&client, ns.name()).await
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        }
+        let logs = pods.logs(bin, &LogParams::default()).await?;
+        assert!(logs.contains("version"), "{bin} printed {logs:?}");
+        pods.delete(bin, &DeleteParams::default()).await?;
+    }
+    let t = Instant::now();
+    while !pods.list(&ListParams::default()).await?.items.is_empty() {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("istio pods still there 60 s after their deletion");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    ns.cleanup().await
 }
