@@ -130,7 +130,8 @@ log "containerd ready at $CTD_SOCK"
   die "building the pause image failed (see $DIR/logs/pause-image.log)"
 "$NODE_DIR/ctr" images import "$NODE_DIR/images/pause.oci.tar" >"$DIR/logs/ctr-import.log" 2>&1 ||
   die "ctr images import of the pause image failed (see $DIR/logs/ctr-import.log)"
-"$NODE_DIR/ctr" images ls -q | grep -qxF "$PAUSE_IMAGE" || die "$PAUSE_IMAGE not in containerd after import"
+images="$("$NODE_DIR/ctr" images ls -q)" || die "ctr images ls failed"
+grep -qxF "$PAUSE_IMAGE" <<<"$images" || die "$PAUSE_IMAGE not in containerd after import"
 
 # --- kubelet ---------------------------------------------------------------------------------
 cat >"$NODE_DIR/kubelet/config.yaml" <<EOF
