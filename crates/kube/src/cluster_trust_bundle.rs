@@ -50,7 +50,8 @@ pub fn plan(existing: Option<&ClusterTrustBundle>, want: &ClusterTrustBundle) ->
     let Some(have) = existing else {
         return Plan::Apply;
     };
-    let carries = |have: &Option<BTreeMap<String, String>>, want: &Option<BTreeMap<String, String>>| {
+    let carries = |have: &Option<BTreeMap<String, String>>,
+                   want: &Option<BTreeMap<String, String>>| {
         want.iter()
             .flatten()
             .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
@@ -73,8 +74,14 @@ mod tests {
 
     #[test]
     fn names_follow_the_apis_signer_prefix_rule() {
-        assert_eq!(bundle_name("example.com/foo", "roots"), "example.com:foo:roots");
-        assert_eq!(bundle_name("istio.io/istiod-ca", "root-cert"), "istio.io:istiod-ca:root-cert");
+        assert_eq!(
+            bundle_name("example.com/foo", "roots"),
+            "example.com:foo:roots"
+        );
+        assert_eq!(
+            bundle_name("istio.io/istiod-ca", "root-cert"),
+            "istio.io:istiod-ca:root-cert"
+        );
     }
 
     #[test]
@@ -84,7 +91,11 @@ mod tests {
         assert_eq!(plan(None, &want), Plan::Apply);
         let mut have = want.clone();
         have.metadata.resource_version = Some("3".into());
-        have.metadata.labels.as_mut().unwrap().insert("other".into(), "x".into());
+        have.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("other".into(), "x".into());
         assert_eq!(plan(Some(&have), &want), Plan::InSync);
         have.spec.trust_bundle = ROOT.replace("AAAA", "BBBB");
         assert_eq!(plan(Some(&have), &want), Plan::Apply);

@@ -216,7 +216,9 @@ fn check_signature_algorithm(alg: &Oid<'_>) -> Result<(), CsrError> {
     }
 }
 
-pub(crate) fn classify_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKey, CsrError> {
+pub(crate) fn classify_key(
+    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
+) -> Result<CsrKey, CsrError> {
     let alg = &spki.algorithm.algorithm;
     if *alg == oids::OID_PKCS1_RSAENCRYPTION {
         match spki.parsed() {

@@ -174,7 +174,9 @@ mod tests {
         };
         let (spki, proof) = signed_by(KeyType::Ed25519, UID);
         assert_eq!(
-            validate_pod_key(&spki, &proof, UID, &no_ed).unwrap_err().reason(),
+            validate_pod_key(&spki, &proof, UID, &no_ed)
+                .unwrap_err()
+                .reason(),
             "csr_key_algorithm"
         );
         let mut trailing = spki.clone();

@@ -269,13 +269,19 @@ mod tests {
         assert_eq!(first.roots, [old.clone()]);
         assert!(first.retired.is_empty());
         let stored = first.object("example.com/foo");
-        assert_eq!(stored.metadata.name.as_deref(), Some("example.com:foo:roots"));
+        assert_eq!(
+            stored.metadata.name.as_deref(),
+            Some("example.com:foo:roots")
+        );
         assert_eq!(stored.spec.signer_name.as_deref(), Some("example.com/foo"));
 
         // Rotation: the new root first, the old one kept and marked.
         let both = wanted(std::slice::from_ref(&new), Some(&stored), now, DAY);
         assert_eq!(both.roots, [new.clone(), old.clone()]);
-        assert_eq!(both.retired.values().copied().collect::<Vec<_>>(), [now + 86400]);
+        assert_eq!(
+            both.retired.values().copied().collect::<Vec<_>>(),
+            [now + 86400]
+        );
         let stored = both.object("example.com/foo");
         assert!(roots_in(&stored.spec.trust_bundle).contains(&old));
 
@@ -287,7 +293,12 @@ mod tests {
         let gone = wanted(std::slice::from_ref(&new), Some(&stored), now + 86400, DAY);
         assert_eq!(gone.roots, [new.clone()]);
         assert!(gone.retired.is_empty());
-        assert!(gone.object("example.com/foo").metadata.annotations.is_none());
+        assert!(
+            gone.object("example.com/foo")
+                .metadata
+                .annotations
+                .is_none()
+        );
     }
 
     #[test]
@@ -298,7 +309,12 @@ mod tests {
         let w = wanted(std::slice::from_ref(&new), Some(&stored), now, 365 * DAY);
         let until = *w.retired.values().next().unwrap();
         assert!(until <= now + 2 * 86400, "capped at the root's notAfter");
-        let w = wanted(std::slice::from_ref(&new), Some(&stored), now + 3 * 86400, 365 * DAY);
+        let w = wanted(
+            std::slice::from_ref(&new),
+            Some(&stored),
+            now + 3 * 86400,
+            365 * DAY,
+        );
         assert_eq!(w.roots, [new]);
     }
 }

@@ -129,7 +129,9 @@ impl PodCertificatesSpec {
             policy.max_ttl = humantime::parse_duration(t)
                 .with_context(|| format!("signer {signer}: podCertificates maxTTL {t:?}"))?;
             if policy.max_ttl < crate::pcr::API_MIN_EXPIRATION {
-                bail!("signer {signer}: podCertificates maxTTL must be at least 1h (the API's minimum)");
+                bail!(
+                    "signer {signer}: podCertificates maxTTL must be at least 1h (the API's minimum)"
+                );
             }
         }
         if let Some(kinds) = &self.key_types {
@@ -161,8 +163,13 @@ impl PodCertificatesSpec {
             }
         }
         for entry in &self.service_accounts {
-            if !entry.split_once('/').is_some_and(|(n, a)| !n.is_empty() && !a.is_empty()) {
-                bail!("signer {signer}: serviceAccounts entry {entry:?} must be namespace/account or namespace/*");
+            if !entry
+                .split_once('/')
+                .is_some_and(|(n, a)| !n.is_empty() && !a.is_empty())
+            {
+                bail!(
+                    "signer {signer}: serviceAccounts entry {entry:?} must be namespace/account or namespace/*"
+                );
             }
         }
         policy.namespaces = self.namespaces.clone();

@@ -77,7 +77,11 @@ impl EventSink {
 
     /// Queues an Event about a PodCertificateRequest, in its namespace.
     pub fn publish_pcr(&self, pcr: &PodCertificateRequest, kind: Kind, reason: &str, note: String) {
-        let ns = pcr.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = pcr
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         self.publish_about(pcr.object_ref(&()), &ns, kind, reason, note);
     }
 

@@ -85,9 +85,9 @@ use tokio::task::JoinHandle;
 
 pub use cleaner::CleanerConfig;
 pub use decide::{Action, SignerPolicy, Skip, decide};
-pub use pcr::PodCertPolicy;
 pub use meshca_ca_store::CaSource;
 pub use meshca_kube::LeaderElection;
+pub use pcr::PodCertPolicy;
 pub use trust::TrustBundleTarget;
 
 /// One signer: a name, its policy and its CA.

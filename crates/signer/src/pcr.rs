@@ -99,7 +99,10 @@ pub enum PcrAction {
         message: String,
     },
     /// Nothing to write now (no CA, or its roots not published yet).
-    Retry { code: &'static str, message: String },
+    Retry {
+        code: &'static str,
+        message: String,
+    },
 }
 
 /// The condition reasons written on PodCertificateRequests.
@@ -262,7 +265,10 @@ pub fn decide(
         }
     };
 
-    let id = format!("spiffe://{}/ns/{namespace}/sa/{account}", policy.trust_domain);
+    let id = format!(
+        "spiffe://{}/ns/{namespace}/sa/{account}",
+        policy.trust_domain
+    );
     if id.parse::<SpiffeId>().is_err() {
         return deny(
             "pcr_identity_invalid",
@@ -422,7 +428,11 @@ fn check_facts(
 /// lifetime (Istio's agents renew at 50%), spread by `seed` so that a node's
 /// pods, which start together, do not all come back together; always at
 /// least 10 minutes from either end (the apiserver's rule).
-pub fn refresh_time(not_before: OffsetDateTime, not_after: OffsetDateTime, seed: u64) -> OffsetDateTime {
+pub fn refresh_time(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    seed: u64,
+) -> OffsetDateTime {
     let lifetime = (not_after - not_before).whole_seconds().max(0);
     // seed / 2^64 in [0, 1), in thousandths.
     let permille = ((seed >> 32) * 1000 >> 32) as i64;
@@ -569,11 +579,22 @@ mod tests {
     }
 
     fn pcr() -> PodCertificateRequest {
-        pcr_with_key(&SigningKey::generate(KeyType::EcdsaP256).unwrap(), "pod-uid-1")
+        pcr_with_key(
+            &SigningKey::generate(KeyType::EcdsaP256).unwrap(),
+            "pod-uid-1",
+        )
     }
 
     fn run(p: &PodCertificateRequest, policy: &PodCertPolicy, w: &World) -> PcrAction {
-        decide(p, SIGNER, policy, Some(&ca(Duration::from_secs(86400 * 30))), facts(w), true, now())
+        decide(
+            p,
+            SIGNER,
+            policy,
+            Some(&ca(Duration::from_secs(86400 * 30))),
+            facts(w),
+            true,
+            now(),
+        )
     }
 
     fn expect_refused(action: PcrAction, condition: &str, code: &str, reason: &str) {
@@ -585,7 +606,10 @@ mod tests {
                 message,
             } => {
                 assert_eq!((c, k, r), (condition, code, reason), "{message}");
-                assert!(message.starts_with(code) && message.contains(SIGNER), "{message}");
+                assert!(
+                    message.starts_with(code) && message.contains(SIGNER),
+                    "{message}"
+                );
             }
             other => panic!("expected {condition}/{code}, got {other:?}"),
         }
@@ -604,7 +628,9 @@ mod tests {
         else {
             panic!("not issued")
         };
-        let der = meshca_pki::pem::parse_all(chain.as_bytes()).unwrap()[0].der.to_vec();
+        let der = meshca_pki::pem::parse_all(chain.as_bytes()).unwrap()[0]
+            .der
+            .to_vec();
         let (_, leaf) = X509Certificate::from_der(&der).unwrap();
         let san = leaf.subject_alternative_name().unwrap().unwrap();
         assert_eq!(
@@ -612,12 +638,28 @@ mod tests {
             "[URI(\"spiffe://cluster.local/ns/shop/sa/web\")]"
         );
         assert!(!leaf.is_ca());
-        assert_eq!(leaf.validity().not_before.timestamp(), not_before.unix_timestamp());
-        assert_eq!(leaf.validity().not_after.timestamp(), not_after.unix_timestamp());
-        assert_eq!((not_after - not_before).whole_seconds(), 86400, "exactly maxExpirationSeconds");
-        assert!((now() - not_before).whole_seconds() <= 300, "within the API's 5 minutes");
+        assert_eq!(
+            leaf.validity().not_before.timestamp(),
+            not_before.unix_timestamp()
+        );
+        assert_eq!(
+            leaf.validity().not_after.timestamp(),
+            not_after.unix_timestamp()
+        );
+        assert_eq!(
+            (not_after - not_before).whole_seconds(),
+            86400,
+            "exactly maxExpirationSeconds"
+        );
+        assert!(
+            (now() - not_before).whole_seconds() <= 300,
+            "within the API's 5 minutes"
+        );
         let at = (begin_refresh_at - not_before).whole_seconds();
-        assert!((43200..=60480).contains(&at), "refresh between 50% and 70%: {at}");
+        assert!(
+            (43200..=60480).contains(&at),
+            "refresh between 50% and 70%: {at}"
+        );
     }
 
     #[test]
@@ -636,7 +678,11 @@ mod tests {
                 }
             }
         }
-        assert!(seen.len() > 100, "jitter spreads refreshes: {} distinct", seen.len());
+        assert!(
+            seen.len() > 100,
+            "jitter spreads refreshes: {} distinct",
+            seen.len()
+        );
     }
 
     #[test]
@@ -648,7 +694,10 @@ mod tests {
             f(&mut w);
             expect_refused(run(&p, &policy, &w), "Denied", code, reasons::POD_IDENTITY);
         };
-        check(&|w| w.pod.metadata.uid = Some("pod-uid-2".into()), "pcr_pod_uid_mismatch");
+        check(
+            &|w| w.pod.metadata.uid = Some("pod-uid-2".into()),
+            "pcr_pod_uid_mismatch",
+        );
         check(
             &|w| w.pod.spec.as_mut().unwrap().service_account_name = Some("admin".into()),
             "pcr_pod_service_account_mismatch",
@@ -657,8 +706,14 @@ mod tests {
             &|w| w.pod.spec.as_mut().unwrap().node_name = Some("node-b".into()),
             "pcr_pod_node_mismatch",
         );
-        check(&|w| w.sa.metadata.uid = Some("sa-uid-2".into()), "pcr_service_account_uid_mismatch");
-        check(&|w| w.node.metadata.uid = Some("node-uid-2".into()), "pcr_node_uid_mismatch");
+        check(
+            &|w| w.sa.metadata.uid = Some("sa-uid-2".into()),
+            "pcr_service_account_uid_mismatch",
+        );
+        check(
+            &|w| w.node.metadata.uid = Some("node-uid-2".into()),
+            "pcr_node_uid_mismatch",
+        );
         let w = world();
         let ca = ca(Duration::from_secs(86400));
         let missing = |f: Facts<'_>, code: &str| {
@@ -669,9 +724,27 @@ mod tests {
                 reasons::POD_IDENTITY,
             )
         };
-        missing(Facts { pod: None, ..facts(&w) }, "pcr_pod_not_found");
-        missing(Facts { service_account: None, ..facts(&w) }, "pcr_service_account_not_found");
-        missing(Facts { node: None, ..facts(&w) }, "pcr_node_not_found");
+        missing(
+            Facts {
+                pod: None,
+                ..facts(&w)
+            },
+            "pcr_pod_not_found",
+        );
+        missing(
+            Facts {
+                service_account: None,
+                ..facts(&w)
+            },
+            "pcr_service_account_not_found",
+        );
+        missing(
+            Facts {
+                node: None,
+                ..facts(&w)
+            },
+            "pcr_node_not_found",
+        );
     }
 
     #[test]
@@ -680,31 +753,75 @@ mod tests {
         let mut policy = PodCertPolicy::new("cluster.local");
         let mut p = pcr();
         p.spec.max_expiration_seconds = Some(1800);
-        expect_refused(run(&p, &policy, &w), "Denied", "pcr_expiration_too_short", reasons::POLICY);
+        expect_refused(
+            run(&p, &policy, &w),
+            "Denied",
+            "pcr_expiration_too_short",
+            reasons::POLICY,
+        );
         p.spec.max_expiration_seconds = Some(2 * 86400);
-        expect_refused(run(&p, &policy, &w), "Denied", "pcr_expiration_too_long", reasons::POLICY);
+        expect_refused(
+            run(&p, &policy, &w),
+            "Denied",
+            "pcr_expiration_too_long",
+            reasons::POLICY,
+        );
         policy.max_ttl = Duration::from_secs(3 * 86400);
-        let PcrAction::Issue { not_before, not_after, .. } = run(&p, &policy, &w) else {
+        let PcrAction::Issue {
+            not_before,
+            not_after,
+            ..
+        } = run(&p, &policy, &w)
+        else {
             panic!("2 days under a 3-day policy: not issued")
         };
         assert_eq!((not_after - not_before).whole_seconds(), 2 * 86400);
         p.spec.max_expiration_seconds = None;
-        assert!(matches!(run(&p, &policy, &w), PcrAction::Issue { .. }), "API default 24h");
+        assert!(
+            matches!(run(&p, &policy, &w), PcrAction::Issue { .. }),
+            "API default 24h"
+        );
 
-        let ed = pcr_with_key(&SigningKey::generate(KeyType::Ed25519).unwrap(), "pod-uid-1");
+        let ed = pcr_with_key(
+            &SigningKey::generate(KeyType::Ed25519).unwrap(),
+            "pod-uid-1",
+        );
         assert!(matches!(run(&ed, &policy, &w), PcrAction::Issue { .. }));
         policy.keys.allow_ed25519 = false;
-        expect_refused(run(&ed, &policy, &w), "Denied", "csr_key_algorithm", reasons::UNSUPPORTED_KEY_TYPE);
-        let rsa = pcr_with_key(&SigningKey::generate(KeyType::Rsa2048).unwrap(), "pod-uid-1");
-        expect_refused(run(&rsa, &policy, &w), "Denied", "csr_key_size", reasons::UNSUPPORTED_KEY_TYPE);
+        expect_refused(
+            run(&ed, &policy, &w),
+            "Denied",
+            "csr_key_algorithm",
+            reasons::UNSUPPORTED_KEY_TYPE,
+        );
+        let rsa = pcr_with_key(
+            &SigningKey::generate(KeyType::Rsa2048).unwrap(),
+            "pod-uid-1",
+        );
+        expect_refused(
+            run(&rsa, &policy, &w),
+            "Denied",
+            "csr_key_size",
+            reasons::UNSUPPORTED_KEY_TYPE,
+        );
 
         let mut forged = pcr();
         forged.spec.proof_of_possession = pcr().spec.proof_of_possession;
-        expect_refused(run(&forged, &policy, &w), "Denied", "pop_signature_invalid", reasons::INVALID_KEY);
+        expect_refused(
+            run(&forged, &policy, &w),
+            "Denied",
+            "pop_signature_invalid",
+            reasons::INVALID_KEY,
+        );
 
         let mut annotated = pcr();
-        annotated.spec.unverified_user_annotations =
-            Some([("example.com/identity".to_string(), "spiffe://evil/x".to_string())].into());
+        annotated.spec.unverified_user_annotations = Some(
+            [(
+                "example.com/identity".to_string(),
+                "spiffe://evil/x".to_string(),
+            )]
+            .into(),
+        );
         expect_refused(
             run(&annotated, &policy, &w),
             "Denied",
@@ -716,7 +833,9 @@ mod tests {
             panic!("an allowed annotation: not issued")
         };
         assert!(!chain.contains("evil"));
-        let der = meshca_pki::pem::parse_all(chain.as_bytes()).unwrap()[0].der.to_vec();
+        let der = meshca_pki::pem::parse_all(chain.as_bytes()).unwrap()[0]
+            .der
+            .to_vec();
         let (_, leaf) = X509Certificate::from_der(&der).unwrap();
         let san = leaf.subject_alternative_name().unwrap().unwrap();
         assert_eq!(
@@ -731,7 +850,12 @@ mod tests {
         let w = world();
         let mut policy = PodCertPolicy::new("cluster.local");
         policy.namespaces = vec!["other".into()];
-        expect_refused(run(&pcr(), &policy, &w), "Denied", "pcr_namespace_not_allowed", reasons::POLICY);
+        expect_refused(
+            run(&pcr(), &policy, &w),
+            "Denied",
+            "pcr_namespace_not_allowed",
+            reasons::POLICY,
+        );
         policy.namespaces = vec!["shop".into()];
         policy.service_accounts = vec!["shop/db".into()];
         expect_refused(
@@ -750,7 +874,10 @@ mod tests {
         let policy = PodCertPolicy::new("cluster.local");
         let mut other = pcr();
         other.spec.signer_name = "example.com/bar".into();
-        assert_eq!(run(&other, &policy, &w), PcrAction::Skip(PcrSkip::OtherSigner));
+        assert_eq!(
+            run(&other, &policy, &w),
+            PcrAction::Skip(PcrSkip::OtherSigner)
+        );
         for t in ["Issued", "Denied", "Failed"] {
             let mut p = pcr();
             p.status = Some(PodCertificateRequestStatus {
@@ -769,12 +896,18 @@ mod tests {
         let p = pcr();
         assert!(matches!(
             decide(&p, SIGNER, &policy, None, facts(&w), true, now()),
-            PcrAction::Retry { code: "ca_not_ready", .. }
+            PcrAction::Retry {
+                code: "ca_not_ready",
+                ..
+            }
         ));
         let ca_ok = ca(Duration::from_secs(86400 * 30));
         assert!(matches!(
             decide(&p, SIGNER, &policy, Some(&ca_ok), facts(&w), false, now()),
-            PcrAction::Retry { code: "trust_bundle_not_published", .. }
+            PcrAction::Retry {
+                code: "trust_bundle_not_published",
+                ..
+            }
         ));
         let short = ca(Duration::from_secs(1800));
         expect_refused(

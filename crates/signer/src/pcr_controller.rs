@@ -130,7 +130,12 @@ pub async fn reconcile(
                 message,
                 ..
             } => PodCertificateRequestStatus {
-                conditions: Some(vec![condition(type_, reason, truncate(message, 1000), &now)]),
+                conditions: Some(vec![condition(
+                    type_,
+                    reason,
+                    truncate(message, 1000),
+                    &now,
+                )]),
                 ..Default::default()
             },
         };
@@ -163,7 +168,11 @@ pub async fn reconcile(
     Ok(Requeue::requeue(Duration::from_secs(1)))
 }
 
-pub fn error_policy(pcr: Arc<PodCertificateRequest>, error: &PcrError, ctx: Arc<PcrContext>) -> Requeue {
+pub fn error_policy(
+    pcr: Arc<PodCertificateRequest>,
+    error: &PcrError,
+    ctx: Arc<PcrContext>,
+) -> Requeue {
     let (PcrError::Write { source, .. } | PcrError::Read { source, .. }) = error;
     let code = status::code(source).map_or_else(|| "transport".to_string(), |c| c.to_string());
     ctx.metrics

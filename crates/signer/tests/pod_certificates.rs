@@ -29,6 +29,7 @@ use k8s_openapi::api::certificates::v1beta1::{
     ClusterTrustBundle, PodCertificateRequest, PodCertificateRequestSpec,
 };
 use k8s_openapi::api::core::v1::{Container, Event, Node, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -87,15 +88,44 @@ async fn make_node(env: &TestEnv, ns: &TestNamespace) -> Result<TestNode> {
         dir.join(&ext),
         "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
     )?;
-    openssl::run(dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key])?;
+    openssl::run(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &key,
+        ],
+    )?;
     let subject = format!("/O=system:nodes/CN=system:node:{name}");
-    openssl::run(dir, &["req", "-new", "-key", &key, "-subj", &subject, "-out", &csr])?;
+    openssl::run(
+        dir,
+        &["req", "-new", "-key", &key, "-subj", &subject, "-out", &csr],
+    )?;
     let serial = format!("0x{:x}", rand_u64());
     openssl::run(
         dir,
         &[
-            "x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &ca_key, "-set_serial", &serial,
-            "-days", "1", "-sha256", "-extfile", &ext, "-out", &crt,
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-set_serial",
+            &serial,
+            "-days",
+            "1",
+            "-sha256",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
         ],
     )?;
     let b64 = |p: &Path| -> Result<String> {
@@ -204,12 +234,34 @@ fn key_and_proof(dir: &Path, key: &Key, pod_uid: &str) -> (Vec<u8>, Vec<u8>) {
                 format!("{id}.sig"),
             );
             let curve = format!("ec_paramgen_curve:{curve}");
-            openssl::run(dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", &curve, "-out", &k]).unwrap();
-            openssl::run(dir, &["pkey", "-in", &k, "-pubout", "-outform", "DER", "-out", &pubf]).unwrap();
+            openssl::run(
+                dir,
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    &curve,
+                    "-out",
+                    &k,
+                ],
+            )
+            .unwrap();
+            openssl::run(
+                dir,
+                &[
+                    "pkey", "-in", &k, "-pubout", "-outform", "DER", "-out", &pubf,
+                ],
+            )
+            .unwrap();
             let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pod_uid.as_bytes());
             std::fs::write(dir.join(&dg), digest.as_ref()).unwrap();
             // ECDSA over the SHA-256 digest, ASN.1: Go's ecdsa.SignASN1(sha256(uid)).
-            openssl::run(dir, &["pkeyutl", "-sign", "-inkey", &k, "-in", &dg, "-out", &sig]).unwrap();
+            openssl::run(
+                dir,
+                &["pkeyutl", "-sign", "-inkey", &k, "-in", &dg, "-out", &sig],
+            )
+            .unwrap();
             (
                 std::fs::read(dir.join(pubf)).unwrap(),
                 std::fs::read(dir.join(sig)).unwrap(),
@@ -272,9 +324,11 @@ async fn create_pcr(dir: &Path, as_client: &Client, ask: Ask<'_>) -> Result<PodC
         },
         status: None,
     };
-    Ok(Api::<PodCertificateRequest>::namespaced(as_client.clone(), &ns)
-        .create(&PostParams::default(), &pcr)
-        .await?)
+    Ok(
+        Api::<PodCertificateRequest>::namespaced(as_client.clone(), &ns)
+            .create(&PostParams::default(), &pcr)
+            .await?,
+    )
 }
 
 fn final_condition(p: &PodCertificateRequest) -> Option<Condition> {
@@ -323,10 +377,17 @@ async fn bundle_pem(client: &Client, signer: &str) -> String {
 
 /// The signer's identity: exactly the chart's RBAC with podCertificates on.
 async fn signer_identity(ns: &TestNamespace, signers: &[&str]) -> meshca_testsupport::Identity {
-    let name = ns.unique_name("m");
+    signer_identity_named(ns, signers, &ns.unique_name("m")).await
+}
+
+async fn signer_identity_named(
+    ns: &TestNamespace,
+    signers: &[&str],
+    name: &str,
+) -> meshca_testsupport::Identity {
     let yaml = chart::signer_rbac(
         ns.name(),
-        &name,
+        name,
         signers,
         ns.name(),
         &["signer.podCertificates.enabled=true"],
@@ -389,13 +450,25 @@ async fn pods_get_certificates_the_kubelet_accepts_chained_to_the_published_bund
         let ca = make_ca(&dir.join("ca"), "pods", Duration::from_secs(86400 * 30));
         let node = make_node(&env, &ns).await.unwrap();
         let sa = make_sa(&env, &ns, "web").await;
-        let running = start_signer(&identity, &signer, &ca.dir, PodCertPolicy::new("cluster.local")).await;
+        let running = start_signer(
+            &identity,
+            &signer,
+            &ca.dir,
+            PodCertPolicy::new("cluster.local"),
+        )
+        .await;
         let bundle = bundle_pem(&admin, &signer).await;
         assert_eq!(bundle, ca.root_pem, "the bundle holds the signer's root");
 
         let keys = [
-            ("p256", Key::Pki(SigningKey::generate(KeyType::EcdsaP256).unwrap())),
-            ("ed25519", Key::Pki(SigningKey::generate(KeyType::Ed25519).unwrap())),
+            (
+                "p256",
+                Key::Pki(SigningKey::generate(KeyType::EcdsaP256).unwrap()),
+            ),
+            (
+                "ed25519",
+                Key::Pki(SigningKey::generate(KeyType::Ed25519).unwrap()),
+            ),
             ("rsa3072", Key::RsaPss(aws_lc_rs::rsa::KeySize::Rsa3072)),
             ("p384", Key::Openssl("P-384")),
         ];
@@ -467,7 +540,10 @@ async fn pods_get_certificates_the_kubelet_accepts_chained_to_the_published_bund
             assert_eq!(nb, leaf.validity().not_before.timestamp(), "{label}");
             assert_eq!(na, leaf.validity().not_after.timestamp(), "{label}");
             assert_eq!(na - nb, 7200, "{label}: maxExpirationSeconds, exactly");
-            assert!(refresh >= nb + 600 && refresh <= na - 600, "{label}: API bounds");
+            assert!(
+                refresh >= nb + 600 && refresh <= na - 600,
+                "{label}: API bounds"
+            );
             assert!(
                 (refresh - nb) * 100 >= (na - nb) * 50 && (refresh - nb) * 100 <= (na - nb) * 70,
                 "{label}: refresh at 50-70% of the lifetime"
@@ -481,7 +557,10 @@ async fn pods_get_certificates_the_kubelet_accepts_chained_to_the_published_bund
             .await
             .unwrap();
         assert!(
-            events.items.iter().any(|e| e.reason.as_deref() == Some("CertificateIssued")),
+            events
+                .items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("CertificateIssued")),
             "an Event per issued request"
         );
         let metrics = running.metrics_text();
@@ -498,7 +577,10 @@ async fn pods_get_certificates_the_kubelet_accepts_chained_to_the_published_bund
             .await
             .unwrap();
         assert!(foreign.status.is_none() || final_condition(&foreign).is_none());
-        assert!(chain(&foreign).is_empty(), "another signer's request is left alone");
+        assert!(
+            chain(&foreign).is_empty(),
+            "another signer's request is left alone"
+        );
 
         running.shutdown().await.unwrap();
         cleanup_cluster_objects(&env, &node.name, &signer).await;
@@ -633,6 +715,33 @@ async fn hostile_requests_are_refused_with_their_reason_and_no_certificate() {
     .expect("test timed out");
 }
 
+/// The signer's ClusterRole (`<name>-signer`) with or without its
+/// ClusterTrustBundle rules.
+async fn set_bundle_rbac(env: &TestEnv, role: &str, original: &ClusterRole, allowed: bool) {
+    let mut next = original.clone();
+    if !allowed {
+        next.rules = Some(
+            original
+                .rules
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| {
+                    let res = r.resources.clone().unwrap_or_default();
+                    !res.iter().any(|x| x == "clustertrustbundles")
+                        && !r.verbs.iter().any(|v| v == "attest")
+                })
+                .collect(),
+        );
+    }
+    let api = Api::<ClusterRole>::all(env.client());
+    let mut current = api.get(role).await.unwrap();
+    current.rules = next.rules;
+    api.replace(role, &PostParams::default(), &current)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_root_is_in_the_bundle_with_the_old_before_its_first_pod_certificate() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -642,12 +751,24 @@ async fn a_new_root_is_in_the_bundle_with_the_old_before_its_first_pod_certifica
         let ns = env.namespace("pcr-rotate").await.unwrap();
         let dir = ns.temp_dir().to_path_buf();
         let signer = unique_signer(&ns);
-        let identity = signer_identity(&ns, &[&signer]).await;
+        let manifest = ns.unique_name("m");
+        let identity = signer_identity_named(&ns, &[&signer], &manifest).await;
+        let role = format!("{manifest}-signer");
+        let original = Api::<ClusterRole>::all(admin.clone())
+            .get(&role)
+            .await
+            .unwrap();
         let ca_dir = dir.join("ca");
         let old = make_ca(&ca_dir, "old", Duration::from_secs(86400 * 30));
         let node = make_node(&env, &ns).await.unwrap();
         let sa = make_sa(&env, &ns, "web").await;
-        let running = start_signer(&identity, &signer, &ca_dir, PodCertPolicy::new("cluster.local")).await;
+        let running = start_signer(
+            &identity,
+            &signer,
+            &ca_dir,
+            PodCertPolicy::new("cluster.local"),
+        )
+        .await;
         assert_eq!(bundle_pem(&admin, &signer).await, old.root_pem);
         let ask = |pod| {
             let key = Key::Pki(SigningKey::generate(KeyType::EcdsaP256).unwrap());
@@ -664,48 +785,61 @@ async fn a_new_root_is_in_the_bundle_with_the_old_before_its_first_pod_certifica
         let watch_api = Api::<ClusterTrustBundle>::all(admin.clone());
         let watcher_task = tokio::spawn(async move {
             use futures::StreamExt;
-            let cfg = kube::runtime::watcher::Config::default()
-                .fields(&format!("metadata.name={bundle_name}"));
-            let mut s = Box::pin(kube::runtime::watcher(watch_api, cfg));
+            use kube::runtime::watcher;
+            let cfg = watcher::Config::default().fields(&format!("metadata.name={bundle_name}"));
+            let mut s = Box::pin(watcher(watch_api, cfg));
             while let Some(ev) = s.next().await {
-                if let Ok(kube::runtime::watcher::Event::Apply(b) | kube::runtime::watcher::Event::InitApply(b)) = ev {
+                if let Ok(watcher::Event::Apply(b) | watcher::Event::InitApply(b)) = ev {
                     let _ = tx.send(b);
                 }
             }
         });
-        tokio::time::sleep(Duration::from_millis(500)).await;
 
-        // Rotate to a new root with requests arriving as it happens (the
-        // CA directory is polled every 200 ms), and one more after.
-        let new = make_ca(&dir.join("new"), "new", Duration::from_secs(86400 * 30));
-        let mut pods = Vec::new();
-        for i in 0..6 {
-            pods.push(make_pod(&env, &ns, &format!("after-{i}"), "web", &node.name).await);
-        }
+        // The signer may not write the bundle for now: the new root cannot
+        // get in, so no certificate from it may go out.
+        set_bundle_rbac(&env, &role, &original, false).await;
+        let new = make_ca(&dir.join("new"), "new", Duration::from_secs(86400 * 40));
         write_ca_dir(&ca_dir, &new.intermediate_pem, &new.key_pem, &new.root_pem);
-        let mut names = Vec::new();
-        for (i, pod) in pods.iter().enumerate() {
-            if i == pods.len() - 1 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        let series = format!("meshca_signer_ca_expiry_timestamp_seconds{{signer=\"{signer}\"}}");
+        let new_expiry = {
+            let der = leaf_of(&new.intermediate_pem);
+            let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+            leaf.validity().not_after.timestamp() as f64
+        };
+        for _ in 0..100 {
+            if metric(&running.metrics_text(), &series) == Some(new_expiry) {
+                break;
             }
-            names.push(create_pcr(&dir, &node.client, ask(pod)).await.unwrap().name_any());
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let mut from_new = Vec::new();
-        for name in &names {
-            let p = wait_final(&admin, ns.name(), name).await;
-            assert_eq!(final_condition(&p).unwrap().type_, "Issued");
-            if openssl_verify(&dir, &chain(&p), &new.root_pem).is_ok() {
-                from_new.push(p);
-            } else {
-                openssl_verify(&dir, &chain(&p), &old.root_pem).unwrap();
-            }
-        }
-        assert!(!from_new.is_empty(), "no certificate from the new root");
-        let after = from_new[0].clone();
+        assert_eq!(
+            metric(&running.metrics_text(), &series),
+            Some(new_expiry),
+            "new CA loaded"
+        );
+        let pod = make_pod(&env, &ns, "after", "web", &node.name).await;
+        let after = create_pcr(&dir, &node.client, ask(&pod)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let held = Api::<PodCertificateRequest>::namespaced(admin.clone(), ns.name())
+            .get(&after.name_any())
+            .await
+            .unwrap();
+        assert!(
+            final_condition(&held).is_none() && chain(&held).is_empty(),
+            "a certificate from a root not in the bundle: {:?}",
+            held.status
+        );
 
-        // The first bundle version with the new root came before every
-        // certificate from it (resourceVersions are etcd's global revision),
-        // and held the old root too.
+        set_bundle_rbac(&env, &role, &original, true).await;
+        let after = wait_final(&admin, ns.name(), &after.name_any()).await;
+        assert_eq!(final_condition(&after).unwrap().type_, "Issued");
+        openssl_verify(&dir, &chain(&after), &new.root_pem)
+            .expect("the request after the rotation is from the new root");
+        let issued_at: u64 = after.resource_version().unwrap().parse().unwrap();
+
+        // The first bundle version with the new root came before the
+        // certificate (resourceVersions are etcd's global revision), and held
+        // the old root too.
         let mut first_with_new = None;
         while let Ok(b) = versions.try_recv() {
             let roots = meshca_signer::cluster_trust_bundle::roots_in(&b.spec.trust_bundle);
@@ -718,14 +852,14 @@ async fn a_new_root_is_in_the_bundle_with_the_old_before_its_first_pod_certifica
         }
         let first = first_with_new.expect("the bundle never had the new root");
         let rv: u64 = first.resource_version().unwrap().parse().unwrap();
-        for p in &from_new {
-            let issued_at: u64 = p.resource_version().unwrap().parse().unwrap();
-            assert!(
-                rv < issued_at,
-                "new root published (rv {rv}) before the certificate (rv {issued_at})"
-            );
-        }
-        assert!(first.spec.trust_bundle.contains(old.root_pem.trim()), "both roots at once");
+        assert!(
+            rv < issued_at,
+            "new root published (rv {rv}) before the certificate (rv {issued_at})"
+        );
+        assert!(
+            first.spec.trust_bundle.contains(old.root_pem.trim()),
+            "both roots at once"
+        );
         assert!(first.spec.trust_bundle.contains(new.root_pem.trim()));
         // The old root stays: the certificate from before still verifies.
         let now = bundle_pem(&admin, &signer).await;
