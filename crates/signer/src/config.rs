@@ -16,6 +16,7 @@
 //!     caCertPath: /etc/tenant-b/tls.crt              # signer-ca's --ca-cert-path
 //!     caKeyPath: /etc/tenant-b/tls.key
 //!     caRootsPath: /etc/tenant-b/ca.crt              # optional: default the chain's last
+//!     podCertificates: {}                            # PodCertificateRequests too (see PodCertificatesSpec)
 //! ```
 
 use std::path::PathBuf;
@@ -395,6 +396,44 @@ mod tests {
                 roots: Some("/b/r.pem".into())
             }
         );
+    }
+
+    #[test]
+    fn pod_certificates_per_signer() {
+        let signers = parse(
+            "signers:\n\
+             - name: example.com/foo\n  caDir: /a\n  trustDomains: [mesh.example]\n  podCertificates: {}\n\
+             - name: example.com/bar\n  caDir: /b\n  podCertificates:\n    trustDomain: bar.example\n    maxTTL: 48h\n    keyTypes: [ECDSAP256, RSA4096]\n    serviceAccounts: [shop/*]\n    userAnnotations: [example.com/tier]\n\
+             - name: example.com/baz\n  caDir: /c\n",
+        )
+        .unwrap();
+        let foo = signers[0].policy.pod_certificates.as_ref().unwrap();
+        assert_eq!(
+            foo.trust_domain, "mesh.example",
+            "the CSR path's trust domain"
+        );
+        assert_eq!(foo.max_ttl, Duration::from_secs(86400));
+        assert_eq!(foo.keys, meshca_pki::pod_key::pod_key_policy());
+        let bar = signers[1].policy.pod_certificates.as_ref().unwrap();
+        assert_eq!(bar.trust_domain, "bar.example");
+        assert_eq!(bar.max_ttl, Duration::from_secs(2 * 86400));
+        assert!(bar.keys.allow_p256 && !bar.keys.allow_p384 && !bar.keys.allow_ed25519);
+        assert_eq!((bar.keys.rsa_min_bits, bar.keys.rsa_max_bits), (4096, 4096));
+        assert_eq!(bar.service_accounts, ["shop/*"]);
+        assert_eq!(bar.user_annotations, ["example.com/tier"]);
+        assert!(signers[2].policy.pod_certificates.is_none());
+        for (text, needle) in [
+            ("keyTypes: [DSA]", "not one of"),
+            ("maxTTL: 30m", "at least 1h"),
+            ("serviceAccounts: [shop]", "namespace/account"),
+            ("trustDomain: \"a b\"", "not a trust domain"),
+        ] {
+            let cfg = format!(
+                "signers:\n- name: example.com/foo\n  caDir: /a\n  podCertificates:\n    {text}\n"
+            );
+            let err = format!("{:#}", parse(&cfg).unwrap_err());
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -408,7 +408,13 @@ async fn lead_and_run(
         let name = ctx.signer.clone();
         let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));
         let api = Api::<PodCertificateRequest>::all(client.clone());
-        let mut controller = Controller::new(api, wc)
+        let (reader, writer) = reflector::store();
+        let objects = watcher(api, wc)
+            .default_backoff()
+            .modify(pcr_controller::compact)
+            .reflect(writer)
+            .applied_objects();
+        let mut controller = Controller::for_stream(objects, reader)
             .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
             .reconcile_all_on(meshca_ca_store::changes(&ctx.ca))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned());

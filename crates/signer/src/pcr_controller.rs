@@ -186,6 +186,35 @@ pub fn error_policy(
     Requeue::requeue(Duration::from_secs(2))
 }
 
+/// Shrinks a request before it enters the cache: managedFields always; a
+/// final one (Issued, Denied, Failed) keeps only what
+/// [`skip_reason`] looks at, its chain replaced by a one-byte marker, so
+/// the requests of a cluster's pods (kube-controller-manager deletes them
+/// later) cost little. A request still to decide stays whole.
+pub fn compact(pcr: &mut PodCertificateRequest) {
+    pcr.metadata.managed_fields = None;
+    if skip_reason(pcr, &pcr.spec.signer_name).is_none() {
+        return;
+    }
+    pcr.metadata.annotations = None;
+    pcr.metadata.labels = None;
+    pcr.spec.pkix_public_key = Default::default();
+    pcr.spec.proof_of_possession = Default::default();
+    pcr.spec.unverified_user_annotations = None;
+    if let Some(status) = pcr.status.as_mut() {
+        if status
+            .certificate_chain
+            .as_deref()
+            .is_some_and(|c| !c.is_empty())
+        {
+            status.certificate_chain = Some("-".into());
+        }
+        for c in status.conditions.iter_mut().flatten() {
+            c.message = String::new();
+        }
+    }
+}
+
 fn condition(type_: &str, reason: &str, message: String, now: &Time) -> Condition {
     Condition {
         type_: type_.into(),
@@ -252,4 +281,63 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::certificates::v1beta1::PodCertificateRequestSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
+    fn open_request() -> PodCertificateRequest {
+        let mut p = PodCertificateRequest {
+            spec: PodCertificateRequestSpec {
+                signer_name: "example.com/foo".into(),
+                pkix_public_key: ByteString(vec![1; 91]),
+                proof_of_possession: ByteString(vec![2; 72]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        p.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        p
+    }
+
+    #[test]
+    fn an_open_request_is_cached_whole_and_a_final_one_small() {
+        let mut open = open_request();
+        compact(&mut open);
+        assert!(open.metadata.managed_fields.is_none());
+        assert_eq!(
+            open.spec.pkix_public_key.0.len(),
+            91,
+            "still to decide: whole"
+        );
+        assert_eq!(skip_reason(&open, "example.com/foo"), None);
+
+        let mut issued = open_request();
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        issued.status = Some(PodCertificateRequestStatus {
+            conditions: Some(vec![condition("Issued", "Issued", "m".into(), &now)]),
+            certificate_chain: Some("-----BEGIN CERTIFICATE-----...".into()),
+            ..Default::default()
+        });
+        compact(&mut issued);
+        assert!(issued.spec.pkix_public_key.0.is_empty());
+        assert!(issued.spec.proof_of_possession.0.is_empty());
+        assert_eq!(chain_len(&issued), 1);
+        assert_eq!(
+            skip_reason(&issued, "example.com/foo"),
+            Some(crate::pcr::PcrSkip::Final),
+            "still final after compaction"
+        );
+    }
+
+    fn chain_len(p: &PodCertificateRequest) -> usize {
+        p.status
+            .as_ref()
+            .and_then(|s| s.certificate_chain.as_ref())
+            .map_or(0, String::len)
+    }
 }
