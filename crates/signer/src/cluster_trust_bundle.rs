@@ -266,7 +266,7 @@ mod tests {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let (old, new) = (root(30), root(30));
         let first = wanted(std::slice::from_ref(&old), None, now, DAY);
-        assert_eq!(first.roots, [old.clone()]);
+        assert_eq!(first.roots, std::slice::from_ref(&old));
         assert!(first.retired.is_empty());
         let stored = first.object("example.com/foo");
         assert_eq!(
@@ -291,7 +291,7 @@ mod tests {
         assert_eq!(later.retired, both.retired);
         // After the retention, only the new root.
         let gone = wanted(std::slice::from_ref(&new), Some(&stored), now + 86400, DAY);
-        assert_eq!(gone.roots, [new.clone()]);
+        assert_eq!(gone.roots, std::slice::from_ref(&new));
         assert!(gone.retired.is_empty());
         assert!(
             gone.object("example.com/foo")

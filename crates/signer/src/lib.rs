@@ -306,7 +306,6 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
     let main = tokio::spawn(lead_and_run(
         client,
         parts,
-        pcr_parts,
         config.concurrency,
         config.leader_election.clone(),
         LeaderWork {
@@ -316,6 +315,7 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
                 .clone()
                 .map(|target| (target, cas.clone())),
             bundles,
+            pod_certificates: pcr_parts,
         },
         metrics,
         shutdown.clone(),
@@ -344,6 +344,8 @@ struct LeaderWork {
     trust: Option<(TrustBundleTarget, Vec<CurrentCa>)>,
     /// Each signer's ClusterTrustBundle.
     bundles: Vec<BundleWork>,
+    /// The PodCertificateRequest controllers (signers with a PodCertPolicy).
+    pod_certificates: Vec<Arc<pcr_controller::PcrContext>>,
 }
 
 /// One signer's ClusterTrustBundle publisher inputs.
@@ -360,7 +362,6 @@ struct BundleWork {
 async fn lead_and_run(
     client: Client,
     parts: Vec<Part>,
-    pcr_parts: Vec<Arc<pcr_controller::PcrContext>>,
     concurrency: u16,
     election: Option<LeaderElection>,
     work: LeaderWork,
@@ -404,7 +405,7 @@ async fn lead_and_run(
         )));
     }
     let mut controllers = Vec::new();
-    for ctx in pcr_parts {
+    for ctx in work.pod_certificates {
         let name = ctx.signer.clone();
         let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));
         let api = Api::<PodCertificateRequest>::all(client.clone());

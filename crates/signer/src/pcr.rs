@@ -435,7 +435,7 @@ pub fn refresh_time(
 ) -> OffsetDateTime {
     let lifetime = (not_after - not_before).whole_seconds().max(0);
     // seed / 2^64 in [0, 1), in thousandths.
-    let permille = ((seed >> 32) * 1000 >> 32) as i64;
+    let permille = (((seed >> 32) * 1000) >> 32) as i64;
     let offset = lifetime * 500 / 1000 + lifetime * 200 / 1000 * permille / 1000;
     let earliest = not_before + REFRESH_MARGIN;
     let latest = not_after - REFRESH_MARGIN;
