@@ -314,7 +314,13 @@ fn signer_pod_certificates_add_their_rbac_flags_and_bundle() {
     };
     let rules_of = |objs: &[Value]| find(objs, "ClusterRole", "signer-ca-signer")["rules"].clone();
     let off = render(&[]);
-    assert!(args_of(&off).as_array().unwrap().iter().any(|a| a == "--no-cluster-trust-bundle"));
+    assert!(
+        args_of(&off)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--no-cluster-trust-bundle")
+    );
     let text = rules_of(&off).to_string();
     assert!(!text.contains("podcertificaterequests") && !text.contains("clustertrustbundles"));
 
@@ -330,12 +336,19 @@ fn signer_pod_certificates_add_their_rbac_flags_and_bundle() {
         "--pod-certificate-key-types=ECDSAP256,ED25519",
         "--cluster-trust-bundle",
     ] {
-        assert!(args.as_array().unwrap().iter().any(|a| a == want), "{want}: {args}");
+        assert!(
+            args.as_array().unwrap().iter().any(|a| a == want),
+            "{want}: {args}"
+        );
     }
     let rules = rules_of(&on);
     let rule = |resource: &str, verb: &str| {
         rules.as_array().unwrap().iter().find(|r| {
-            r["resources"].as_array().unwrap().iter().any(|x| x == resource)
+            r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == resource)
                 && r["verbs"].as_array().unwrap().iter().any(|x| x == verb)
         })
     };
