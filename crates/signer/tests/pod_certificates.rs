@@ -9,12 +9,12 @@
 //! `podCertificate` volume. It then checks what the kubelet relies on. The
 //! signer runs with exactly the Helm chart's RBAC (podCertificates on).
 //!
-//! Start testenv with:
+//! Start testenv with `testenv/up node` (as `./test` does), or without the
+//! node with:
 //!   MESHCA_TESTENV_APISERVER_ARGS="--authorization-mode=Node \
 //!     --enable-admission-plugins=NodeRestriction \
 //!     --feature-gates=PodCertificateRequest=true \
 //!     --runtime-config=certificates.k8s.io/v1beta1=true" testenv/up
-//! (or `testenv/up node` where that exists).
 
 mod common;
 
@@ -40,7 +40,7 @@ use x509_parser::prelude::*;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 const HOW_TO_START: &str = "testenv's apiserver has no PodCertificateRequest API (or no Node \
-authorizer): start it with MESHCA_TESTENV_APISERVER_ARGS=\"--authorization-mode=Node \
+authorizer): start it with `testenv/up node`, or with MESHCA_TESTENV_APISERVER_ARGS=\"--authorization-mode=Node \
 --enable-admission-plugins=NodeRestriction --feature-gates=PodCertificateRequest=true \
 --runtime-config=certificates.k8s.io/v1beta1=true\" testenv/up";
 
