@@ -3,6 +3,7 @@
 //! - [`client`]: the client from a kubeconfig, `KUBECONFIG` or the pod's account.
 //! - [`lease`]: leader election on a `coordination.k8s.io/v1` Lease.
 //! - [`apply`]: server-side apply of the objects meshca owns.
+//! - [`cluster_trust_bundle`]: the ClusterTrustBundles meshca publishes (name, object, plan).
 //! - [`api_limit`]: a fair bound (and a timeout) on API calls in flight.
 //! - [`status`]: what a `kube::Error` means (conflict, not found, forbidden).
 //! - [`last_error`]: retry loops log a failure when it starts or changes.
@@ -15,6 +16,7 @@
 pub mod api_limit;
 pub mod apply;
 pub mod client;
+pub mod cluster_trust_bundle;
 pub mod last_error;
 pub mod lease;
 #[cfg(feature = "mock")]

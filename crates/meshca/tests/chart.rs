@@ -303,6 +303,71 @@ fn signer_profile_is_the_seeds_shape() {
 }
 
 #[test]
+fn signer_pod_certificates_add_their_rbac_flags_and_bundle() {
+    let render = |sets: &[&str]| {
+        objects(&chart::render("signer-ca-system", &[chart::profile("signer")], sets).unwrap())
+    };
+    let args_of = |objs: &[Value]| {
+        find(objs, "Deployment", "signer-ca-controller-manager")["spec"]["template"]["spec"]
+            ["containers"][0]["args"]
+            .clone()
+    };
+    let rules_of = |objs: &[Value]| find(objs, "ClusterRole", "signer-ca-signer")["rules"].clone();
+    let off = render(&[]);
+    assert!(
+        args_of(&off)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--no-cluster-trust-bundle")
+    );
+    let text = rules_of(&off).to_string();
+    assert!(!text.contains("podcertificaterequests") && !text.contains("clustertrustbundles"));
+
+    let on = render(&[
+        "signer.podCertificates.enabled=true",
+        "signer.podCertificates.keyTypes={ECDSAP256,ED25519}",
+        "signer.signerNames={example.com/foo,example.com/bar}",
+    ]);
+    let args = args_of(&on);
+    for want in [
+        "--pod-certificates",
+        "--pod-certificate-max-duration=24h",
+        "--pod-certificate-key-types=ECDSAP256,ED25519",
+        "--cluster-trust-bundle",
+    ] {
+        assert!(
+            args.as_array().unwrap().iter().any(|a| a == want),
+            "{want}: {args}"
+        );
+    }
+    let rules = rules_of(&on);
+    let rule = |resource: &str, verb: &str| {
+        rules.as_array().unwrap().iter().find(|r| {
+            r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == resource)
+                && r["verbs"].as_array().unwrap().iter().any(|x| x == verb)
+        })
+    };
+    assert!(rule("podcertificaterequests", "watch").is_some());
+    assert!(rule("podcertificaterequests/status", "update").is_some());
+    for r in ["pods", "serviceaccounts", "nodes"] {
+        assert!(rule(r, "get").is_some(), "{r}");
+    }
+    assert_eq!(
+        rule("clustertrustbundles", "patch").unwrap()["resourceNames"],
+        json!(["example.com:foo:roots", "example.com:bar:roots"])
+    );
+    assert_eq!(
+        rule("signers", "attest").unwrap()["resourceNames"],
+        json!(["example.com/foo", "example.com/bar"])
+    );
+}
+
+#[test]
 fn istio_values_point_the_mesh_at_meshca() {
     let show = ["--set", "istioValues.render=true"];
     let render = |profile: &str, ns: &str| {

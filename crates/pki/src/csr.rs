@@ -216,7 +216,9 @@ fn check_signature_algorithm(alg: &Oid<'_>) -> Result<(), CsrError> {
     }
 }
 
-fn classify_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKey, CsrError> {
+pub(crate) fn classify_key(
+    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
+) -> Result<CsrKey, CsrError> {
     let alg = &spki.algorithm.algorithm;
     if *alg == oids::OID_PKCS1_RSAENCRYPTION {
         match spki.parsed() {
@@ -252,7 +254,7 @@ fn classify_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<Cs
     }
 }
 
-fn check_key(key: CsrKey, policy: &CsrPolicy) -> Result<(), CsrError> {
+pub(crate) fn check_key(key: CsrKey, policy: &CsrPolicy) -> Result<(), CsrError> {
     let refused = |name: &str| Err(CsrError::KeyAlgorithm(name.to_owned()));
     match key {
         CsrKey::Rsa { bits } => {
@@ -294,7 +296,7 @@ fn check_rsa_exponent(big_endian: &[u8]) -> Result<(), CsrError> {
     Ok(())
 }
 
-fn bit_length(big_endian: &[u8]) -> usize {
+pub(crate) fn bit_length(big_endian: &[u8]) -> usize {
     let digits: Vec<_> = big_endian.iter().skip_while(|b| **b == 0).collect();
     match digits.first() {
         None => 0,

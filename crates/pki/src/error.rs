@@ -77,6 +77,8 @@ pub enum CsrError {
     RsaExponent(String),
     #[error("the CSR requests {0} more than once")]
     DuplicateExtension(String),
+    #[error("the proof of possession does not verify with the public key")]
+    ProofOfPossession,
 }
 
 impl CsrError {
@@ -97,6 +99,7 @@ impl CsrError {
             CsrError::MalformedExtension(_) => "csr_extension_malformed",
             CsrError::RsaExponent(_) => "csr_rsa_exponent",
             CsrError::DuplicateExtension(_) => "csr_extension_duplicate",
+            CsrError::ProofOfPossession => "pop_signature_invalid",
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod der;
 pub mod error;
 pub mod key;
 pub mod pem;
+pub mod pod_key;
 pub mod san;
 
 pub use error::{BundleError, CsrError, Error, ErrorKind, GrpcCode, PolicyViolation};

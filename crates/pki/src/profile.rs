@@ -63,6 +63,47 @@ pub fn issue_workload(
             "no subject identities to certify".into(),
         ));
     }
+    let not_after = (now + Duration::from_secs(ttl as u64)).min(bundle.not_after());
+    workload_leaf(
+        bundle,
+        csr,
+        identities,
+        for_ca,
+        now - WORKLOAD_BACKDATE,
+        not_after,
+    )
+}
+
+/// An Istio workload certificate (the profile of [`issue_workload`]) with
+/// the validity window given: PodCertificateRequests need the lifetime
+/// (`notAfter - notBefore`) to fit `maxExpirationSeconds` exactly, backdate
+/// included; `not_after` is clamped to the CA's.
+pub fn issue_workload_window(
+    bundle: &CaBundle,
+    csr: &ValidatedCsr,
+    identities: &[String],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    now: OffsetDateTime,
+) -> Result<Vec<u8>, Error> {
+    check_signer_validity(bundle, now)?;
+    let not_after = not_after.min(bundle.not_after());
+    if identities.is_empty() {
+        return Err(Error::CertGeneration(
+            "no subject identities to certify".into(),
+        ));
+    }
+    workload_leaf(bundle, csr, identities, false, not_before, not_after)
+}
+
+fn workload_leaf(
+    bundle: &CaBundle,
+    csr: &ValidatedCsr,
+    identities: &[String],
+    for_ca: bool,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<Vec<u8>, Error> {
     let sans: Vec<SanEntry> = identities
         .iter()
         .map(|id| SanEntry::from_identity(id))
@@ -96,15 +137,7 @@ pub fn issue_workload(
         .subject_alt_names(&sans, true)
         .map_err(Error::CertGeneration)?;
 
-    let not_after = (now + Duration::from_secs(ttl as u64)).min(bundle.not_after());
-    sign(
-        bundle,
-        &subject,
-        csr,
-        now - WORKLOAD_BACKDATE,
-        not_after,
-        extensions,
-    )
+    sign(bundle, &subject, csr, not_before, not_after, extensions)
 }
 
 /// Which subject a Kubernetes-signed certificate gets.

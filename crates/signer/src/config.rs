@@ -16,6 +16,7 @@
 //!     caCertPath: /etc/tenant-b/tls.crt              # signer-ca's --ca-cert-path
 //!     caKeyPath: /etc/tenant-b/tls.key
 //!     caRootsPath: /etc/tenant-b/ca.crt              # optional: default the chain's last
+//!     podCertificates: {}                            # PodCertificateRequests too (see PodCertificatesSpec)
 //! ```
 
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use meshca_pki::{CsrPolicy, KubernetesProfile, SanPolicy, SubjectRule, TrustDomains, profile};
 use serde::Deserialize;
 
-use crate::{CaSource, SignerConfig, SignerPolicy};
+use crate::{CaSource, PodCertPolicy, SignerConfig, SignerPolicy};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +75,109 @@ pub struct SignerSpec {
     pub allow_email: bool,
     #[serde(default = "default_usages")]
     pub allowed_usages: Vec<String>,
+    /// Sign this signer's PodCertificateRequests too.
+    #[serde(default)]
+    pub pod_certificates: Option<PodCertificatesSpec>,
+}
+
+/// `podCertificates:` of a signer: the PodCertificateRequest path's policy.
+///
+/// ```yaml
+/// podCertificates:
+///   trustDomain: cluster.local      # default: the signer's first trustDomains entry
+///   maxTTL: 24h                     # longest maxExpirationSeconds accepted
+///   keyTypes: [RSA3072, RSA4096, ECDSAP256, ECDSAP384, ED25519]
+///   namespaces: []                  # empty: all
+///   serviceAccounts: []             # namespace/account or namespace/*; empty: all
+///   userAnnotations: []             # unverifiedUserAnnotations keys accepted (ignored)
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodCertificatesSpec {
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    #[serde(default, rename = "maxTTL")]
+    pub max_ttl: Option<String>,
+    #[serde(default)]
+    pub key_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub user_annotations: Vec<String>,
+}
+
+impl PodCertificatesSpec {
+    /// The policy, with `trust_domains` (the CSR path's) for the default.
+    pub fn build(&self, signer: &str, trust_domains: &[String]) -> Result<PodCertPolicy> {
+        let trust_domain = match &self.trust_domain {
+            Some(td) => td.clone(),
+            None => trust_domains
+                .iter()
+                .find(|t| *t != "*")
+                .cloned()
+                .with_context(|| format!("signer {signer}: podCertificates needs a trustDomain"))?,
+        };
+        if format!("spiffe://{trust_domain}/ns/a/sa/b")
+            .parse::<meshca_pki::SpiffeId>()
+            .is_err()
+        {
+            bail!("signer {signer}: {trust_domain:?} is not a trust domain");
+        }
+        let mut policy = PodCertPolicy::new(trust_domain);
+        if let Some(t) = &self.max_ttl {
+            policy.max_ttl = humantime::parse_duration(t)
+                .with_context(|| format!("signer {signer}: podCertificates maxTTL {t:?}"))?;
+            if policy.max_ttl < crate::pcr::API_MIN_EXPIRATION {
+                bail!(
+                    "signer {signer}: podCertificates maxTTL must be at least 1h (the API's minimum)"
+                );
+            }
+        }
+        if let Some(kinds) = &self.key_types {
+            let keys = &mut policy.keys;
+            keys.allow_rsa = false;
+            keys.allow_p256 = false;
+            keys.allow_p384 = false;
+            keys.allow_ed25519 = false;
+            let (mut rsa_min, mut rsa_max) = (usize::MAX, 0);
+            for k in kinds {
+                match k.as_str() {
+                    "RSA3072" | "RSA4096" => {
+                        let bits = if k == "RSA3072" { 3072 } else { 4096 };
+                        keys.allow_rsa = true;
+                        rsa_min = rsa_min.min(bits);
+                        rsa_max = rsa_max.max(bits);
+                    }
+                    "ECDSAP256" => keys.allow_p256 = true,
+                    "ECDSAP384" => keys.allow_p384 = true,
+                    "ED25519" => keys.allow_ed25519 = true,
+                    other => bail!(
+                        "signer {signer}: key type {other:?} is not one of RSA3072, RSA4096, ECDSAP256, ECDSAP384, ED25519"
+                    ),
+                }
+            }
+            if keys.allow_rsa {
+                keys.rsa_min_bits = rsa_min;
+                keys.rsa_max_bits = rsa_max;
+            }
+        }
+        for entry in &self.service_accounts {
+            if !entry
+                .split_once('/')
+                .is_some_and(|(n, a)| !n.is_empty() && !a.is_empty())
+            {
+                bail!(
+                    "signer {signer}: serviceAccounts entry {entry:?} must be namespace/account or namespace/*"
+                );
+            }
+        }
+        policy.namespaces = self.namespaces.clone();
+        policy.service_accounts = self.service_accounts.clone();
+        policy.user_annotations = self.user_annotations.clone();
+        Ok(policy)
+    }
 }
 
 fn default_trust_domains() -> Vec<String> {
@@ -117,6 +221,7 @@ impl SignerSpec {
             allow_ip: false,
             allow_email: false,
             allowed_usages: default_usages(),
+            pod_certificates: None,
         }
     }
 
@@ -168,6 +273,11 @@ impl SignerSpec {
         if self.min_uris > self.max_uris {
             bail!("signer {}: minURIs > maxURIs", self.name);
         }
+        let pod_certificates = self
+            .pod_certificates
+            .as_ref()
+            .map(|p| p.build(&self.name, &self.trust_domains))
+            .transpose()?;
         Ok(SignerConfig {
             policy: SignerPolicy {
                 name: self.name.clone(),
@@ -188,6 +298,7 @@ impl SignerSpec {
                 },
                 csr_policy: CsrPolicy::default(),
                 include_root: self.include_root,
+                pod_certificates,
             },
             ca,
         })
@@ -285,6 +396,44 @@ mod tests {
                 roots: Some("/b/r.pem".into())
             }
         );
+    }
+
+    #[test]
+    fn pod_certificates_per_signer() {
+        let signers = parse(
+            "signers:\n\
+             - name: example.com/foo\n  caDir: /a\n  trustDomains: [mesh.example]\n  podCertificates: {}\n\
+             - name: example.com/bar\n  caDir: /b\n  podCertificates:\n    trustDomain: bar.example\n    maxTTL: 48h\n    keyTypes: [ECDSAP256, RSA4096]\n    serviceAccounts: [shop/*]\n    userAnnotations: [example.com/tier]\n\
+             - name: example.com/baz\n  caDir: /c\n",
+        )
+        .unwrap();
+        let foo = signers[0].policy.pod_certificates.as_ref().unwrap();
+        assert_eq!(
+            foo.trust_domain, "mesh.example",
+            "the CSR path's trust domain"
+        );
+        assert_eq!(foo.max_ttl, Duration::from_secs(86400));
+        assert_eq!(foo.keys, meshca_pki::pod_key::pod_key_policy());
+        let bar = signers[1].policy.pod_certificates.as_ref().unwrap();
+        assert_eq!(bar.trust_domain, "bar.example");
+        assert_eq!(bar.max_ttl, Duration::from_secs(2 * 86400));
+        assert!(bar.keys.allow_p256 && !bar.keys.allow_p384 && !bar.keys.allow_ed25519);
+        assert_eq!((bar.keys.rsa_min_bits, bar.keys.rsa_max_bits), (4096, 4096));
+        assert_eq!(bar.service_accounts, ["shop/*"]);
+        assert_eq!(bar.user_annotations, ["example.com/tier"]);
+        assert!(signers[2].policy.pod_certificates.is_none());
+        for (text, needle) in [
+            ("keyTypes: [DSA]", "not one of"),
+            ("maxTTL: 30m", "at least 1h"),
+            ("serviceAccounts: [shop]", "namespace/account"),
+            ("trustDomain: \"a b\"", "not a trust domain"),
+        ] {
+            let cfg = format!(
+                "signers:\n- name: example.com/foo\n  caDir: /a\n  podCertificates:\n    {text}\n"
+            );
+            let err = format!("{:#}", parse(&cfg).unwrap_err());
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub struct SignerPolicy {
     pub csr_policy: CsrPolicy,
     /// Append the root(s) to `status.certificate` after the intermediates.
     pub include_root: bool,
+    /// Sign this signer's PodCertificateRequests too, under this policy
+    /// (`None`: CSRs only).
+    pub pod_certificates: Option<crate::pcr::PodCertPolicy>,
 }
 
 impl SignerPolicy {
@@ -33,6 +36,7 @@ impl SignerPolicy {
             },
             csr_policy: CsrPolicy::default(),
             include_root: false,
+            pod_certificates: None,
         }
     }
 }

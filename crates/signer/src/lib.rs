@@ -23,9 +23,18 @@
 //! CA source (meshca-ca-store: dir/files polled, Secret watched) -> CurrentCa
 //!   (a tokio watch channel) -> every CSR re-examined on change
 //! CurrentCa(s) -> trust::keep_published -> Secret external-ca-cert/root-cert.pem
+//! PodCertificateRequests (certificates.k8s.io/v1beta1, signers with a
+//!   PodCertPolicy): watch (fieldSelector spec.signerName=<name>)
+//!   -> pcr_controller::reconcile: GET pod, ServiceAccount, Node (fresh)
+//!        -> pcr::decide(request, policy, CA, facts, roots published, now)  (pure)
+//!        -> PUT .../status: Issued + chain + notBefore/notAfter/beginRefreshAt,
+//!           or Denied/Failed with a stable reason; Event, metrics
+//! CurrentCa -> cluster_trust_bundle::keep_published -> ClusterTrustBundle
+//!   <signer as :>:roots (new roots in before any pod certificate from them;
+//!   retired roots kept for the longest lifetime)
 //! lease::Elector: with leader election, only the Lease holder runs the
 //!   controllers, the cleaner (cleaner::due, kube-controller-manager's ages,
-//!   own signers only) and the trust bundle publisher; a lost lease stops it.
+//!   own signers only) and the trust bundle publishers; a lost lease stops it.
 //! ```
 //!
 //! Memory: the watch cache keeps every CSR of the signer; [`controller::compact`]
@@ -48,11 +57,14 @@
 
 pub mod ca;
 pub mod cleaner;
+pub mod cluster_trust_bundle;
 pub mod config;
 pub mod controller;
 pub mod decide;
 pub mod events;
 pub mod metrics;
+pub mod pcr;
+pub mod pcr_controller;
 pub mod trust;
 
 use std::net::SocketAddr;
@@ -62,6 +74,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
@@ -74,6 +87,7 @@ pub use cleaner::CleanerConfig;
 pub use decide::{Action, SignerPolicy, Skip, decide};
 pub use meshca_ca_store::CaSource;
 pub use meshca_kube::LeaderElection;
+pub use pcr::PodCertPolicy;
 pub use trust::TrustBundleTarget;
 
 /// One signer: a name, its policy and its CA.
@@ -103,6 +117,10 @@ pub struct Config {
     pub leader_election: Option<LeaderElection>,
     /// Delete this signer's old CSRs (while leading).
     pub cleaner: Option<CleanerConfig>,
+    /// Publish each signer's roots as ClusterTrustBundle
+    /// `<signer with / as :>:roots` (while leading); pod certificates then
+    /// wait until their CA's roots are in it.
+    pub cluster_trust_bundles: bool,
 }
 
 impl Config {
@@ -117,6 +135,7 @@ impl Config {
             instance: None,
             leader_election: None,
             cleaner: None,
+            cluster_trust_bundles: false,
         }
     }
 }
@@ -216,6 +235,8 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
     };
     let mut cas = Vec::new();
     let mut parts = Vec::new();
+    let mut pcr_parts = Vec::new();
+    let mut bundles = Vec::new();
     for signer in &config.signers {
         let name = signer.policy.name.clone();
         let ca = ca::start(
@@ -237,6 +258,34 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
                 events: events.clone(),
             }),
         });
+        let published = if config.cluster_trust_bundles {
+            let (tx, rx) = tokio::sync::watch::channel(Arc::default());
+            let pcr_ttl = signer
+                .policy
+                .pod_certificates
+                .as_ref()
+                .map_or(Duration::ZERO, |p| p.max_ttl);
+            bundles.push(BundleWork {
+                signer: name.clone(),
+                ca: ca.clone(),
+                retain: signer.policy.profile.max_ttl.max(pcr_ttl),
+                published: tx,
+            });
+            Some(rx)
+        } else {
+            None
+        };
+        if let Some(policy) = &signer.policy.pod_certificates {
+            pcr_parts.push(Arc::new(pcr_controller::PcrContext {
+                client: client.clone(),
+                signer: name.clone(),
+                policy: policy.clone(),
+                ca: ca.clone(),
+                published,
+                metrics: metrics.clone(),
+                events: events.clone(),
+            }));
+        }
         cas.push(ca);
     }
 
@@ -265,6 +314,8 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
                 .trust_bundle
                 .clone()
                 .map(|target| (target, cas.clone())),
+            bundles,
+            pod_certificates: pcr_parts,
         },
         metrics,
         shutdown.clone(),
@@ -291,6 +342,19 @@ struct LeaderWork {
     /// Publishing the roots (one writer, so replicas with CAs loaded at
     /// slightly different times never flap the Secret).
     trust: Option<(TrustBundleTarget, Vec<CurrentCa>)>,
+    /// Each signer's ClusterTrustBundle.
+    bundles: Vec<BundleWork>,
+    /// The PodCertificateRequest controllers (signers with a PodCertPolicy).
+    pod_certificates: Vec<Arc<pcr_controller::PcrContext>>,
+}
+
+/// One signer's ClusterTrustBundle publisher inputs.
+struct BundleWork {
+    signer: String,
+    ca: CurrentCa,
+    /// How long a rotated-away root stays (the longest certificate lifetime).
+    retain: Duration,
+    published: tokio::sync::watch::Sender<Arc<std::collections::BTreeSet<Vec<u8>>>>,
 }
 
 /// Waits for the lease (if any), then runs the controllers and the cleaner
@@ -329,7 +393,54 @@ async fn lead_and_run(
             Duration::from_secs(30),
         )));
     }
+    for b in work.bundles {
+        leader_tasks.push(tokio::spawn(cluster_trust_bundle::keep_published(
+            client.clone(),
+            b.signer,
+            b.ca,
+            b.retain,
+            b.published,
+            metrics.clone(),
+            Duration::from_secs(30),
+        )));
+    }
     let mut controllers = Vec::new();
+    for ctx in work.pod_certificates {
+        let name = ctx.signer.clone();
+        let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));
+        let api = Api::<PodCertificateRequest>::all(client.clone());
+        let (reader, writer) = reflector::store();
+        let objects = watcher(api, wc)
+            .default_backoff()
+            .modify(pcr_controller::compact)
+            .reflect(writer)
+            .applied_objects();
+        let mut controller = Controller::for_stream(objects, reader)
+            .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+            .reconcile_all_on(meshca_ca_store::changes(&ctx.ca))
+            .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+        if let Some(published) = ctx.published.clone() {
+            // New roots in the bundle release the requests that waited for them.
+            controller = controller.reconcile_all_on(futures::stream::unfold(
+                published,
+                |mut rx| async move {
+                    rx.changed().await.ok()?;
+                    Some(((), rx))
+                },
+            ));
+        }
+        controllers.push(
+            controller
+                .run(pcr_controller::reconcile, pcr_controller::error_policy, ctx)
+                .for_each(move |res| {
+                    if let Err(e) = res {
+                        tracing::debug!(signer = %name, error = %e, "pod certificate controller");
+                    }
+                    futures::future::ready(())
+                })
+                .boxed(),
+        );
+    }
     for part in parts {
         let name = part.ctx.policy.name.clone();
         let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));

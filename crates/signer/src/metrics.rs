@@ -55,6 +55,12 @@ pub struct Metrics {
     pub events_dropped: Counter,
     /// Status writes or re-reads the apiserver refused (retried).
     pub api_errors: Family<ErrorLabel, Counter>,
+    /// PodCertificateRequests issued, by signer.
+    pub pod_certificates_issued: Family<SignerLabel, Counter>,
+    /// PodCertificateRequests Denied or Failed, by signer and reason.
+    pub pod_certificates_refused: Family<FailedLabel, Counter>,
+    /// Root changes published to the signer's ClusterTrustBundle.
+    pub trust_bundle_writes: Family<SignerLabel, Counter>,
 }
 
 impl Metrics {
@@ -71,6 +77,9 @@ impl Metrics {
             leader: Gauge::default(),
             events_dropped: Counter::default(),
             api_errors: Family::default(),
+            pod_certificates_issued: Family::default(),
+            pod_certificates_refused: Family::default(),
+            trust_bundle_writes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("meshca_signer");
         r.register("signed", "Certificates issued, by signer", m.signed.clone());
@@ -114,6 +123,21 @@ impl Metrics {
             "api_errors",
             "CSR reads/writes the apiserver refused, by HTTP status (retried)",
             m.api_errors.clone(),
+        );
+        r.register(
+            "pod_certificates_issued",
+            "PodCertificateRequests issued, by signer",
+            m.pod_certificates_issued.clone(),
+        );
+        r.register(
+            "pod_certificates_refused",
+            "PodCertificateRequests Denied or Failed, by signer and reason",
+            m.pod_certificates_refused.clone(),
+        );
+        r.register(
+            "cluster_trust_bundle_writes",
+            "Writes of the signer's ClusterTrustBundle",
+            m.trust_bundle_writes.clone(),
         );
         r.register(
             "events_dropped",

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use meshca_signer::config::SignerSpec;
+use meshca_signer::config::{PodCertificatesSpec, SignerSpec};
 use meshca_signer::{CleanerConfig, Config, SignerConfig, TrustBundleTarget};
 
 use super::common::{KubeArgs, LeaderElectionArgs, LogArgs, instance_name, monitoring_addr};
@@ -104,6 +104,37 @@ pub struct SignerArgs {
     /// Do not publish Kubernetes Events.
     #[arg(long)]
     pub no_events: bool,
+    /// Also sign PodCertificateRequests (certificates.k8s.io/v1beta1) of the
+    /// signer names: pods get spiffe://<trust domain>/ns/<ns>/sa/<account>
+    /// through a `podCertificate` projected volume.
+    #[arg(long, env = "MESHCA_POD_CERTIFICATES")]
+    pub pod_certificates: bool,
+    /// Trust domain of pod certificates (default: the first --trust-domains).
+    #[arg(long)]
+    pub pod_certificate_trust_domain: Option<String>,
+    /// Longest pod certificate lifetime; a larger maxExpirationSeconds is Denied.
+    #[arg(long, default_value = "24h")]
+    pub pod_certificate_max_duration: String,
+    /// Key types pod certificates may have (RSA3072, RSA4096, ECDSAP256,
+    /// ECDSAP384, ED25519); default all of them.
+    #[arg(long, value_delimiter = ',')]
+    pub pod_certificate_key_types: Option<Vec<String>>,
+    /// Namespaces whose pods may get one (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub pod_certificate_namespaces: Vec<String>,
+    /// namespace/account (or namespace/*) that may get one (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub pod_certificate_service_accounts: Vec<String>,
+    /// unverifiedUserAnnotations keys accepted (and ignored); others are Denied.
+    #[arg(long, value_delimiter = ',')]
+    pub pod_certificate_user_annotations: Vec<String>,
+    /// Publish each signer's roots as ClusterTrustBundle
+    /// <signer name with / as :>:roots (on by default with --pod-certificates).
+    #[arg(long)]
+    pub cluster_trust_bundle: bool,
+    /// Do not publish ClusterTrustBundles.
+    #[arg(long, conflicts_with = "cluster_trust_bundle")]
+    pub no_cluster_trust_bundle: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -130,6 +161,16 @@ fn signers(args: &SignerArgs) -> Result<Vec<SignerConfig>> {
             spec.trust_domains = args.trust_domains.clone();
             spec.subject = args.subject.clone();
             spec.allow_dns = args.allow_dns_sans;
+            if args.pod_certificates {
+                spec.pod_certificates = Some(PodCertificatesSpec {
+                    trust_domain: args.pod_certificate_trust_domain.clone(),
+                    max_ttl: Some(args.pod_certificate_max_duration.clone()),
+                    key_types: args.pod_certificate_key_types.clone(),
+                    namespaces: args.pod_certificate_namespaces.clone(),
+                    service_accounts: args.pod_certificate_service_accounts.clone(),
+                    user_annotations: args.pod_certificate_user_annotations.clone(),
+                });
+            }
             let mut signer = spec.build()?;
             signer.policy.profile.default_ttl = args.certificate_duration;
             signer.policy.profile.max_ttl = args.max_certificate_duration;
@@ -164,6 +205,12 @@ pub fn signer(args: SignerArgs) -> Result<ExitCode> {
         if !args.no_cleaner {
             config.cleaner = Some(CleanerConfig::default());
         }
+        let any_pod_certificates = config
+            .signers
+            .iter()
+            .any(|s| s.policy.pod_certificates.is_some());
+        config.cluster_trust_bundles =
+            args.cluster_trust_bundle || (any_pod_certificates && !args.no_cluster_trust_bundle);
         let names: Vec<String> = config
             .signers
             .iter()

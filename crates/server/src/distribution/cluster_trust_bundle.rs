@@ -11,13 +11,12 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::certificates::v1beta1::{ClusterTrustBundle, ClusterTrustBundleSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::certificates::v1beta1::ClusterTrustBundle;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 
-use meshca_kube::{LastError, apply};
+use meshca_kube::{LastError, apply, cluster_trust_bundle};
 
 /// Istio's names.
 pub const BUNDLE_NAME: &str = "istio.io:istiod-ca:root-cert";
@@ -28,34 +27,22 @@ pub const SIGNER_NAME: &str = "istio.io/istiod-ca";
 const RESYNC: Duration = Duration::from_secs(300);
 
 /// What the cluster needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plan {
-    InSync,
-    /// Server-side apply [`desired`]: creates the bundle or puts its roots back.
-    Apply,
-}
+pub use meshca_kube::cluster_trust_bundle::Plan;
 
-/// The bundle istiod would write: all that meshca applies.
+/// The bundle as the server wants it (planning shared with the signer's
+/// bundles in meshca-kube).
 pub fn desired(roots_pem: &str) -> ClusterTrustBundle {
-    ClusterTrustBundle {
-        metadata: ObjectMeta {
-            name: Some(BUNDLE_NAME.into()),
-            ..Default::default()
-        },
-        spec: ClusterTrustBundleSpec {
-            signer_name: Some(SIGNER_NAME.into()),
-            trust_bundle: roots_pem.into(),
-        },
-    }
+    cluster_trust_bundle::desired(
+        BUNDLE_NAME,
+        SIGNER_NAME,
+        roots_pem,
+        Default::default(),
+        Default::default(),
+    )
 }
 
-/// The API refuses a name prefixed `istio.io:istiod-ca:` with any other
-/// signer, and the signer is immutable, so only the bundle can differ.
 pub fn plan(existing: Option<&ClusterTrustBundle>, roots_pem: &str) -> Plan {
-    match existing {
-        Some(b) if b.spec.trust_bundle == roots_pem => Plan::InSync,
-        _ => Plan::Apply,
-    }
+    cluster_trust_bundle::plan(existing, &desired(roots_pem))
 }
 
 async fn sync(api: &Api<ClusterTrustBundle>, roots_pem: &str) -> Result<(), kube::Error> {

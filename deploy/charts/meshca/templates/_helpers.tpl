@@ -96,3 +96,13 @@ affinity:
 {{- fail (printf "durations in monitoring values are whole hours such as 720h, not %q" .) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* "true" when the signer publishes ClusterTrustBundles (default: with podCertificates). */}}
+{{- define "meshca.signer.clusterTrustBundle" -}}
+{{- $g := .Values.signer -}}
+{{- if kindIs "bool" $g.clusterTrustBundle -}}
+{{- if $g.clusterTrustBundle }}true{{ end -}}
+{{- else if $g.podCertificates.enabled -}}
+true
+{{- end -}}
+{{- end -}}
