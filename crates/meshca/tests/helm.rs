@@ -7,8 +7,10 @@
 //! token and the kubelet-mounted root, gets its certificate from meshca (local
 //! CA, then RA mode behind the signer installed in the seed's shape); the
 //! leading pods are deleted and the release upgraded while 200 workloads keep
-//! renewing; `helm uninstall` leaves no Lease, CSR or Deployment behind, and
-//! the roots stay.
+//! renewing; istiod as a pod in RA mode (the seed's step, external-ca-cert
+//! mounted by the kubelet) hands out a certificate that chains to the
+//! signer's root; `helm uninstall` leaves no Lease, CSR or Deployment
+//! behind, and the roots stay.
 //!
 //! Pods use hostNetwork on 127.0.0.1 (the node has no pod network), so on
 //! this one node a component runs one replica at a time: a second replica
@@ -824,7 +826,10 @@ async fn helm_installs_meshca_on_the_node_and_workloads_get_certificates() -> Re
         "the upgrade did not change the image: {image}"
     );
 
-    // 4. Teardown: nothing of meshca's left but the roots.
+    // 4. The seed itself: istiod (Istio's pilot-discovery, as a pod) in RA
+    // mode in front of the signer, with external-ca-cert mounted by the
+    // kubelet where the seed mounts it. meshca's server goes first: istiod
+    // is the namespace controller now.
     helm(&[
         "uninstall",
         "meshca",
@@ -834,6 +839,18 @@ async fn helm_installs_meshca_on_the_node_and_workloads_get_certificates() -> Re
         "--timeout",
         CHART_TIMEOUT,
     ])?;
+    istiod_in_ra_mode(
+        &env,
+        &node,
+        &mesh,
+        &istio.name,
+        &signer_name,
+        &signer_root,
+        dir,
+    )
+    .await?;
+
+    // 5. Teardown: nothing of meshca's left but the roots.
     helm(&[
         "uninstall",
         "signer-ca",
@@ -844,17 +861,23 @@ async fn helm_installs_meshca_on_the_node_and_workloads_get_certificates() -> Re
         CHART_TIMEOUT,
     ])?;
     for ns in [mesh.name(), signer_ns.name()] {
-        let leases = Api::<Lease>::namespaced(client.clone(), ns)
+        // meshca's Leases (istiod's own, from step 4, are istiod's business).
+        let leases: Vec<Lease> = Api::<Lease>::namespaced(client.clone(), ns)
             .list(&ListParams::default())
-            .await?;
+            .await?
+            .items
+            .into_iter()
+            .filter(|l| {
+                matches!(
+                    l.metadata.name.as_deref(),
+                    Some("meshca-namespace-controller" | "signer-ca-leader")
+                )
+            })
+            .collect();
         ensure!(
-            leases.items.is_empty(),
+            leases.is_empty(),
             "Leases left in {ns}: {:?}",
-            leases
-                .items
-                .iter()
-                .map(|l| &l.metadata.name)
-                .collect::<Vec<_>>()
+            leases.iter().map(|l| &l.metadata.name).collect::<Vec<_>>()
         );
         // The pods end with their grace period (they are not the release's
         // objects, so `helm uninstall --wait` does not wait for them).
@@ -886,4 +909,166 @@ async fn helm_installs_meshca_on_the_node_and_workloads_get_certificates() -> Re
     app.cleanup().await?;
     signer_ns.cleanup().await?;
     mesh.cleanup().await
+}
+
+/// istiod in RA mode as a pod (the seed's step): `EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`,
+/// `K8S_SIGNER`, and Secret external-ca-cert (published by the signer) mounted
+/// at /etc/external-ca-cert; its ServiceAccount `istiod` has the `approve` the
+/// signer's chart grants, plus what istiod reads to run (cluster-admin here:
+/// Istio's own chart is not under test). Istio's CA client then gets a
+/// workload certificate from it that chains to the signer's custom root, and
+/// istiod deletes its CSR.
+async fn istiod_in_ra_mode(
+    env: &TestEnv,
+    node: &TestNode,
+    mesh: &TestNamespace,
+    image: &str,
+    signer: &str,
+    signer_root: &str,
+    dir: &Path,
+) -> Result<()> {
+    let client = env.client();
+    mesh.create_service_account("istiod").await?;
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("{}-istiod-admin", mesh.name())},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "istiod", "namespace": mesh.name()}],
+    }))?;
+    let bindings = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone());
+    bindings.create(&PostParams::default(), &binding).await?;
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "istiod"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "istiod"}},
+            "template": {
+                "metadata": {"labels": {"app": "istiod"}},
+                "spec": {
+                    "hostNetwork": true,
+                    "serviceAccountName": "istiod",
+                    "terminationGracePeriodSeconds": 2,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 1337, "fsGroup": 1337},
+                    "containers": [{
+                        "name": "discovery",
+                        "image": image,
+                        "imagePullPolicy": "Never",
+                        "command": ["/usr/local/bin/pilot-discovery"],
+                        "args": [
+                            "discovery", "--clusterID", "Kubernetes",
+                            "--httpAddr", addr(ports[0]), "--grpcAddr", addr(ports[1]),
+                            "--secureGRPCAddr", addr(ports[2]), "--httpsAddr", addr(ports[3]),
+                            "--monitoringAddr", addr(ports[4]),
+                        ],
+                        "env": [
+                            {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                            {"name": "KUBERNETES_SERVICE_PORT", "value": node.apiserver_port.to_string()},
+                            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "CLOUD_PLATFORM", "value": "none"},
+                            {"name": "PILOT_ENABLE_ANALYSIS", "value": "false"},
+                            {"name": "EXTERNAL_CA", "value": "ISTIOD_RA_KUBERNETES_API"},
+                            {"name": "K8S_SIGNER", "value": signer},
+                        ],
+                        "readinessProbe": {"httpGet": {"path": "/ready", "port": ports[0]}, "periodSeconds": 2},
+                        "securityContext": {
+                            "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
+                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "volumeMounts": [
+                            {"name": "external-ca-cert", "mountPath": "/etc/external-ca-cert", "readOnly": true},
+                            {"name": "tmp", "mountPath": "/tmp"},
+                            {"name": "dns-certs", "mountPath": "/var/run/secrets/istio-dns"},
+                        ],
+                    }],
+                    "volumes": [
+                        // The seed's mount: the signer's roots where istiod reads them.
+                        {"name": "external-ca-cert", "secret": {"secretName": "external-ca-cert", "optional": true}},
+                        {"name": "tmp", "emptyDir": {}},
+                        {"name": "dns-certs", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }))?;
+    Api::<Deployment>::namespaced(client.clone(), mesh.name())
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    let t = Instant::now();
+    wait_available(&client, mesh.name(), "istiod").await?;
+    eprintln!("istiod (RA mode) rolled out in {:?}", t.elapsed());
+
+    // istiod's serving certificate comes from its own self-signed CA.
+    let istiod_ca = Api::<Secret>::namespaced(client.clone(), mesh.name())
+        .get("istio-ca-secret")
+        .await?;
+    let istiod_root = dir.join("istiod-root.pem");
+    std::fs::write(
+        &istiod_root,
+        &istiod_ca.data.context("no data")?["ca-cert.pem"].0,
+    )?;
+    mesh.create_service_account("ratings").await?;
+    let token = mesh
+        .token_with(
+            "ratings",
+            &TokenOptions {
+                expiration_seconds: 3600,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let token_file = dir.join("ratings.token");
+    std::fs::write(&token_file, token)?;
+    let spiffe = format!("spiffe://cluster.local/ns/{}/sa/ratings", mesh.name());
+    let out = Command::new(meshca_testsupport::bin("istio-client"))
+        .args([
+            "-addr",
+            &addr(ports[2]),
+            "-json",
+            "-timeout",
+            "60s",
+            "-ttl",
+            "1h",
+        ])
+        .arg("-root-cert")
+        .arg(&istiod_root)
+        .arg("-token")
+        .arg(&token_file)
+        .args([
+            "-host",
+            &spiffe,
+            "-server-name",
+            &format!("istiod.{}.svc", mesh.name()),
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "istio-client against istiod: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            diagnose(&client, mesh.name()).await
+        );
+    }
+    let answer: Value = serde_json::from_slice(&out.stdout)?;
+    let chain: String = answer["chain"]
+        .as_array()
+        .context("no chain")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    std::fs::write(dir.join("istiod-chain.pem"), &chain)?;
+    std::fs::write(dir.join("signer-root.pem"), signer_root)?;
+    let report = meshca_verify(&dir.join("signer-root.pem"), &dir.join("istiod-chain.pem"))?;
+    ensure!(report.contains(&spiffe), "{report}");
+
+    Api::<Deployment>::namespaced(client.clone(), mesh.name())
+        .delete("istiod", &DeleteParams::foreground())
+        .await?;
+    bindings
+        .delete(
+            &format!("{}-istiod-admin", mesh.name()),
+            &DeleteParams::default(),
+        )
+        .await?;
+    Ok(())
 }
