@@ -174,6 +174,9 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 featureGates:
   PodCertificateRequest: true
+  # clusterTrustBundle projected volume sources (beta, off by default).
+  ClusterTrustBundle: true
+  ClusterTrustBundleProjection: true
 podLogsDir: $NODE_DIR/podlogs
 protectKernelDefaults: false
 EOF

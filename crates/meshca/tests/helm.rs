@@ -684,6 +684,7 @@ async fn helm_installs_meshca_on_the_node_and_workloads_get_certificates() -> Re
     let signer_sets = [
         format!("signer.signerNames={{{signer_name}}}"),
         format!("signer.name={}", signer_ns.name()),
+        "signer.podCertificates.enabled=true".to_string(),
     ];
     let signer_sets: Vec<&str> = signer_sets.iter().map(String::as_str).collect();
     install(
@@ -736,6 +737,39 @@ async fn helm_installs_meshca_on_the_node_and_workloads_get_certificates() -> Re
         )),
         "{report}"
     );
+    // Mesh identity without a sidecar: a pod with a `podCertificate` volume
+    // for the signer (the kubelet makes the key and the request), and the
+    // signer's roots through a `clusterTrustBundle` projection. Its
+    // certificate and pilot-agent's (RA mode) complete mutual TLS both ways.
+    let pod_cert = pod_certificate(&node, &client, app.name(), "details", &signer_name).await?;
+    ensure!(
+        std::fs::read_to_string(&pod_cert.roots)
+            .with_context(|| {
+                let dir = pod_cert
+                    .roots
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                let listing: Vec<_> = std::fs::read_dir(&dir)
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
+                format!("reading {} (there: {listing:?})", pod_cert.roots.display())
+            })?
+            .trim()
+            == signer_root.trim(),
+        "the projected bundle is not the signer's root"
+    );
+    let report = meshca_verify(&pod_cert.roots, &pod_cert.chain)?;
+    let details = format!("spiffe://cluster.local/ns/{}/sa/details", app.name());
+    ensure!(report.contains(&details), "{report}");
+    let agent_dir = chain.parent().context("chain dir")?;
+    let agent = Credential {
+        chain: chain.clone(),
+        key: agent_dir.join("key.pem"),
+    };
+    mutual_tls(dir, &pod_cert.credential, &agent, &pod_cert.roots)?;
+    mutual_tls(dir, &agent, &pod_cert.credential, &pod_cert.roots)?;
+    delete_pod_and_wait(&client, app.name(), "details").await?;
     delete_pod_and_wait(&client, app.name(), "reviews").await?;
 
     // 3. Failover and upgrade while 200 workloads keep renewing through the
@@ -1070,5 +1104,222 @@ async fn istiod_in_ra_mode(
             &DeleteParams::default(),
         )
         .await?;
+    Ok(())
+}
+
+/// A certificate chain and its key, as files.
+struct Credential {
+    chain: PathBuf,
+    key: PathBuf,
+}
+
+/// What a `podCertificate` + `clusterTrustBundle` volume gave a pod.
+struct PodCertificate {
+    credential: Credential,
+    /// The certificates alone (leaf first).
+    chain: PathBuf,
+    roots: PathBuf,
+}
+
+/// A pod (the node's pause image) of ServiceAccount `sa` with a
+/// `podCertificate` volume for `signer` and the signer's roots from its
+/// ClusterTrustBundle; waits until the kubelet started it (it does only once
+/// the certificate is there) and splits the credential bundle.
+async fn pod_certificate(
+    node: &TestNode,
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    signer: &str,
+) -> Result<PodCertificate> {
+    let sas = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns);
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": sa}}))?,
+    )
+    .await?;
+    let image =
+        std::env::var("MESHCA_TESTENV_PAUSE_IMAGE").context("MESHCA_TESTENV_PAUSE_IMAGE")?;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": sa},
+        "spec": {
+            "hostNetwork": true,
+            "serviceAccountName": sa,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "securityContext": {
+                    "runAsNonRoot": true, "runAsUser": 65532, "readOnlyRootFilesystem": true,
+                    "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "volumeMounts": [{"name": "mesh", "mountPath": "/var/run/mesh", "readOnly": true}],
+            }],
+            "volumes": [{"name": "mesh", "projected": {"sources": [
+                {"podCertificate": {
+                    "signerName": signer,
+                    "keyType": "ECDSAP256",
+                    "maxExpirationSeconds": 3600,
+                    "credentialBundlePath": "credentialbundle.pem",
+                }},
+                {"clusterTrustBundle": {
+                    "signerName": signer,
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "meshca-signer"}},
+                    "path": "roots.pem",
+                }},
+            ]}}],
+        },
+    }))?;
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let created = pods.create(&PostParams::default(), &pod).await?;
+    let uid = created.metadata.uid.context("pod without uid")?;
+    let t = Instant::now();
+    loop {
+        let p = pods.get(sa).await?;
+        if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(90) {
+            bail!(
+                "pod {sa} not Running after 90 s\n{}",
+                diagnose(client, ns).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!(
+        "pod with a podCertificate volume Running {:?} after creation",
+        t.elapsed()
+    );
+    let dir = node.pod_volume(&uid, "kubernetes.io~projected", "mesh");
+    // The kubelet starts its ClusterTrustBundle informer on the first
+    // request: the roots can come with the volume's next sync.
+    let t = Instant::now();
+    while !dir.join("roots.pem").is_file() {
+        ensure!(
+            t.elapsed() < Duration::from_secs(150),
+            "the kubelet wrote no roots.pem from the ClusterTrustBundle in 150 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "roots.pem (clusterTrustBundle projection) written {:?} later",
+        t.elapsed()
+    );
+    let bundle = std::fs::read_to_string(dir.join("credentialbundle.pem")).with_context(|| {
+        let listing: Vec<_> = std::fs::read_dir(dir.parent().unwrap_or(&dir))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        format!(
+            "reading {}/credentialbundle.pem (there: {listing:?})",
+            dir.display()
+        )
+    })?;
+    let blocks = meshca_pki::pem::parse_all(bundle.as_bytes())?;
+    ensure!(
+        blocks.first().map(|b| b.label.as_str()) == Some("PRIVATE KEY"),
+        "the credential bundle does not start with a PKCS#8 key"
+    );
+    ensure!(blocks.len() >= 2 && blocks[1..].iter().all(|b| b.label == "CERTIFICATE"));
+    let out = std::env::temp_dir().join(format!("meshca-pcr-{uid}"));
+    std::fs::create_dir_all(&out)?;
+    let key = out.join("key.pem");
+    let chain = out.join("chain.pem");
+    std::fs::write(&key, meshca_pki::pem::encode("PRIVATE KEY", &blocks[0].der))?;
+    let certs: String = blocks[1..]
+        .iter()
+        .map(|b| meshca_pki::pem::encode("CERTIFICATE", &b.der))
+        .collect();
+    std::fs::write(&chain, certs)?;
+    Ok(PodCertificate {
+        credential: Credential {
+            chain: chain.clone(),
+            key,
+        },
+        chain,
+        roots: dir.join("roots.pem"),
+    })
+}
+
+/// openssl s_server with `server`'s credential requiring a client
+/// certificate, and s_client with `client`'s; both verify against `roots`.
+/// TLS 1.2, so that the server checks the client's certificate inside the
+/// handshake: a completed handshake means both certificates verified. A
+/// client without a certificate must fail (the check is real).
+fn mutual_tls(dir: &Path, server: &Credential, client: &Credential, roots: &Path) -> Result<()> {
+    let port = free_port().to_string();
+    let p = |x: &Path| x.display().to_string();
+    let mut s_server = Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-tls1_2",
+            "-quiet",
+        ])
+        .args([
+            "-cert",
+            &p(&server.chain),
+            "-key",
+            &p(&server.key),
+            "-CAfile",
+            &p(roots),
+        ])
+        .args(["-Verify", "2", "-verify_return_error"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let t = Instant::now();
+    while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err() {
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = s_server.kill();
+            bail!("s_server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let connect = |with_cert: bool| -> Result<(bool, String)> {
+        let mut cmd = Command::new("openssl");
+        cmd.args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-tls1_2",
+            "-brief",
+        ])
+        .args(["-CAfile", &p(roots), "-verify_return_error"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null());
+        if with_cert {
+            cmd.args(["-cert", &p(&client.chain), "-key", &p(&client.key)]);
+        }
+        let out = cmd.output()?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    };
+    let with = connect(true);
+    let without = connect(false);
+    let _ = s_server.kill();
+    let _ = s_server.wait();
+    let (ok, text) = with?;
+    ensure!(
+        ok && text.contains("Verification: OK"),
+        "mutual TLS failed: {text}"
+    );
+    let (ok, text) = without?;
+    ensure!(
+        !ok,
+        "the server accepted a client without a certificate: {text}"
+    );
     Ok(())
 }
