@@ -249,7 +249,7 @@ impl CaBundle {
                 extensions,
             },
         )
-        .map_err(fail)?;
+        .map_err(|e| fail(e.to_string()))?;
         let probe = parse(&probe, names.cert)?;
         let signing = parse(&self.signing_cert_der, names.cert)?;
         if probe.issuer().as_raw() != self.subject_der.as_slice() {
