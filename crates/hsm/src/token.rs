@@ -99,7 +99,10 @@ fn ck(what: &str, e: CkError) -> (Failure, HsmError) {
             };
             (failure, error)
         }
-        other => (Failure::Request, HsmError::fatal(format!("PKCS#11 {what}: {other}"))),
+        other => (
+            Failure::Request,
+            HsmError::fatal(format!("PKCS#11 {what}: {other}")),
+        ),
     }
 }
 
@@ -431,7 +434,10 @@ impl TokenKey {
             let session = ctx
                 .open_ro_session_no_drop(slot)
                 .map_err(|e| ck("C_OpenSession", e))?;
-            let pin = self.pin.read().map_err(|e| (Failure::Request, HsmError::fatal(e)))?;
+            let pin = self
+                .pin
+                .read()
+                .map_err(|e| (Failure::Request, HsmError::fatal(e)))?;
             let found = login(&session, &pin)
                 .and_then(|()| find_one(&session, &self.uri, ObjectClass::PRIVATE_KEY));
             match found {
