@@ -54,6 +54,7 @@ fn no_type_holding_a_key_shows_it_in_debug() {
     for key_type in [KeyType::EcdsaP256, KeyType::Rsa2048] {
         let tmp = tempfile::tempdir().unwrap();
         let spec = NewCa {
+            pkcs11: None,
             key_type,
             org: "cluster.local",
             ttl: Duration::from_secs(86400),

@@ -571,10 +571,11 @@ impl ExternalSigner for TokenKey {
     }
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         self.sign_message(message).map_err(|e| {
-            if e.transient {
-                SignError::KeyUnavailable(format!("{}: {}", self.uri, e.message))
+            let uri = self.uri.to_string();
+            if e.message.contains(&uri) {
+                SignError::KeyUnavailable(e.message)
             } else {
-                SignError::KeyUnavailable(format!("{}: {} (not retried)", self.uri, e.message))
+                SignError::KeyUnavailable(format!("{uri}: {}", e.message))
             }
         })
     }
