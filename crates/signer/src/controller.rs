@@ -78,7 +78,11 @@ pub async fn reconcile(
         let written = match &action {
             Action::Skip(_) => return Ok(Requeue::await_change()),
             Action::Retry { code, message } => {
-                tracing::debug!(csr = %name, code, message, "not signing yet");
+                if *code == "ca_not_ready" {
+                    tracing::debug!(csr = %name, code, message, "not signing yet");
+                } else {
+                    tracing::warn!(csr = %name, code, message, "not signing yet; will retry");
+                }
                 return Ok(Requeue::requeue(Duration::from_secs(5)));
             }
             Action::Issue { certificate } => {
