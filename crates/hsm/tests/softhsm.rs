@@ -167,3 +167,40 @@ fn a_removed_token_fails_each_request_and_its_return_restores_service() {
         }
     }
 }
+
+#[test]
+fn debug_of_token_keys_and_bundles_names_the_uri_and_never_the_pin() {
+    let hsm = hsm();
+    let _g = shared();
+    let uri = hsm.uri("debug");
+    let key = meshca_hsm::generate_key(&uri, KeyType::EcdsaP256).unwrap();
+    let token_key = meshca_hsm::open_key(&uri).unwrap();
+    let root = meshca_pki::profile::self_signed_root(
+        &meshca_pki::profile::CaCertRequest {
+            subject_der: &meshca_pki::cert::organization_name("debug"),
+            key: &key,
+            ttl: std::time::Duration::from_secs(3600),
+        },
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let bundle = meshca_pki::CaBundle::from_parts(
+        key,
+        root.clone(),
+        vec![],
+        vec![root],
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let pin = PinSource::File(hsm.pin_file()).read().unwrap();
+    for debug in [
+        format!("{token_key:?}"),
+        format!("{bundle:?}"),
+        format!("{bundle:#?}"),
+        format!("{pin:?}"),
+        format!("{:?}", PinSource::File(hsm.pin_file())),
+    ] {
+        assert!(!debug.contains(&hsm.pin), "the PIN in a Debug: {debug}");
+    }
+    assert!(format!("{bundle:?}").contains(&uri));
+}
