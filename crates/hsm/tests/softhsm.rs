@@ -204,3 +204,66 @@ fn debug_of_token_keys_and_bundles_names_the_uri_and_never_the_pin() {
     }
     assert!(format!("{bundle:?}").contains(&uri));
 }
+
+/// A session of this process on the test token, outside meshca-hsm (the
+/// module is loaded once per process, so this shares its login state).
+fn raw_session() -> cryptoki::session::Session {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    let ctx = Pkcs11::new(SOFTHSM_MODULE).unwrap();
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == hsm().label)
+        .unwrap();
+    ctx.open_ro_session_no_drop(slot).unwrap()
+}
+
+#[test]
+fn generated_keys_are_sensitive_and_never_extractable() {
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    let hsm = hsm();
+    let _g = shared();
+    meshca_hsm::generate_key(&hsm.uri("attributes"), KeyType::EcdsaP256).unwrap();
+    let session = raw_session();
+    let key = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(b"attributes".to_vec()),
+        ])
+        .unwrap()[0];
+    let attrs = session
+        .get_attributes(
+            key,
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::Token,
+            ],
+        )
+        .unwrap();
+    for a in attrs {
+        match a {
+            Attribute::Sensitive(v) => assert!(v, "CKA_SENSITIVE"),
+            Attribute::Extractable(v) => assert!(!v, "CKA_EXTRACTABLE"),
+            Attribute::NeverExtractable(v) => assert!(v, "CKA_NEVER_EXTRACTABLE"),
+            Attribute::Token(v) => assert!(v, "CKA_TOKEN"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_lost_login_is_renewed_without_failing_the_request() {
+    let hsm = hsm();
+    let _g = shared();
+    let uri = hsm.uri("logout");
+    let key = meshca_hsm::generate_key(&uri, KeyType::EcdsaP256).unwrap();
+    key.sign(b"logged in").unwrap();
+    // Logging out ends the login of every session of this process.
+    raw_session().logout().unwrap();
+    let signature = key.sign(b"after logout").unwrap();
+    verify(&key, b"after logout", &signature);
+}
