@@ -307,8 +307,9 @@ impl SigningKey {
                 let signature = k.sign(message)?;
                 // A module answering with a wrong key, or a swapped token,
                 // must never produce a certificate that does not verify.
-                verify_signature(k.algorithm(), k.public_key_bits(), message, &signature)
-                    .map_err(|()| SignError::SignatureMismatch)?;
+                if !verify_signature(k.algorithm(), k.public_key_bits(), message, &signature) {
+                    return Err(SignError::SignatureMismatch);
+                }
                 Ok(signature)
             }
         }
@@ -334,13 +335,13 @@ impl SigningKey {
 }
 
 /// Checks a signature the way a relying party will: with the public key
-/// and the algorithm the certificate announces.
+/// and the algorithm the certificate announces. `true` if it verifies.
 pub fn verify_signature(
     algorithm: ExternalAlgorithm,
     public_key_bits: &[u8],
     message: &[u8],
     signature: &[u8],
-) -> Result<(), ()> {
+) -> bool {
     let params: &dyn aws_lc_rs::signature::VerificationAlgorithm = match algorithm {
         ExternalAlgorithm::Rsa { .. } => &RSA_PKCS1_2048_8192_SHA256,
         ExternalAlgorithm::EcdsaP256 => &ECDSA_P256_SHA256_ASN1,
@@ -348,7 +349,7 @@ pub fn verify_signature(
     };
     UnparsedPublicKey::new(params, public_key_bits)
         .verify(message, signature)
-        .map_err(|_| ())
+        .is_ok()
 }
 
 /// A raw PKCS#11 ECDSA signature (`r || s`, each the curve's size) as the
