@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
@@ -110,6 +110,9 @@ fn ck(what: &str, e: CkError) -> (Failure, HsmError) {
 /// initialisation per process).
 pub struct Module {
     path: PathBuf,
+    /// Held shared by every call into the module, exclusively by
+    /// finalisation: C_Finalize never runs under another thread's C_Sign.
+    busy: RwLock<()>,
     state: Mutex<ModuleState>,
 }
 
@@ -137,6 +140,7 @@ impl Module {
             .or_insert_with(|| {
                 Arc::new(Module {
                     path: path.to_owned(),
+                    busy: RwLock::new(()),
                     state: Mutex::new(ModuleState {
                         ctx: None,
                         generation: 0,
@@ -175,6 +179,7 @@ impl Module {
     /// Finalises the module (if still at `generation`) so that the next
     /// use initialises it again and sees tokens as they are now.
     fn reset(&self, generation: u64) {
+        let _exclusive = self.busy.write().unwrap_or_else(|e| e.into_inner());
         let mut state = lock(&self.state);
         if state.generation != generation {
             return;
@@ -195,6 +200,15 @@ impl Module {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Held while calling into the module (see `busy`).
+    fn enter(&self) -> RwLockReadGuard<'_, ()> {
+        self.busy.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        lock(&self.state).generation
     }
 }
 
@@ -414,13 +428,29 @@ impl TokenKey {
             idle: Mutex::new(Vec::new()),
             max_idle: DEFAULT_MAX_IDLE_SESSIONS,
         };
-        let pooled = key.open_session().map_err(|(_, e)| e)?;
-        let (algorithm, public_key) =
-            read_public(&pooled.session, &key.uri, pooled.key).map_err(|(_, e)| e)?;
-        key.algorithm = algorithm;
-        key.public_key = public_key;
-        key.give_back(pooled);
-        Ok(key)
+        let generation = key.module.generation();
+        let opened = {
+            let _busy = key.module.enter();
+            key.open_session().and_then(|pooled| {
+                let public = read_public(&pooled.session, &key.uri, pooled.key)?;
+                Ok((pooled, public))
+            })
+        };
+        match opened {
+            Ok((pooled, (algorithm, public_key))) => {
+                key.algorithm = algorithm;
+                key.public_key = public_key;
+                key.give_back(pooled);
+                Ok(key)
+            }
+            Err((failure, e)) => {
+                if failure == Failure::Device {
+                    // The next attempt sees the module's tokens as they are then.
+                    key.module.reset(generation);
+                }
+                Err(e)
+            }
+        }
     }
 
     pub fn uri(&self) -> &Pkcs11Uri {
@@ -459,12 +489,7 @@ impl TokenKey {
                 }
             }
         };
-        attempt().inspect_err(|(failure, _)| {
-            if *failure == Failure::Device {
-                self.lose_sessions();
-                self.module.reset(generation);
-            }
-        })
+        attempt()
     }
 
     fn take(&self) -> Result<Pooled, (Failure, HsmError)> {
@@ -480,7 +505,7 @@ impl TokenKey {
     }
 
     fn current_generation(&self) -> u64 {
-        lock(&self.module.state).generation
+        self.module.generation()
     }
 
     fn give_back(&self, pooled: Pooled) {
@@ -536,11 +561,7 @@ impl TokenKey {
                 match failure {
                     Failure::Request => self.give_back(pooled),
                     Failure::Session => drop(pooled),
-                    Failure::Device => {
-                        drop(pooled);
-                        self.lose_sessions();
-                        self.module.reset(self.current_generation());
-                    }
+                    Failure::Device => drop(pooled),
                 }
                 Err((failure, error))
             }
@@ -550,9 +571,23 @@ impl TokenKey {
     /// Signs, retrying once on a fresh session when this one was lost
     /// (an expired login, a closed session).
     pub fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, HsmError> {
-        match self.sign_once(message) {
-            Err((Failure::Session, _)) => self.sign_once(message).map_err(|(_, e)| e),
-            other => other.map_err(|(_, e)| e),
+        let mut retried = false;
+        loop {
+            let generation = self.module.generation();
+            let result = {
+                let _busy = self.module.enter();
+                self.sign_once(message)
+            };
+            match result {
+                Ok(signature) => return Ok(signature),
+                Err((Failure::Session, _)) if !retried => retried = true,
+                Err((Failure::Device, e)) => {
+                    self.lose_sessions();
+                    self.module.reset(generation);
+                    return Err(e);
+                }
+                Err((_, e)) => return Err(e),
+            }
         }
     }
 
@@ -593,6 +628,7 @@ pub fn generate(
     pin: &PinSource,
     algorithm: ExternalAlgorithm,
 ) -> Result<(), HsmError> {
+    let _busy = module.enter();
     let (ctx, _) = module.context()?;
     let slot = find_slot(&ctx, uri).map_err(|(_, e)| e)?;
     let session = ctx

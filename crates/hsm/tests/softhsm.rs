@@ -267,3 +267,48 @@ fn a_lost_login_is_renewed_without_failing_the_request() {
     let signature = key.sign(b"after logout").unwrap();
     verify(&key, b"after logout", &signature);
 }
+
+#[test]
+fn parallel_signers_through_a_removal_and_return_get_errors_then_signatures() {
+    let hsm = hsm();
+    let _g = shared();
+    let uri = hsm.uri("hammered");
+    let key = Arc::new(meshca_hsm::generate_key(&uri, KeyType::EcdsaP256).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (key, stop) = (key.clone(), stop.clone());
+            thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match key.sign(b"hammer") {
+                        Ok(signature) => {
+                            verify(&key, b"hammer", &signature);
+                            ok += 1;
+                        }
+                        Err(SignError::KeyUnavailable(_)) => failed += 1,
+                        Err(other) => panic!("{other:?}"),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    thread::sleep(std::time::Duration::from_millis(300));
+    hsm.remove_tokens();
+    thread::sleep(std::time::Duration::from_millis(1500));
+    hsm.restore_tokens();
+    thread::sleep(std::time::Duration::from_millis(2500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut ok, mut failed) = (0, 0);
+    for w in workers {
+        let (o, f) = w.join().expect("a signer thread panicked");
+        ok += o;
+        failed += f;
+    }
+    assert!(failed > 0, "removing the token failed no request");
+    assert!(ok > 0);
+    // Service is back after the return.
+    let signature = key.sign(b"after").unwrap();
+    verify(&key, b"after", &signature);
+}
