@@ -110,9 +110,9 @@ fn main() {
         "| CA key | SoftHSM raw C_Sign/s | meshca signatures/s (pool + verify) | share of raw | certs/s, key in token | certs/s, same key as file | token/file |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (key_type, label) in [
-        (KeyType::Rsa2048, "rsa-2048"),
-        (KeyType::EcdsaP256, "ecdsa-p256"),
+    for (key_type, label, id) in [
+        (KeyType::Rsa2048, "rsa-2048", "01"),
+        (KeyType::EcdsaP256, "ecdsa-p256", "02"),
     ] {
         // One key, as a file and imported into the token.
         let file_key = SigningKey::generate(key_type).unwrap();
@@ -121,7 +121,7 @@ fn main() {
         let out = std::process::Command::new("softhsm2-util")
             .env("SOFTHSM2_CONF", hsm.conf())
             .args(["--import", pem_path.to_str().unwrap(), "--token", "bench"])
-            .args(["--label", label, "--id", "01", "--pin", &hsm.pin])
+            .args(["--label", label, "--id", id, "--pin", &hsm.pin])
             .output()
             .unwrap();
         assert!(
