@@ -7,7 +7,8 @@ use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::KeySize;
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
+    ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256,
+    UnparsedPublicKey, VerificationAlgorithm,
 };
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
@@ -81,7 +82,9 @@ enum Inner {
     P256(EcdsaKeyPair),
     P384(EcdsaKeyPair),
     Ed25519(Ed25519KeyPair),
-    External(Arc<dyn ExternalSigner>),
+    /// The signer, and its public key parsed once for the verification
+    /// of every signature it returns.
+    External(Arc<dyn ExternalSigner>, Option<ParsedPublicKey>),
 }
 
 /// The algorithm of a key held outside the process (an HSM): the same
@@ -165,14 +168,19 @@ impl SigningKey {
 
     /// A key held outside the process (e.g. in an HSM).
     pub fn external(signer: Arc<dyn ExternalSigner>) -> Self {
+        let parsed = ParsedPublicKey::new(
+            verification_algorithm(signer.algorithm()),
+            signer.public_key_bits(),
+        )
+        .ok();
         SigningKey {
-            inner: Inner::External(signer),
+            inner: Inner::External(signer, parsed),
         }
     }
 
     /// Whether the key lives outside the process (and cannot be exported).
     pub fn is_external(&self) -> bool {
-        matches!(self.inner, Inner::External(_))
+        matches!(self.inner, Inner::External(..))
     }
 
     /// Reads exactly one private key block: PKCS#8 `PRIVATE KEY`, PKCS#1
@@ -224,7 +232,7 @@ impl SigningKey {
                 .map_err(|_| KeyError::Generate)?
                 .as_ref()
                 .to_vec(),
-            Inner::External(_) => return Err(KeyError::NotExportable),
+            Inner::External(..) => return Err(KeyError::NotExportable),
         }))
     }
 
@@ -235,7 +243,7 @@ impl SigningKey {
             Inner::Rsa(k) => k.public_key().as_ref(),
             Inner::P256(k) | Inner::P384(k) => k.public_key().as_ref(),
             Inner::Ed25519(k) => k.public_key().as_ref(),
-            Inner::External(k) => k.public_key_bits(),
+            Inner::External(k, _) => k.public_key_bits(),
         }
     }
 
@@ -248,7 +256,7 @@ impl SigningKey {
             Inner::P384(_) => ExternalAlgorithm::EcdsaP384,
             // Ed25519 has no external variant; callers match it first.
             Inner::Ed25519(_) => ExternalAlgorithm::EcdsaP256,
-            Inner::External(k) => k.algorithm(),
+            Inner::External(k, _) => k.algorithm(),
         }
     }
 
@@ -303,11 +311,17 @@ impl SigningKey {
                 .as_ref()
                 .to_vec()),
             Inner::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
-            Inner::External(k) => {
+            Inner::External(k, parsed) => {
                 let signature = k.sign(message)?;
                 // A module answering with a wrong key, or a swapped token,
                 // must never produce a certificate that does not verify.
-                if !verify_signature(k.algorithm(), k.public_key_bits(), message, &signature) {
+                let verified = match parsed {
+                    Some(key) => key.verify_sig(message, &signature).is_ok(),
+                    None => {
+                        verify_signature(k.algorithm(), k.public_key_bits(), message, &signature)
+                    }
+                };
+                if !verified {
                     return Err(SignError::SignatureMismatch);
                 }
                 Ok(signature)
@@ -322,7 +336,7 @@ impl SigningKey {
             Inner::P256(_) => "ECDSA P-256".into(),
             Inner::P384(_) => "ECDSA P-384".into(),
             Inner::Ed25519(_) => "Ed25519".into(),
-            Inner::External(k) => {
+            Inner::External(k, _) => {
                 let algorithm = match k.algorithm() {
                     ExternalAlgorithm::Rsa { bits } => format!("RSA {bits}"),
                     ExternalAlgorithm::EcdsaP256 => "ECDSA P-256".into(),
@@ -342,14 +356,17 @@ pub fn verify_signature(
     message: &[u8],
     signature: &[u8],
 ) -> bool {
-    let params: &dyn aws_lc_rs::signature::VerificationAlgorithm = match algorithm {
+    UnparsedPublicKey::new(verification_algorithm(algorithm), public_key_bits)
+        .verify(message, signature)
+        .is_ok()
+}
+
+fn verification_algorithm(algorithm: ExternalAlgorithm) -> &'static dyn VerificationAlgorithm {
+    match algorithm {
         ExternalAlgorithm::Rsa { .. } => &RSA_PKCS1_2048_8192_SHA256,
         ExternalAlgorithm::EcdsaP256 => &ECDSA_P256_SHA256_ASN1,
         ExternalAlgorithm::EcdsaP384 => &ECDSA_P384_SHA384_ASN1,
-    };
-    UnparsedPublicKey::new(params, public_key_bits)
-        .verify(message, signature)
-        .is_ok()
+    }
 }
 
 /// A raw PKCS#11 ECDSA signature (`r || s`, each the curve's size) as the
@@ -477,6 +494,10 @@ mod tests {
                 "{key_type}"
             );
             assert!(ext.sign(b"tbs").is_ok(), "{key_type}");
+            assert!(
+                matches!(ext.inner, Inner::External(_, Some(_))),
+                "{key_type}: public key parsed once"
+            );
             assert!(ext.is_external());
             assert_eq!(ext.to_pkcs8_der().unwrap_err(), KeyError::NotExportable);
         }
