@@ -322,6 +322,11 @@ pub fn decide(
             code: "ca_not_ready",
             message: m,
         },
+        // The key's token is away: the request is fine; never failed for good.
+        Err(e @ Error::CaKeyUnavailable(_)) => PcrAction::Retry {
+            code: e.reason(),
+            message: e.to_string(),
+        },
         Err(e @ Error::CaExpired(_)) => {
             refuse("Failed", e.reason(), reasons::CA_EXPIRED, e.to_string())
         }
