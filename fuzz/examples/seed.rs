@@ -34,6 +34,7 @@ fn spec(issuer: Option<&meshca_pki::CaBundle>) -> NewCa<'_> {
         org: "cluster.local",
         ttl: Duration::from_secs(30 * YEAR),
         issuer,
+        pkcs11: None,
     }
 }
 

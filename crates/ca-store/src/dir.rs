@@ -145,6 +145,9 @@ pub struct NewCa<'a> {
     pub ttl: std::time::Duration,
     /// Sign with this CA (an intermediate) instead of self-signing (a root).
     pub issuer: Option<&'a CaBundle>,
+    /// Generate the key inside the token this `pkcs11:` URI names (sensitive,
+    /// non-extractable); the key file then holds the URI, not a key.
+    pub pkcs11: Option<&'a str>,
 }
 
 /// Creates a CA in the cacerts layout: a root shaped like Istio's
@@ -156,8 +159,24 @@ pub fn create(dir: &Path, spec: &NewCa<'_>, force: bool) -> Result<(CaBundle, Ve
     use meshca_pki::{SigningKey, bundle::certificates, cert, pem};
 
     let now = OffsetDateTime::now_utc();
-    let key = SigningKey::generate(spec.key_type)?;
-    let key_pem = key.to_pkcs8_pem()?;
+    let (key, key_pem) = match spec.pkcs11 {
+        None => {
+            let key = SigningKey::generate(spec.key_type)?;
+            let pem = key.to_pkcs8_pem()?;
+            (key, pem)
+        }
+        Some(uri) => {
+            if !force && dir.join(CA_KEY).exists() {
+                bail!(
+                    "refusing to overwrite {} (use --force)",
+                    dir.join(CA_KEY).display()
+                );
+            }
+            let key = meshca_hsm::generate_key(uri, spec.key_type)
+                .map_err(|e| anyhow::anyhow!("generating the CA key in the token: {e}"))?;
+            (key, zeroize::Zeroizing::new(format!("{}\n", uri.trim())))
+        }
+    };
     let (cert_der, chain_pem, roots_pem, chain_der, roots_der) = match spec.issuer {
         None => {
             let subject = cert::organization_name(spec.org);

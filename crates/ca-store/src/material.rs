@@ -38,7 +38,8 @@ impl Part {
     }
 }
 
-/// The signing certificate (intermediates may follow it), its key, the
+/// The signing certificate (intermediates may follow it), its key (PEM, or
+/// a `pkcs11:` URI naming a key in a token: see meshca-hsm), the
 /// chain up to the root (optional) and the roots (optional: default is the
 /// last certificate of the chain). `Debug` shows names and lengths only.
 #[derive(Debug)]
@@ -59,6 +60,15 @@ impl Material {
             chain: self.chain.as_ref().map(Part::source),
             roots: self.roots.as_ref().map(Part::source),
         };
+        if meshca_hsm::is_uri(&self.key.bytes) {
+            // The key file names a key in a token instead of holding one.
+            let uri = std::str::from_utf8(&self.key.bytes)
+                .map_err(|_| anyhow::anyhow!("{}: a pkcs11: URI must be UTF-8", self.key.name))?
+                .trim();
+            let key = meshca_hsm::signing_key(uri)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", self.key.name))?;
+            return Ok(CaBundle::load_with_key(&sources, key, now)?);
+        }
         Ok(CaBundle::load(&sources, now)?)
     }
 }

@@ -155,6 +155,7 @@ mod tests {
 
     fn new_ca(dir: &std::path::Path, org: &str) -> CaBundle {
         let spec = NewCa {
+            pkcs11: None,
             key_type: meshca_pki::KeyType::EcdsaP256,
             org,
             ttl: Duration::from_secs(3600),

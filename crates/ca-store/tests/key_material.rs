@@ -54,6 +54,7 @@ fn no_type_holding_a_key_shows_it_in_debug() {
     for key_type in [KeyType::EcdsaP256, KeyType::Rsa2048] {
         let tmp = tempfile::tempdir().unwrap();
         let spec = NewCa {
+            pkcs11: None,
             key_type,
             org: "cluster.local",
             ttl: Duration::from_secs(86400),
@@ -167,4 +168,49 @@ fn written_files_get_their_modes_whatever_the_umask() {
             "umask {umask}: {stdout}"
         );
     }
+}
+
+/// The copies made while reading a CA from a Secret (kubernetes.io/tls and
+/// istio-ca-secret) end in types whose Debug shows no key bytes either.
+#[test]
+fn cas_read_from_secrets_show_no_key_in_debug() {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use meshca_ca_store::secret::{istio_data, load_istio, load_tls};
+    use std::collections::BTreeMap;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = NewCa {
+        pkcs11: None,
+        key_type: KeyType::EcdsaP256,
+        org: "cluster.local",
+        ttl: Duration::from_secs(86400),
+        issuer: None,
+    };
+    let (bundle, _) = dir::create(tmp.path(), &spec, false).unwrap();
+    let key_pem = std::fs::read_to_string(tmp.path().join(dir::CA_KEY)).unwrap();
+    let cert_pem = std::fs::read_to_string(tmp.path().join(dir::CA_CERT)).unwrap();
+    let fragments = key_fragments(&key_pem, &bundle.key().spki_der());
+
+    let mut data = BTreeMap::new();
+    data.insert("tls.crt".to_owned(), ByteString(cert_pem.into_bytes()));
+    data.insert("tls.key".to_owned(), ByteString(key_pem.into_bytes()));
+    let secret = Secret {
+        data: Some(data),
+        ..Default::default()
+    };
+    let from_tls = load_tls(&secret, OffsetDateTime::now_utc()).unwrap();
+    let istio = istio_data(&bundle).unwrap();
+    let from_istio = load_istio(&istio, OffsetDateTime::now_utc()).unwrap();
+    for (what, debug) in [
+        ("CaBundle from a tls Secret", format!("{from_tls:?}")),
+        ("CaBundle from istio-ca-secret", format!("{from_istio:#?}")),
+    ] {
+        assert_redacted(what, debug, &fragments);
+    }
+    assert_eq!(
+        from_istio.key().spki_der(),
+        bundle.key().spki_der(),
+        "the same key"
+    );
 }

@@ -41,9 +41,24 @@ fn server_ra_rbac(ns: &TestNamespace, signer: &str) -> Result<String> {
 struct SignerCa {
     dir: PathBuf,
     root_pem: String,
+    /// The token holding the intermediate's key, if it is in one.
+    hsm: Option<meshca_testsupport::softhsm::SoftHsm>,
 }
 
 fn signer_ca(base: &Path) -> Result<SignerCa> {
+    make_signer_ca(base, None)
+}
+
+/// The signer's CA with the intermediate's key generated in a SoftHSM2 token.
+fn signer_ca_in_token(base: &Path) -> Result<SignerCa> {
+    let hsm = meshca_testsupport::softhsm::SoftHsm::new("ra-signer", "1111");
+    make_signer_ca(base, Some(hsm))
+}
+
+fn make_signer_ca(
+    base: &Path,
+    hsm: Option<meshca_testsupport::softhsm::SoftHsm>,
+) -> Result<SignerCa> {
     let root = base.join("signer-root");
     let dir = base.join("signer-ca");
     let (root_s, dir_s) = (root.to_str().unwrap(), dir.to_str().unwrap());
@@ -57,7 +72,7 @@ fn signer_ca(base: &Path) -> Result<SignerCa> {
         "--org",
         "ra-signer",
     ])?;
-    meshca(&[
+    let mut args = vec![
         "ca",
         "init",
         "--out",
@@ -68,9 +83,25 @@ fn signer_ca(base: &Path) -> Result<SignerCa> {
         "ecdsa-p256",
         "--org",
         "ra-signer",
-    ])?;
+    ];
+    let uri = hsm.as_ref().map(|h| h.uri("signer-intermediate"));
+    if let Some(uri) = &uri {
+        args.extend(["--pkcs11", uri]);
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshca"));
+    cmd.args(&args);
+    if let Some(h) = &hsm {
+        cmd.envs(h.env())
+            .env("MESHCA_PKCS11_PIN_FILE", h.pin_file());
+    }
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "meshca {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let root_pem = std::fs::read_to_string(root.join("root-cert.pem"))?;
-    Ok(SignerCa { dir, root_pem })
+    Ok(SignerCa { dir, root_pem, hsm })
 }
 
 /// `meshca signer` for `signer` with the chart's RBAC for it.
@@ -90,7 +121,12 @@ async fn start_signer(
     let identity = ns
         .identity_from_manifest("signer-ca-controller-manager", &rbac)
         .await?;
-    let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshca"));
+    if let Some(h) = &ca.hsm {
+        cmd.envs(h.env())
+            .env("MESHCA_PKCS11_PIN_FILE", h.pin_file());
+    }
+    let child = cmd
         .args(["signer", "--signer-name", signer, "--ca-dir"])
         .arg(&ca.dir)
         .arg("--kubeconfig")
@@ -319,7 +355,8 @@ async fn istio_client_gets_a_chain_from_the_signer_through_the_kubernetes_csr_ap
         let dir = ns.temp_dir().to_path_buf();
         let domain = format!("{}.example.com", ns.name());
         let signer = format!("{domain}/foo");
-        let ca = signer_ca(&dir).unwrap();
+        // The signer's key is in a token (SoftHSM2): the RA path end to end with an HSM key.
+        let ca = signer_ca_in_token(&dir).unwrap();
         let _signer = start_signer(&ns, &signer, &ca, "cluster.local")
             .await
             .unwrap();

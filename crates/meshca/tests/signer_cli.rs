@@ -278,3 +278,127 @@ async fn ca_cert_path_and_ca_key_path_in_a_config_file_sign_an_approved_csr() {
     .await
     .expect("test timed out");
 }
+
+/// `meshca signer` with `ARGS` and the environment of a SoftHSM2 token.
+fn start_signer_with_token(
+    identity: &Identity,
+    namespace: &str,
+    hsm: &meshca_testsupport::softhsm::SoftHsm,
+    args: &[&str],
+) -> Result<Proc> {
+    let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .arg("signer")
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(identity.kubeconfig_path())
+        .args(["--no-trust-bundle", "--monitoring-listen", "none"])
+        .args(["--ca-poll-interval", "200ms"])
+        .envs(hsm.env())
+        .env("MESHCA_PKCS11_PIN_FILE", hsm.pin_file())
+        .env("POD_NAMESPACE", namespace)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting meshca signer")?;
+    Ok(Proc(child))
+}
+
+/// The DER of the chain's second certificate (the signer's intermediate).
+fn issuer_der(chain: &str) -> Vec<u8> {
+    meshca_pki::pem::parse_all(chain.as_bytes()).unwrap()[1]
+        .der
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signer_moves_from_a_file_key_to_a_token_key_and_waits_out_a_removed_token() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("signer-cli-hsm").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let (controller, istiod) = identities(&ns, &signer).await.unwrap();
+        let hsm = meshca_testsupport::softhsm::SoftHsm::new("signer", "2222");
+        let ca = make_ca(&dir).unwrap();
+        let mut proc = start_signer_with_token(
+            &controller,
+            ns.name(),
+            &hsm,
+            &["--signer-name", &signer, "--ca-dir", ca.to_str().unwrap()],
+        )
+        .unwrap();
+        let name = approved_csr(&ns, &istiod, &signer).await.unwrap();
+        let chain = wait_issued(&istiod, &name, &mut proc).await.unwrap();
+        verify(&dir, &chain, &dir.join("root/root-cert.pem")).unwrap();
+        let file_intermediate = issuer_der(&chain);
+
+        // A new intermediate whose key is generated in the token replaces
+        // the file-key one in place; the running signer picks it up.
+        let next = dir.join("next");
+        let out = Command::new(env!("CARGO_BIN_EXE_meshca"))
+            .args(["ca", "init", "--out", next.to_str().unwrap()])
+            .args(["--intermediate-of", dir.join("root").to_str().unwrap()])
+            .args(["--key-type", "ecdsa-p384", "--org", "signer-cli"])
+            .args(["--pkcs11", &hsm.uri("signer-ca")])
+            .envs(hsm.env())
+            .env("MESHCA_PKCS11_PIN_FILE", hsm.pin_file())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for f in [
+            "ca-key.pem",
+            "ca-cert.pem",
+            "cert-chain.pem",
+            "root-cert.pem",
+        ] {
+            std::fs::rename(next.join(f), ca.join(f)).unwrap();
+        }
+        let token_intermediate = std::fs::read_to_string(ca.join("ca-cert.pem")).unwrap();
+        let token_intermediate = meshca_pki::pem::parse_all(token_intermediate.as_bytes()).unwrap()
+            [0]
+        .der
+        .to_vec();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let name = approved_csr(&ns, &istiod, &signer).await.unwrap();
+            let chain = wait_issued(&istiod, &name, &mut proc).await.unwrap();
+            verify(&dir, &chain, &dir.join("root/root-cert.pem")).unwrap();
+            let issuer = issuer_der(&chain);
+            if issuer == token_intermediate {
+                break;
+            }
+            assert_eq!(issuer, file_intermediate);
+            assert!(Instant::now() < deadline, "the token key was not picked up");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+
+        // Token away: the CSR waits (no Failed condition); token back: signed.
+        hsm.remove_tokens();
+        let name = approved_csr(&ns, &istiod, &signer).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let api = Api::<CertificateSigningRequest>::all(istiod.clone());
+        let status = api.get(&name).await.unwrap().status.unwrap_or_default();
+        assert!(status.certificate.is_none(), "signed without the token");
+        assert!(
+            !status
+                .conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Failed"),
+            "a removed token must not fail the CSR for good"
+        );
+        hsm.restore_tokens();
+        let chain = wait_issued(&istiod, &name, &mut proc).await.unwrap();
+        verify(&dir, &chain, &dir.join("root/root-cert.pem")).unwrap();
+        assert_eq!(issuer_der(&chain), token_intermediate);
+        drop(proc);
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}

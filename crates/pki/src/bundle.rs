@@ -53,6 +53,24 @@ pub struct CaBundle {
 impl CaBundle {
     /// Parses and verifies a bundle from its files.
     pub fn load(sources: &BundleSources<'_>, now: OffsetDateTime) -> Result<Self, BundleError> {
+        Self::load_inner(sources, None, now)
+    }
+
+    /// As [`CaBundle::load`], with a key opened elsewhere (e.g. in an HSM,
+    /// named by the key source): verified against the certificate the same way.
+    pub fn load_with_key(
+        sources: &BundleSources<'_>,
+        key: SigningKey,
+        now: OffsetDateTime,
+    ) -> Result<Self, BundleError> {
+        Self::load_inner(sources, Some(key), now)
+    }
+
+    fn load_inner(
+        sources: &BundleSources<'_>,
+        key: Option<SigningKey>,
+        now: OffsetDateTime,
+    ) -> Result<Self, BundleError> {
         let mut cert_file = certificates(sources.cert)?;
         if cert_file.is_empty() {
             return Err(BundleError::new(
@@ -65,8 +83,11 @@ impl CaBundle {
         if let Some(chain_source) = sources.chain {
             chain.extend(certificates(chain_source)?);
         }
-        let key = SigningKey::from_pem(sources.key.bytes)
-            .map_err(|e| BundleError::new(sources.key.name, e.to_string()))?;
+        let key = match key {
+            Some(key) => key,
+            None => SigningKey::from_pem(sources.key.bytes)
+                .map_err(|e| BundleError::new(sources.key.name, e.to_string()))?,
+        };
         let roots = match sources.roots {
             Some(roots_source) => {
                 let roots = certificates(roots_source)?;
@@ -249,7 +270,7 @@ impl CaBundle {
                 extensions,
             },
         )
-        .map_err(fail)?;
+        .map_err(|e| fail(e.to_string()))?;
         let probe = parse(&probe, names.cert)?;
         let signing = parse(&self.signing_cert_der, names.cert)?;
         if probe.issuer().as_raw() != self.subject_der.as_slice() {

@@ -5,7 +5,7 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use time::OffsetDateTime;
 
 use crate::der;
-use crate::key::SigningKey;
+use crate::key::{SignError, SigningKey};
 use crate::san::{SanEntry, san_extension_value};
 
 /// KeyUsage bits (RFC 5280 §4.2.1.3), as bit positions in a `u16`.
@@ -135,7 +135,7 @@ pub struct TbsFields<'a> {
 }
 
 /// Builds the TBSCertificate, signs it, and returns the certificate DER.
-pub fn sign_certificate(key: &SigningKey, fields: &TbsFields<'_>) -> Result<Vec<u8>, String> {
+pub fn sign_certificate(key: &SigningKey, fields: &TbsFields<'_>) -> Result<Vec<u8>, SignError> {
     let version = der::tlv(der::context(0, true), &[&der::small_integer(2)]);
     let serial = der::unsigned_integer(fields.serial);
     let signature_algorithm = key.signature_algorithm_der();
@@ -156,7 +156,7 @@ pub fn sign_certificate(key: &SigningKey, fields: &TbsFields<'_>) -> Result<Vec<
         fields.spki_der,
         &extensions,
     ]);
-    let signature = key.sign(&tbs).map_err(|e| e.to_string())?;
+    let signature = key.sign(&tbs)?;
     Ok(der::sequence(&[
         &tbs,
         &signature_algorithm,

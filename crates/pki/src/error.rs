@@ -5,6 +5,7 @@
 //! `Failed` condition message and into the gRPC error detail, so operators can
 //! grep one word across all three.
 
+use crate::key::SignError;
 use crate::pem::PemError;
 
 /// Istio's CA error types (`caerror.ErrType`), which decide the gRPC code.
@@ -170,6 +171,22 @@ pub enum Error {
     TtlTooLong { requested: i64, max: i64 },
     #[error("certificate generation failed: {0}")]
     CertGeneration(String),
+    /// The CA key's module or token cannot sign now; retried requests may succeed.
+    #[error("{0}")]
+    CaKeyUnavailable(String),
+    /// The module signed, but not with the CA certificate's key.
+    #[error("the CA key's signature does not verify against the CA certificate")]
+    CaKeyMismatch,
+}
+
+impl From<SignError> for Error {
+    fn from(e: SignError) -> Self {
+        match e {
+            SignError::Crypto => Error::CertGeneration(e.to_string()),
+            SignError::KeyUnavailable(_) => Error::CaKeyUnavailable(e.to_string()),
+            SignError::SignatureMismatch => Error::CaKeyMismatch,
+        }
+    }
 }
 
 impl Error {
@@ -178,7 +195,9 @@ impl Error {
             Error::CaNotReady(_) | Error::CaExpired(_) => ErrorKind::CaNotReady,
             Error::Csr(_) | Error::Policy(_) => ErrorKind::CsrError,
             Error::TtlTooLong { .. } => ErrorKind::TtlError,
-            Error::CertGeneration(_) => ErrorKind::CertGenError,
+            Error::CertGeneration(_) | Error::CaKeyUnavailable(_) | Error::CaKeyMismatch => {
+                ErrorKind::CertGenError
+            }
         }
     }
 
@@ -194,6 +213,8 @@ impl Error {
             Error::Policy(p) => p.reason(),
             Error::TtlTooLong { .. } => "ttl_too_long",
             Error::CertGeneration(_) => "cert_generation",
+            Error::CaKeyUnavailable(_) => "ca_key_unavailable",
+            Error::CaKeyMismatch => "ca_key_mismatch",
         }
     }
 }
@@ -241,6 +262,13 @@ mod tests {
         assert_eq!(
             Error::CertGeneration("x".into()).grpc_code(),
             GrpcCode::Internal
+        );
+        let unavailable = Error::from(SignError::KeyUnavailable("token removed".into()));
+        assert_eq!(unavailable.grpc_code(), GrpcCode::Internal);
+        assert_eq!(unavailable.reason(), "ca_key_unavailable");
+        assert_eq!(
+            Error::from(SignError::SignatureMismatch).reason(),
+            "ca_key_mismatch"
         );
         assert_eq!(GrpcCode::InvalidArgument as i32, 3);
         assert_eq!(GrpcCode::Internal as i32, 13);

@@ -449,7 +449,7 @@ fn sign(
             extensions,
         },
     )
-    .map_err(Error::CertGeneration)
+    .map_err(Error::from)
 }
 
 fn secs(d: Duration) -> i64 {
@@ -485,7 +485,7 @@ pub fn self_signed_root(req: &CaCertRequest<'_>, now: OffsetDateTime) -> Result<
             extensions,
         },
     )
-    .map_err(Error::CertGeneration)
+    .map_err(Error::from)
 }
 
 /// An intermediate CA signed by `issuer`, valid no longer than the issuer.
@@ -514,5 +514,5 @@ pub fn intermediate_ca(
             extensions,
         },
     )
-    .map_err(Error::CertGeneration)
+    .map_err(Error::from)
 }

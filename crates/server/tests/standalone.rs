@@ -251,6 +251,7 @@ const DAY: Duration = Duration::from_secs(86400);
 fn new_ca(dir: &Path, issuer: Option<&meshca_pki::CaBundle>) -> meshca_pki::CaBundle {
     use meshca_ca_store::dir::{NewCa, create};
     let spec = NewCa {
+        pkcs11: None,
         key_type: KeyType::EcdsaP256,
         org: "cluster.local",
         ttl: DAY * 30,

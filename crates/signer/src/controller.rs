@@ -69,16 +69,34 @@ pub async fn reconcile(
     }
     for _ in 0..CONFLICT_RETRIES {
         let ca = ctx.ca.borrow().clone();
-        let action = decide(
-            &current,
-            &ctx.policy,
-            ca.as_deref(),
-            OffsetDateTime::now_utc(),
-        );
+        let action = if ca.as_ref().is_some_and(|b| b.key().is_external()) {
+            // A key in a module is a blocking call that may wait on a
+            // device: keep it off the async workers.
+            let (csr, policy, ca) = (current.clone(), ctx.policy.clone(), ca.clone());
+            tokio::task::spawn_blocking(move || {
+                decide(&csr, &policy, ca.as_deref(), OffsetDateTime::now_utc())
+            })
+            .await
+            .unwrap_or_else(|_| Action::Retry {
+                code: "cert_generation",
+                message: "the signing task failed".into(),
+            })
+        } else {
+            decide(
+                &current,
+                &ctx.policy,
+                ca.as_deref(),
+                OffsetDateTime::now_utc(),
+            )
+        };
         let written = match &action {
             Action::Skip(_) => return Ok(Requeue::await_change()),
             Action::Retry { code, message } => {
-                tracing::debug!(csr = %name, code, message, "not signing yet");
+                if *code == "ca_not_ready" {
+                    tracing::debug!(csr = %name, code, message, "not signing yet");
+                } else {
+                    tracing::warn!(csr = %name, code, message, "not signing yet; will retry");
+                }
                 return Ok(Requeue::requeue(Duration::from_secs(5)));
             }
             Action::Issue { certificate } => {

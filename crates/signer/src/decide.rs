@@ -134,6 +134,12 @@ pub fn decide(
             code: "ca_not_ready",
             message: m,
         },
+        // The key's token is away (removed, logged out, device error): the
+        // request is fine and must not be failed for good; try again later.
+        Err(e @ Error::CaKeyUnavailable(_)) => Action::Retry {
+            code: e.reason(),
+            message: format!("signer {}: {e}", signer.name),
+        },
         Err(e) => fail(signer, &e),
     }
 }
@@ -445,6 +451,73 @@ mod tests {
         let policy = SignerPolicy::istiod(SIGNER);
         match decide(&istiod_csr(), &policy, None, now()) {
             Action::Retry { code, .. } => assert_eq!(code, "ca_not_ready"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A CA key in a "token" that can be pulled out.
+    struct Pullable {
+        key: SigningKey,
+        present: std::sync::atomic::AtomicBool,
+    }
+
+    impl meshca_pki::key::ExternalSigner for Pullable {
+        fn algorithm(&self) -> meshca_pki::key::ExternalAlgorithm {
+            meshca_pki::key::ExternalAlgorithm::EcdsaP256
+        }
+        fn public_key_bits(&self) -> &[u8] {
+            self.key.public_key_bits()
+        }
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, meshca_pki::key::SignError> {
+            if !self.present.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(meshca_pki::key::SignError::KeyUnavailable(
+                    "token removed".into(),
+                ));
+            }
+            self.key.sign(message)
+        }
+        fn location(&self) -> String {
+            "pkcs11:token=t;object=k".into()
+        }
+    }
+
+    #[test]
+    fn a_ca_key_whose_token_is_away_retries_instead_of_failing_the_csr() {
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let root_der = self_signed_root(
+            &CaCertRequest {
+                subject_der: &cert::organization_name("token root"),
+                key: &key,
+                ttl: Duration::from_secs(86400),
+            },
+            now(),
+        )
+        .unwrap();
+        let pullable = std::sync::Arc::new(Pullable {
+            key: SigningKey::from_pem(key.to_pkcs8_pem().unwrap().as_bytes()).unwrap(),
+            present: std::sync::atomic::AtomicBool::new(true),
+        });
+        let ca = CaBundle::from_parts(
+            SigningKey::external(pullable.clone()),
+            root_der.clone(),
+            vec![],
+            vec![root_der],
+            now(),
+        )
+        .unwrap();
+        let policy = SignerPolicy::istiod(SIGNER);
+        assert!(matches!(
+            decide(&istiod_csr(), &policy, Some(&ca), now()),
+            Action::Issue { .. }
+        ));
+        pullable
+            .present
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        match decide(&istiod_csr(), &policy, Some(&ca), now()) {
+            Action::Retry { code, message } => {
+                assert_eq!(code, "ca_key_unavailable");
+                assert!(message.contains("token removed"), "{message}");
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -322,6 +322,11 @@ pub fn decide(
             code: "ca_not_ready",
             message: m,
         },
+        // The key's token is away: the request is fine; never failed for good.
+        Err(e @ Error::CaKeyUnavailable(_)) => PcrAction::Retry {
+            code: e.reason(),
+            message: e.to_string(),
+        },
         Err(e @ Error::CaExpired(_)) => {
             refuse("Failed", e.reason(), reasons::CA_EXPIRED, e.to_string())
         }
@@ -612,6 +617,82 @@ mod tests {
                 );
             }
             other => panic!("expected {condition}/{code}, got {other:?}"),
+        }
+    }
+
+    /// A CA key in a token that can be pulled out.
+    struct Pullable {
+        key: SigningKey,
+        present: std::sync::atomic::AtomicBool,
+    }
+
+    impl meshca_pki::key::ExternalSigner for Pullable {
+        fn algorithm(&self) -> meshca_pki::key::ExternalAlgorithm {
+            meshca_pki::key::ExternalAlgorithm::EcdsaP256
+        }
+        fn public_key_bits(&self) -> &[u8] {
+            self.key.public_key_bits()
+        }
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, meshca_pki::key::SignError> {
+            if !self.present.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(meshca_pki::key::SignError::KeyUnavailable(
+                    "token removed".into(),
+                ));
+            }
+            self.key.sign(message)
+        }
+        fn location(&self) -> String {
+            "pkcs11:token=t;object=k".into()
+        }
+    }
+
+    #[test]
+    fn a_ca_key_whose_token_is_away_retries_instead_of_failing() {
+        let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+        let der = self_signed_root(
+            &CaCertRequest {
+                subject_der: &cert::organization_name("root"),
+                key: &key,
+                ttl: Duration::from_secs(86400 * 30),
+            },
+            now(),
+        )
+        .unwrap();
+        let pullable = std::sync::Arc::new(Pullable {
+            key: SigningKey::from_pem(key.to_pkcs8_pem().unwrap().as_bytes()).unwrap(),
+            present: std::sync::atomic::AtomicBool::new(true),
+        });
+        let bundle = CaBundle::from_parts(
+            SigningKey::external(pullable.clone()),
+            der.clone(),
+            vec![],
+            vec![der],
+            now(),
+        )
+        .unwrap();
+        let w = world();
+        let policy = PodCertPolicy::new("cluster.local");
+        let run = || {
+            decide(
+                &pcr(),
+                SIGNER,
+                &policy,
+                Some(&bundle),
+                facts(&w),
+                true,
+                now(),
+            )
+        };
+        assert!(matches!(run(), PcrAction::Issue { .. }));
+        pullable
+            .present
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        match run() {
+            PcrAction::Retry { code, message } => {
+                assert_eq!(code, "ca_key_unavailable");
+                assert!(message.contains("token removed"), "{message}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 

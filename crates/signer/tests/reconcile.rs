@@ -24,6 +24,7 @@ const OBJECT: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests/cs
 
 fn ca(dir: &std::path::Path) -> CaBundle {
     let spec = NewCa {
+        pkcs11: None,
         key_type: KeyType::EcdsaP256,
         org: "cluster.local",
         ttl: Duration::from_secs(86400),

@@ -56,6 +56,7 @@ mod node;
 pub mod openssl;
 mod process;
 mod rbac;
+pub mod softhsm;
 mod tokens;
 
 pub use env::{TestEnv, TestEnvConfig, bin};

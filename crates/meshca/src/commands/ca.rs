@@ -12,6 +12,7 @@ use meshca_ca_store::dir as cadir;
 use meshca_pki::{CertOptions, CsrPolicy, KeyType, LocalCa, WorkloadProfile};
 use time::OffsetDateTime;
 
+use crate::commands::common::Pkcs11Args;
 use crate::input::read_input;
 
 #[derive(Subcommand)]
@@ -42,6 +43,13 @@ pub struct InitArgs {
     /// Overwrite existing files.
     #[arg(long)]
     pub force: bool,
+    /// Generate the CA key inside the PKCS#11 token this URI names
+    /// (`pkcs11:token=...;object=...`), sensitive and non-extractable;
+    /// ca-key.pem then holds the URI instead of a key.
+    #[arg(long, value_name = "URI")]
+    pub pkcs11: Option<String>,
+    #[command(flatten)]
+    pub pkcs11_args: Pkcs11Args,
 }
 
 #[derive(clap::Args)]
@@ -61,9 +69,12 @@ pub struct SignArgs {
     /// Longest lifetime granted; longer requests are refused (Istio's MAX_WORKLOAD_CERT_TTL).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "90days")]
     pub max_ttl: Duration,
+    #[command(flatten)]
+    pub pkcs11_args: Pkcs11Args,
 }
 
 pub fn init(args: &InitArgs) -> Result<ExitCode> {
+    args.pkcs11_args.apply();
     let issuer = match &args.intermediate_of {
         Some(dir) => Some(
             cadir::load(dir, OffsetDateTime::now_utc())
@@ -76,6 +87,7 @@ pub fn init(args: &InitArgs) -> Result<ExitCode> {
         org: &args.org,
         ttl: args.ttl,
         issuer: issuer.as_ref(),
+        pkcs11: args.pkcs11.as_deref(),
     };
     let (bundle, written) = cadir::create(&args.out, &spec, args.force)?;
     let kind = if issuer.is_some() {
@@ -96,6 +108,7 @@ pub fn init(args: &InitArgs) -> Result<ExitCode> {
 }
 
 pub fn sign(args: &SignArgs) -> Result<ExitCode> {
+    args.pkcs11_args.apply();
     let bundle = cadir::load(&args.ca, OffsetDateTime::now_utc())?;
     let csr = read_input(&args.csr)?;
     let workload = WorkloadProfile {

@@ -17,6 +17,33 @@ pub struct KubeArgs {
     pub kubeconfig: Option<PathBuf>,
 }
 
+/// Where CA keys named by a `pkcs11:` URI live (a key file, Secret key or
+/// `--pkcs11` value holding the URI). The PIN is never a flag value.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Pkcs11Args {
+    /// PKCS#11 module (shared library) for keys named by a `pkcs11:` URI
+    /// without `module-path=`, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, env = "MESHCA_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// File holding the token's user PIN. Without it the PIN is read from
+    /// the environment variable MESHCA_PKCS11_PIN.
+    #[arg(long, env = "MESHCA_PKCS11_PIN_FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+}
+
+impl Pkcs11Args {
+    /// Makes these the process-wide defaults (before any CA is loaded).
+    pub fn apply(&self) {
+        meshca_hsm::set_defaults(meshca_hsm::Defaults {
+            module: self.pkcs11_module.clone(),
+            pin: match &self.pkcs11_pin_file {
+                Some(path) => meshca_hsm::PinSource::File(path.clone()),
+                None => meshca_hsm::PinSource::Env(meshca_hsm::PIN_ENV.into()),
+            },
+        });
+    }
+}
+
 /// Logging.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LogArgs {

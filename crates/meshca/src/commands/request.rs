@@ -91,7 +91,13 @@ pub fn request(args: &RequestArgs) -> Result<ExitCode> {
         let chain = match client.create_certificate(request).await {
             Ok(response) => response.into_inner().cert_chain,
             Err(status) => {
-                eprintln!("meshca: {:?}: {}", status.code(), status.message());
+                let reason = status
+                    .metadata()
+                    .get("meshca-reason")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|r| format!(" [{r}]"))
+                    .unwrap_or_default();
+                eprintln!("meshca: {:?}: {}{reason}", status.code(), status.message());
                 return Ok(ExitCode::FAILURE);
             }
         };

@@ -142,6 +142,8 @@ pub struct ServerArgs {
     pub ca_secret: CaSecretArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub pkcs11: crate::commands::common::Pkcs11Args,
 }
 
 /// Bounds on :15012 against floods of stalled streams, connections and bad tokens.
@@ -391,6 +393,7 @@ impl CaSecretArgs {
 
 pub fn run(args: ServerArgs) -> Result<ExitCode> {
     args.log.init();
+    args.pkcs11.apply();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listen = args.listen;

@@ -137,6 +137,8 @@ pub struct SignerArgs {
     pub no_cluster_trust_bundle: bool,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub pkcs11: crate::commands::common::Pkcs11Args,
 }
 
 fn signers(args: &SignerArgs) -> Result<Vec<SignerConfig>> {
@@ -181,6 +183,7 @@ fn signers(args: &SignerArgs) -> Result<Vec<SignerConfig>> {
 
 pub fn signer(args: SignerArgs) -> Result<ExitCode> {
     args.log.init();
+    args.pkcs11.apply();
     let signers = signers(&args)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

@@ -38,10 +38,28 @@ impl Backend for LocalBackend {
             ttl_seconds: request.ttl_seconds,
             for_ca: false,
         };
-        // Signing is CPU-bound and short (one signature); doing it inline
-        // avoids a thread hop per request.
-        Ok(self
-            .current()
-            .sign_with_cert_chain(request.csr_pem, &options)?)
+        let ca = self.current();
+        let external = ca.bundle().is_some_and(|b| b.key().is_external());
+        if !external {
+            // Signing is CPU-bound and short (one signature); doing it inline
+            // avoids a thread hop per request.
+            return Ok(ca.sign_with_cert_chain(request.csr_pem, &options)?);
+        }
+        // A key in a module is a blocking call that may wait on a device:
+        // keep it off the async workers.
+        let csr = request.csr_pem.to_vec();
+        let identities = request.identities.to_vec();
+        let ttl_seconds = request.ttl_seconds;
+        let signed = tokio::task::spawn_blocking(move || {
+            let options = CertOptions {
+                subject_ids: &identities,
+                ttl_seconds,
+                for_ca: false,
+            };
+            ca.sign_with_cert_chain(&csr, &options)
+        })
+        .await
+        .map_err(|_| meshca_pki::Error::CertGeneration("the signing task failed".into()))?;
+        Ok(signed?)
     }
 }

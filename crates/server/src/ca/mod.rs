@@ -101,6 +101,7 @@ pub async fn open(config: &ServerConfig, stop: &CancellationToken) -> Result<Ope
         dir::load(&state, OffsetDateTime::now_utc())?
     } else {
         let spec = dir::NewCa {
+            pkcs11: None,
             key_type: config.self_signed_key_type,
             org: &config.trust_domain,
             ttl: config.self_signed_ttl,
