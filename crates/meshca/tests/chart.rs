@@ -404,3 +404,58 @@ fn istio_values_point_the_mesh_at_meshca() {
     assert_eq!(env[0]["value"], "ISTIOD_RA_KUBERNETES_API");
     assert_eq!(env[1]["value"], "example.com/foo");
 }
+
+#[test]
+fn pkcs11_values_mount_the_module_and_the_pin_secret_in_both_components() {
+    let sets = [
+        "signer.enabled=true",
+        "pkcs11.module=/usr/lib/softhsm/libsofthsm2.so",
+        "pkcs11.pinSecret=hsm-pin",
+        "pkcs11.env[0].name=SOFTHSM2_CONF",
+        "pkcs11.env[0].value=/var/lib/softhsm/softhsm2.conf",
+        "pkcs11.volumes[0].name=softhsm",
+        "pkcs11.volumes[0].hostPath.path=/var/lib/softhsm",
+        "pkcs11.volumeMounts[0].name=softhsm",
+        "pkcs11.volumeMounts[0].mountPath=/var/lib/softhsm",
+    ];
+    let objs = objects(&chart::render("istio-system", &[], &sets).unwrap());
+    for name in ["meshca", "signer-ca-controller-manager"] {
+        let d = find(&objs, "Deployment", name);
+        let env = env_of(d);
+        assert_eq!(
+            env["MESHCA_PKCS11_MODULE"], "/usr/lib/softhsm/libsofthsm2.so",
+            "{name}"
+        );
+        assert_eq!(
+            env["MESHCA_PKCS11_PIN_FILE"], "/var/run/secrets/meshca/pkcs11/pin",
+            "{name}"
+        );
+        assert_eq!(
+            env["SOFTHSM2_CONF"], "/var/lib/softhsm/softhsm2.conf",
+            "{name}"
+        );
+        let pod = &d["spec"]["template"]["spec"];
+        let pin = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "pkcs11-pin")
+            .unwrap_or_else(|| panic!("{name}: no PIN volume"));
+        assert_eq!(pin["secret"]["secretName"], "hsm-pin");
+        assert_eq!(pin["secret"]["defaultMode"], 0o400);
+        let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+        assert!(mounts.iter().any(|m| m["name"] == "softhsm"), "{name}");
+        assert!(
+            mounts.iter().any(
+                |m| m["mountPath"] == "/var/run/secrets/meshca/pkcs11" && m["readOnly"] == true
+            ),
+            "{name}"
+        );
+    }
+    // Off by default: nothing about PKCS#11.
+    let plain = chart::render("istio-system", &[], &["signer.enabled=true"]).unwrap();
+    assert!(
+        !plain.contains("PKCS11") && !plain.contains("pkcs11"),
+        "{plain}"
+    );
+}

@@ -227,7 +227,9 @@ fn record(ctx: &SignerContext, csr: &CertificateSigningRequest, action: &Action)
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// At most `max` bytes of `s`, cut on a character boundary (condition
+/// messages and Event notes have size limits).
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }

@@ -16,6 +16,7 @@ use meshca_kube::status;
 use time::OffsetDateTime;
 
 use crate::cluster_trust_bundle::{Published, covers};
+use crate::controller::truncate;
 use crate::events::{EventSink, Kind};
 use crate::metrics::{ErrorLabel, FailedLabel, Metrics};
 use crate::pcr::{Facts, PcrAction, PodCertPolicy, decide, reasons, skip_reason};
@@ -270,17 +271,6 @@ fn record(ctx: &PcrContext, pcr: &PodCertificateRequest, action: &PcrAction) {
     if let Some(sink) = &ctx.events {
         sink.publish_pcr(pcr, kind, reason, note);
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
 
 #[cfg(test)]

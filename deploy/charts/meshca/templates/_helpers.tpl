@@ -106,3 +106,57 @@ affinity:
 true
 {{- end -}}
 {{- end -}}
+
+{{/* PKCS#11: the env of a container whose CA key is in an HSM. */}}
+{{- define "meshca.pkcs11.env" -}}
+{{- with .Values.pkcs11 }}
+{{- if .module }}
+- name: MESHCA_PKCS11_MODULE
+  value: {{ .module | quote }}
+{{- if .pinSecret }}
+- name: MESHCA_PKCS11_PIN_FILE
+  value: /var/run/secrets/meshca/pkcs11/pin
+{{- end }}
+{{- with .env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* PKCS#11: the container's mounts (PIN Secret, module volumes). */}}
+{{- define "meshca.pkcs11.volumeMounts" -}}
+{{- with .Values.pkcs11 }}
+{{- if .module }}
+{{- if .pinSecret }}
+- name: pkcs11-pin
+  mountPath: /var/run/secrets/meshca/pkcs11
+  readOnly: true
+{{- end }}
+{{- with .volumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* PKCS#11: the pod's volumes. */}}
+{{- define "meshca.pkcs11.volumes" -}}
+{{- with .Values.pkcs11 }}
+{{- if .module }}
+{{- if .pinSecret }}
+- name: pkcs11-pin
+  secret:
+    secretName: {{ .pinSecret }}
+    # 0400 (decimal: YAML 1.1 and 1.2 readers would differ on 0400).
+    defaultMode: 256
+    items:
+      - key: pin
+        path: pin
+{{- end }}
+{{- with .volumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
