@@ -33,30 +33,9 @@ fn openssl(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `w.csr` (P-256, subject `O=`) and its key `w.key`, by the openssl CLI.
 fn make_csr(dir: &Path) {
-    let out = openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "w.key",
-            "-subj",
-            "/O=",
-            "-out",
-            "w.csr",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    meshca_testsupport::openssl::csr_pem(dir, "w", "/O=").unwrap();
 }
 
 #[test]

@@ -32,79 +32,11 @@ use meshca_pki::key::{ExternalAlgorithm, ExternalSigner, SignError, ecdsa_raw_to
 use crate::pin::{Pin, PinSource};
 use crate::uri::Pkcs11Uri;
 
-/// Any failure of the module, the token or the key. Never holds a PIN or key bytes.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct HsmError {
-    pub message: String,
-    /// The token or module may come back (removed, device error, logged out).
-    pub transient: bool,
-}
-
-impl HsmError {
-    fn fatal(message: impl Into<String>) -> Self {
-        HsmError {
-            message: message.into(),
-            transient: false,
-        }
-    }
-    fn transient(message: impl Into<String>) -> Self {
-        HsmError {
-            message: message.into(),
-            transient: true,
-        }
-    }
-}
-
-/// What a PKCS#11 error means for the session and the module.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// This session is unusable; another may work (expired login, closed session).
-    Session,
-    /// The token or module is gone or broken; every session is lost.
-    Device,
-    /// The request itself failed; the session is fine.
-    Request,
-}
-
-/// Classifies a PKCS#11 return value (pure).
-pub fn classify(rv: RvError) -> Failure {
-    match rv {
-        RvError::SessionHandleInvalid
-        | RvError::SessionClosed
-        | RvError::UserNotLoggedIn
-        | RvError::KeyHandleInvalid
-        | RvError::ObjectHandleInvalid
-        | RvError::OperationActive => Failure::Session,
-        RvError::DeviceError
-        | RvError::DeviceRemoved
-        | RvError::DeviceMemory
-        | RvError::TokenNotPresent
-        | RvError::TokenNotRecognized
-        | RvError::SlotIdInvalid
-        | RvError::GeneralError
-        | RvError::CryptokiNotInitialized => Failure::Device,
-        _ => Failure::Request,
-    }
-}
-
-fn ck(what: &str, e: CkError) -> (Failure, HsmError) {
-    match e {
-        CkError::Pkcs11(rv, _) => {
-            let failure = classify(rv);
-            let message = format!("PKCS#11 {what}: {rv:?}");
-            let error = match failure {
-                Failure::Request => HsmError::fatal(message),
-                _ => HsmError::transient(message),
-            };
-            (failure, error)
-        }
-        other => (
-            Failure::Request,
-            HsmError::fatal(format!("PKCS#11 {what}: {other}")),
-        ),
-    }
-}
+mod error;
+mod generate;
+use error::ck;
+pub use error::{Failure, HsmError, classify};
+pub use generate::generate;
 
 /// One loaded module, shared by every key that uses it (PKCS#11 allows one
 /// initialisation per process).
@@ -617,65 +549,6 @@ impl ExternalSigner for TokenKey {
     fn location(&self) -> String {
         self.uri.to_string()
     }
-}
-
-/// Generates a key pair inside the token named by `uri`: the private key
-/// sensitive and non-extractable, both objects labelled and identified by
-/// the URI. Refuses if a private key with that label/id exists.
-pub fn generate(
-    module: &Arc<Module>,
-    uri: &Pkcs11Uri,
-    pin: &PinSource,
-    algorithm: ExternalAlgorithm,
-) -> Result<(), HsmError> {
-    let _busy = module.enter();
-    let (ctx, _) = module.context()?;
-    let slot = find_slot(&ctx, uri).map_err(|(_, e)| e)?;
-    let session = ctx
-        .open_rw_session(slot)
-        .map_err(|e| ck("C_OpenSession", e).1)?;
-    let pin = pin.read().map_err(HsmError::fatal)?;
-    login(&session, &pin).map_err(|(_, e)| e)?;
-    if find_one(&session, uri, ObjectClass::PRIVATE_KEY)
-        .map_err(|(_, e)| e)?
-        .is_some()
-    {
-        return Err(HsmError::fatal(format!(
-            "{uri}: a private key with this label/id already exists in the token"
-        )));
-    }
-    let mut common = Vec::new();
-    if let Some(label) = &uri.object {
-        common.push(Attribute::Label(label.as_bytes().to_vec()));
-    }
-    if let Some(id) = &uri.id {
-        common.push(Attribute::Id(id.clone()));
-    }
-    let mut public = vec![Attribute::Token(true), Attribute::Verify(true)];
-    public.extend(common.iter().cloned());
-    let mut private = vec![
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Sign(true),
-    ];
-    private.extend(common);
-    let mechanism = match algorithm {
-        ExternalAlgorithm::Rsa { bits } => {
-            public.push(Attribute::ModulusBits((bits as u64).into()));
-            public.push(Attribute::PublicExponent(vec![1, 0, 1]));
-            Mechanism::RsaPkcsKeyPairGen
-        }
-        ec => {
-            public.push(Attribute::EcParams(curve_params(ec).unwrap_or_default()));
-            Mechanism::EccKeyPairGen
-        }
-    };
-    session
-        .generate_key_pair(&mechanism, &public, &private)
-        .map_err(|e| ck("C_GenerateKeyPair", e).1)?;
-    Ok(())
 }
 
 #[cfg(test)]
