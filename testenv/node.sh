@@ -178,6 +178,13 @@ featureGates:
   ClusterTrustBundle: true
   ClusterTrustBundleProjection: true
 podLogsDir: $NODE_DIR/podlogs
+# The pod-certificate scale benchmark runs 500 pods on this one node (the
+# default is 110).
+maxPods: ${MESHCA_TESTENV_MAX_PODS:-600}
+# Projected volumes (podCertificate, clusterTrustBundle) are rewritten on a
+# pod's periodic sync: 15 s instead of 1 min, so that a refreshed credential
+# reaches the pod's files soon after the kubelet got it.
+syncFrequency: 15s
 protectKernelDefaults: false
 EOF
 # The name 127.0.0.1 gives the Node InternalIP 127.0.0.1 without a DNS lookup

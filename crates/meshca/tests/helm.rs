@@ -38,7 +38,9 @@ use meshca_pki::csr::build_csr;
 use meshca_pki::{KeyType, SanEntry, SigningKey, cert};
 use meshca_proto::IstioCertificateRequest;
 use meshca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshca_testsupport::{TestEnv, TestNamespace, TestNode, TokenOptions, build_image, chart};
+use meshca_testsupport::{
+    TestEnv, TestNamespace, TestNode, TokenOptions, build_image, chart, pod_certificates,
+};
 use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -1140,65 +1142,24 @@ async fn pod_certificate(
     .await?;
     let image =
         std::env::var("MESHCA_TESTENV_PAUSE_IMAGE").context("MESHCA_TESTENV_PAUSE_IMAGE")?;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": sa},
-        "spec": {
-            "hostNetwork": true,
-            "serviceAccountName": sa,
-            "automountServiceAccountToken": false,
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "app",
-                "image": image,
-                "imagePullPolicy": "Never",
-                "securityContext": {
-                    "runAsNonRoot": true, "runAsUser": 65532, "readOnlyRootFilesystem": true,
-                    "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
-                "volumeMounts": [{"name": "mesh", "mountPath": "/var/run/mesh", "readOnly": true}],
-            }],
-            "volumes": [{"name": "mesh", "projected": {"sources": [
-                {"podCertificate": {
-                    "signerName": signer,
-                    "keyType": "ECDSAP256",
-                    "maxExpirationSeconds": 3600,
-                    "credentialBundlePath": "credentialbundle.pem",
-                }},
-                {"clusterTrustBundle": {
-                    "signerName": signer,
-                    "labelSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "meshca-signer"}},
-                    "path": "roots.pem",
-                }},
-            ]}}],
-        },
-    }))?;
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
-    let created = pods.create(&PostParams::default(), &pod).await?;
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod_certificates::pod(sa, sa, signer, &image, 3600)?,
+        )
+        .await?;
     let uid = created.metadata.uid.context("pod without uid")?;
-    let t = Instant::now();
-    loop {
-        let p = pods.get(sa).await?;
-        if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(90) {
-            bail!(
-                "pod {sa} not Running after 90 s\n{}",
-                diagnose(client, ns).await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    eprintln!(
-        "pod with a podCertificate volume Running {:?} after creation",
-        t.elapsed()
-    );
-    let dir = node.pod_volume(&uid, "kubernetes.io~projected", "mesh");
+    let running = match pod_certificates::wait_running(&pods, sa, Duration::from_secs(90)).await {
+        Ok(t) => t,
+        Err(e) => bail!("{e:#}\n{}", diagnose(client, ns).await),
+    };
+    eprintln!("pod with a podCertificate volume Running {running:?} after creation");
+    let dir = node.pod_volume(&uid, "kubernetes.io~projected", pod_certificates::VOLUME);
     // The kubelet starts its ClusterTrustBundle informer on the first
     // request: the roots can come with the volume's next sync.
     let t = Instant::now();
-    while !dir.join("roots.pem").is_file() {
+    while !dir.join(pod_certificates::ROOTS).is_file() {
         ensure!(
             t.elapsed() < Duration::from_secs(150),
             "the kubelet wrote no roots.pem from the ClusterTrustBundle in 150 s"
@@ -1209,38 +1170,15 @@ async fn pod_certificate(
         "roots.pem (clusterTrustBundle projection) written {:?} later",
         t.elapsed()
     );
-    let bundle = std::fs::read_to_string(dir.join("credentialbundle.pem")).with_context(|| {
-        let listing: Vec<_> = std::fs::read_dir(dir.parent().unwrap_or(&dir))
-            .map(|d| d.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        format!(
-            "reading {}/credentialbundle.pem (there: {listing:?})",
-            dir.display()
-        )
-    })?;
-    let blocks = meshca_pki::pem::parse_all(bundle.as_bytes())?;
-    ensure!(
-        blocks.first().map(|b| b.label.as_str()) == Some("PRIVATE KEY"),
-        "the credential bundle does not start with a PKCS#8 key"
-    );
-    ensure!(blocks.len() >= 2 && blocks[1..].iter().all(|b| b.label == "CERTIFICATE"));
     let out = std::env::temp_dir().join(format!("meshca-pcr-{uid}"));
-    std::fs::create_dir_all(&out)?;
-    let key = out.join("key.pem");
-    let chain = out.join("chain.pem");
-    std::fs::write(&key, meshca_pki::pem::encode("PRIVATE KEY", &blocks[0].der))?;
-    let certs: String = blocks[1..]
-        .iter()
-        .map(|b| meshca_pki::pem::encode("CERTIFICATE", &b.der))
-        .collect();
-    std::fs::write(&chain, certs)?;
+    pod_certificates::CredentialBundle::read(&dir)?.write_pem(&out)?;
     Ok(PodCertificate {
         credential: Credential {
-            chain: chain.clone(),
-            key,
+            chain: out.join("chain.pem"),
+            key: out.join("key.pem"),
         },
-        chain,
-        roots: dir.join("roots.pem"),
+        chain: out.join("chain.pem"),
+        roots: dir.join(pod_certificates::ROOTS),
     })
 }
 

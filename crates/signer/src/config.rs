@@ -90,6 +90,7 @@ pub struct SignerSpec {
 ///   namespaces: []                  # empty: all
 ///   serviceAccounts: []             # namespace/account or namespace/*; empty: all
 ///   userAnnotations: []             # unverifiedUserAnnotations keys accepted (ignored)
+///   refreshWindow: 50-70            # beginRefreshAt at this share of the lifetime (percent)
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -106,6 +107,9 @@ pub struct PodCertificatesSpec {
     pub service_accounts: Vec<String>,
     #[serde(default)]
     pub user_annotations: Vec<String>,
+    /// `FROM-TO` percent of the lifetime where `beginRefreshAt` falls.
+    #[serde(default)]
+    pub refresh_window: Option<String>,
 }
 
 impl PodCertificatesSpec {
@@ -176,6 +180,11 @@ impl PodCertificatesSpec {
         policy.namespaces = self.namespaces.clone();
         policy.service_accounts = self.service_accounts.clone();
         policy.user_annotations = self.user_annotations.clone();
+        if let Some(w) = &self.refresh_window {
+            policy.refresh_window = w
+                .parse()
+                .map_err(|e| anyhow::anyhow!("signer {signer}: podCertificates {e}"))?;
+        }
         Ok(policy)
     }
 }

@@ -47,6 +47,54 @@ pub struct PodCertPolicy {
     /// `unverifiedUserAnnotations` keys that are accepted (and ignored);
     /// any other key is denied, as the API asks of signers.
     pub user_annotations: Vec<String>,
+    /// Where in the lifetime `beginRefreshAt` falls.
+    pub refresh_window: RefreshWindow,
+}
+
+/// The share of a certificate's lifetime after which the kubelet should
+/// refresh it: a point between `from` and `to` percent, chosen per request
+/// so that a node's pods, which start together, do not all come back
+/// together. Default 50-70% (Istio's agents renew at 50%).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshWindow {
+    from_percent: u8,
+    to_percent: u8,
+}
+
+impl Default for RefreshWindow {
+    fn default() -> Self {
+        RefreshWindow {
+            from_percent: 50,
+            to_percent: 70,
+        }
+    }
+}
+
+impl std::str::FromStr for RefreshWindow {
+    type Err = String;
+
+    /// `FROM-TO` in percent of the lifetime (`50-70`), or one number.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let percent = |p: &str| {
+            p.trim()
+                .trim_end_matches('%')
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 100)
+                .ok_or_else(|| format!("{p:?} is not a percentage from 0 to 100"))
+        };
+        let (from, to) = match s.split_once('-') {
+            Some((from, to)) => (percent(from)?, percent(to)?),
+            None => (percent(s)?, percent(s)?),
+        };
+        if from > to {
+            return Err(format!("refresh window {s:?}: {from}% is after {to}%"));
+        }
+        Ok(RefreshWindow {
+            from_percent: from,
+            to_percent: to,
+        })
+    }
 }
 
 impl PodCertPolicy {
@@ -58,6 +106,7 @@ impl PodCertPolicy {
             namespaces: Vec::new(),
             service_accounts: Vec::new(),
             user_annotations: Vec::new(),
+            refresh_window: RefreshWindow::default(),
         }
     }
 }
@@ -300,7 +349,12 @@ pub fn decide(
             ),
         );
     }
-    let begin_refresh_at = refresh_time(not_before, not_after, jitter_seed(pcr));
+    let begin_refresh_at = refresh_time(
+        not_before,
+        not_after,
+        policy.refresh_window,
+        jitter_seed(pcr),
+    );
     match profile::issue_workload_window(ca, &key, &[id], not_before, not_after, now) {
         Ok(der) => {
             let mut chain = pem::encode("CERTIFICATE", &der);
@@ -429,19 +483,21 @@ fn check_facts(
     Ok(())
 }
 
-/// When the kubelet should start refreshing: between 50% and 70% of the
-/// lifetime (Istio's agents renew at 50%), spread by `seed` so that a node's
-/// pods, which start together, do not all come back together; always at
-/// least 10 minutes from either end (the apiserver's rule).
+/// When the kubelet should start refreshing: a point of `window`, spread by
+/// `seed`; always at least 10 minutes from either end (the apiserver's rule),
+/// so a window starting at 0% means "as early as the API allows".
 pub fn refresh_time(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
+    window: RefreshWindow,
     seed: u64,
 ) -> OffsetDateTime {
     let lifetime = (not_after - not_before).whole_seconds().max(0);
     // seed / 2^64 in [0, 1), in thousandths.
     let permille = (((seed >> 32) * 1000) >> 32) as i64;
-    let offset = lifetime * 500 / 1000 + lifetime * 200 / 1000 * permille / 1000;
+    let from = i64::from(window.from_percent);
+    let spread = i64::from(window.to_percent - window.from_percent);
+    let offset = lifetime * from / 100 + lifetime * spread / 100 * permille / 1000;
     let earliest = not_before + REFRESH_MARGIN;
     let latest = not_after - REFRESH_MARGIN;
     (not_before + time::Duration::seconds(offset)).clamp(earliest, latest.max(earliest))
@@ -751,7 +807,7 @@ mod tests {
             let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
             for lifetime in [3600, 7200, 86400, 91 * 86400] {
                 let na = nb + Duration::from_secs(lifetime);
-                let r = refresh_time(nb, na, seed);
+                let r = refresh_time(nb, na, RefreshWindow::default(), seed);
                 assert!(r >= nb + REFRESH_MARGIN && r <= na - REFRESH_MARGIN);
                 assert!(r - nb <= (na - nb) * 0.7 + ::time::Duration::SECOND);
                 if lifetime == 86400 {
@@ -764,6 +820,21 @@ mod tests {
             "jitter spreads refreshes: {} distinct",
             seen.len()
         );
+    }
+
+    #[test]
+    fn the_refresh_window_moves_refresh_within_the_apis_bounds() {
+        let nb = now().replace_nanosecond(0).unwrap();
+        let na = nb + Duration::from_secs(3600);
+        let at = |w: &str, seed| refresh_time(nb, na, w.parse().unwrap(), seed) - nb;
+        // 0%: as early as the apiserver allows; 100%: as late.
+        assert_eq!(at("0-0", 7), REFRESH_MARGIN);
+        assert_eq!(at("100%", 7), Duration::from_secs(3000));
+        assert_eq!(at("25", u64::MAX), Duration::from_secs(900));
+        assert_eq!(at("50-50", 1 << 40), Duration::from_secs(1800));
+        for bad in ["70-50", "101", "-", "a-b", ""] {
+            assert!(bad.parse::<RefreshWindow>().is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]

@@ -43,6 +43,8 @@
 //! - `identity.rs`: [`Identity`], a ServiceAccount with its RBAC and kubeconfig.
 //! - `names.rs`: [`unique_name`] and the label on every object made here.
 //! - `process.rs`: [`Proc`] and [`free_port`] for processes a test starts.
+//! - `pod_certificates.rs`: pods with a `podCertificate` volume and the
+//!   credential bundle the kubelet wrote.
 //! - `openssl.rs`: [`openssl`], keys, CSRs and certificates made with the CLI.
 //! - [`is_not_found`], [`api_status_code`]: `meshca_kube::status`, re-exported.
 #![forbid(unsafe_code)]
@@ -54,6 +56,7 @@ mod names;
 mod namespace;
 mod node;
 pub mod openssl;
+pub mod pod_certificates;
 mod process;
 mod rbac;
 pub mod softhsm;

@@ -128,6 +128,11 @@ pub struct SignerArgs {
     /// unverifiedUserAnnotations keys accepted (and ignored); others are Denied.
     #[arg(long, value_delimiter = ',')]
     pub pod_certificate_user_annotations: Vec<String>,
+    /// Where beginRefreshAt falls, in percent of the lifetime (FROM-TO, a
+    /// point chosen per request); at least 10 minutes from either end, so
+    /// `0` asks the kubelet to refresh as early as the API allows.
+    #[arg(long, default_value = "50-70")]
+    pub pod_certificate_refresh_window: String,
     /// Publish each signer's roots as ClusterTrustBundle
     /// <signer name with / as :>:roots (on by default with --pod-certificates).
     #[arg(long)]
@@ -171,6 +176,7 @@ fn signers(args: &SignerArgs) -> Result<Vec<SignerConfig>> {
                     namespaces: args.pod_certificate_namespaces.clone(),
                     service_accounts: args.pod_certificate_service_accounts.clone(),
                     user_annotations: args.pod_certificate_user_annotations.clone(),
+                    refresh_window: Some(args.pod_certificate_refresh_window.clone()),
                 });
             }
             let mut signer = spec.build()?;
