@@ -268,5 +268,66 @@ fn main() {
         "issued-roots-csr-id",
         &join(&[&issued, &f.root_pem, &f.csr_pem, IDENTITY.as_bytes()]),
     );
+    pcr_seeds(&corpus);
     eprintln!("seeds written under {}", corpus.display());
+}
+
+/// pcr: a request as the kubelet makes it with the pod, account and node
+/// the signer reads; then the same with one fact changed each (refused).
+fn pcr_seeds(corpus: &Path) {
+    use meshca_fuzz::PcrInput;
+    let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+    let pod_uid = "7c5bd1b0-0000-4000-8000-000000000001";
+    fn object<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+    let input = PcrInput {
+        pcr: Some(object(serde_json::json!({
+            "metadata": {"name": "req-1", "namespace": "default", "uid": "u-1"},
+            "spec": {
+                "signerName": SIGNER,
+                "podName": "web", "podUID": pod_uid,
+                "serviceAccountName": "web", "serviceAccountUID": "sa-uid",
+                "nodeName": "node-a", "nodeUID": "node-uid",
+                "maxExpirationSeconds": 3600,
+                "pkixPublicKey": base64::engine::general_purpose::STANDARD.encode(key.spki_der()),
+                "proofOfPossession": base64::engine::general_purpose::STANDARD
+                    .encode(key.sign(pod_uid.as_bytes()).unwrap()),
+            },
+        }))),
+        pod: Some(object(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": pod_uid},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": []},
+        }))),
+        sa: Some(object(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": "sa-uid"},
+        }))),
+        node: Some(object(serde_json::json!({
+            "metadata": {"name": "node-a", "uid": "node-uid"},
+        }))),
+    };
+    let write = |name: &str, knobs: [u8; 4], input: &PcrInput| {
+        let mut bytes = knobs.to_vec();
+        bytes.extend(serde_json::to_vec(input).unwrap());
+        seed(corpus, "pcr", name, &bytes);
+    };
+    write("issued", [0, 0, 0, 0], &input);
+    write("issued-root-ca", [1, 1, 0, 0], &input);
+    write("roots-unpublished-refused", [0, 0, 0, 1], &input);
+    write("no-ca-refused", [0, 2, 0, 0], &input);
+    let mut recreated = serde_json::to_value(&input).unwrap();
+    recreated["pod"]["metadata"]["uid"] = "7c5bd1b0-0000-4000-8000-000000000002".into();
+    write("pod-recreated-refused", [0, 0, 0, 0], &object(recreated));
+    let mut moved = serde_json::to_value(&input).unwrap();
+    moved["pod"]["spec"]["nodeName"] = "node-b".into();
+    write("pod-on-other-node-refused", [0, 0, 0, 0], &object(moved));
+    let mut long = serde_json::to_value(&input).unwrap();
+    long["pcr"]["spec"]["maxExpirationSeconds"] = 7200.into();
+    write("longer-than-policy-refused", [3, 0, 0, 0], &object(long));
+    let mut other = serde_json::to_value(&input).unwrap();
+    other["pcr"]["spec"]["signerName"] = "example.com/other".into();
+    write("other-signer-refused", [0, 0, 0, 0], &object(other));
+    let mut no_pod = serde_json::to_value(&input).unwrap();
+    no_pod["pod"] = serde_json::Value::Null;
+    write("pod-gone-refused", [0, 0, 0, 0], &object(no_pod));
 }

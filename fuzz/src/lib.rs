@@ -655,3 +655,122 @@ pub fn ra_chain(data: &[u8]) -> bool {
     }
     false
 }
+
+/// The objects a `pcr` input carries: the request and what the signer read
+/// of its pod, account and node (each may be absent).
+#[derive(serde::Deserialize, serde::Serialize, Default)]
+pub struct PcrInput {
+    pub pcr: Option<k8s_openapi::api::certificates::v1beta1::PodCertificateRequest>,
+    pub pod: Option<k8s_openapi::api::core::v1::Pod>,
+    pub sa: Option<k8s_openapi::api::core::v1::ServiceAccount>,
+    pub node: Option<k8s_openapi::api::core::v1::Node>,
+}
+
+/// The signer's pure PodCertificateRequest decision. Four knob bytes
+/// (policy, CA, clock, roots published), then a JSON [`PcrInput`]. An
+/// issued certificate must name the CA, carry the request's key and the
+/// SPIFFE ID of the account the pod really runs as, and every fact the
+/// request names must have matched; its times must be inside the API's
+/// and the policy's bounds.
+pub fn pcr(data: &[u8]) -> bool {
+    use meshca_signer::pcr::{Facts, PcrAction, decide as pcr_decide};
+    let f = fixtures();
+    if data.len() < 4 {
+        return false;
+    }
+    let (knobs, rest) = data.split_at(4);
+    let Ok(input) = serde_json::from_slice::<PcrInput>(rest) else {
+        return false;
+    };
+    let Some(request) = input.pcr.as_ref() else {
+        return false;
+    };
+    let mut policy = meshca_signer::PodCertPolicy::new(TRUST_DOMAIN);
+    match knobs[0] % 4 {
+        0 => {}
+        1 => {
+            policy.keys.allow_rsa = false;
+            policy.keys.allow_ed25519 = false;
+        }
+        2 => policy.namespaces = vec!["default".into()],
+        _ => policy.max_ttl = Duration::from_secs(3600),
+    }
+    let ca = match knobs[1] % 3 {
+        0 => Some(&f.ca),
+        1 => Some(&f.root),
+        _ => None,
+    };
+    let now = match knobs[2] % 3 {
+        0 => f.now(),
+        1 => f.now() + Duration::from_secs(40 * 365 * 24 * 3600),
+        _ => f.now() - Duration::from_secs(3600),
+    };
+    let roots_published = knobs[3] % 2 == 0;
+    let facts = Facts {
+        pod: input.pod.as_ref(),
+        service_account: input.sa.as_ref(),
+        node: input.node.as_ref(),
+    };
+    let action = pcr_decide(request, SIGNER, &policy, ca, facts, roots_published, now);
+    let PcrAction::Issue {
+        chain,
+        not_before,
+        not_after,
+        begin_refresh_at,
+    } = action
+    else {
+        return false;
+    };
+    assert!(roots_published, "issued before the roots were published");
+    let ca = ca.expect("issued without a CA");
+    let spec = &request.spec;
+    let pod = input.pod.as_ref().expect("issued without reading the pod");
+    let sa = input.sa.as_ref().expect("issued without reading the account");
+    let node = input.node.as_ref().expect("issued without reading the node");
+    assert_eq!(pod.metadata.uid.as_deref(), Some(spec.pod_uid.as_str()));
+    let pod_spec = pod.spec.as_ref().expect("issued for a pod without spec");
+    assert_eq!(pod_spec.node_name.as_deref(), Some(spec.node_name.as_str()));
+    assert_eq!(
+        pod_spec.service_account_name.as_deref(),
+        Some(spec.service_account_name.as_str())
+    );
+    assert_eq!(sa.metadata.uid.as_deref(), Some(spec.service_account_uid.as_str()));
+    assert_eq!(node.metadata.uid.as_deref(), Some(spec.node_uid.as_str()));
+    assert_eq!(sa.metadata.name.as_deref(), Some(spec.service_account_name.as_str()));
+    assert_eq!(node.metadata.name.as_deref(), Some(spec.node_name.as_str()));
+    let blocks = pem::parse_all(chain.as_bytes()).expect("issued PEM");
+    check_issued(&blocks[0].der, ca, &spec.pkix_public_key.0);
+    let namespace = request.metadata.namespace.as_deref().unwrap_or_default();
+    let expected = format!(
+        "spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{}",
+        spec.service_account_name
+    );
+    assert_eq!(uri_sans(&blocks[0].der), [expected], "identity");
+    let lifetime = (not_after - not_before).whole_seconds();
+    let asked = i64::from(spec.max_expiration_seconds.unwrap_or(86400));
+    assert!(lifetime >= 3600, "shorter than the API's minimum: {lifetime}");
+    assert!(lifetime <= asked, "longer than asked: {lifetime} > {asked}");
+    assert!(lifetime as u64 <= policy.max_ttl.as_secs(), "longer than the policy");
+    assert!(begin_refresh_at >= not_before + Duration::from_secs(600));
+    assert!(begin_refresh_at <= not_after - Duration::from_secs(600));
+    true
+}
+
+fn uri_sans(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).expect("parses");
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -64,3 +64,8 @@ fn decide() {
 fn ra_chain() {
     replay("ra_chain", meshca_fuzz::ra_chain);
 }
+
+#[test]
+fn pcr() {
+    replay("pcr", meshca_fuzz::pcr);
+}
