@@ -214,3 +214,33 @@ fn cas_read_from_secrets_show_no_key_in_debug() {
         "the same key"
     );
 }
+
+/// A write that fails part way (here the key's temporary name is taken by
+/// a directory; a full disk fails the same way) leaves no file of the set
+/// behind, so the next start does not find a certificate without its key.
+#[test]
+fn a_failed_write_leaves_no_part_of_the_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    std::fs::create_dir_all(ca.join(format!(".{}.tmp", dir::CA_KEY))).unwrap();
+    let spec = NewCa {
+        pkcs11: None,
+        key_type: KeyType::EcdsaP256,
+        org: "cluster.local",
+        ttl: Duration::from_secs(86400),
+        issuer: None,
+    };
+    let err = dir::create(&ca, &spec, false).unwrap_err();
+    assert!(format!("{err:#}").contains(dir::CA_KEY), "{err:#}");
+    let mut left: Vec<String> = std::fs::read_dir(&ca)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, [format!(".{}.tmp", dir::CA_KEY)], "only the obstacle");
+    assert!(!dir::has_ca(&ca));
+
+    std::fs::remove_dir(ca.join(format!(".{}.tmp", dir::CA_KEY))).unwrap();
+    dir::create(&ca, &spec, false).unwrap();
+    dir::load(&ca, OffsetDateTime::now_utc()).unwrap();
+}
