@@ -144,9 +144,12 @@ fn fingerprint(der: &[u8]) -> u64 {
 
 // ---- the published trust bundle, recorded over time -----------------------
 
+/// Roots (DER) as published, and when the test saw them.
+type Version = (Instant, Vec<Vec<u8>>);
+
 /// Every version of a published trust bundle, with the moment the test saw it.
 #[derive(Clone, Default)]
-struct Published(Arc<Mutex<Vec<(Instant, Vec<Vec<u8>>)>>>);
+struct Published(Arc<Mutex<Vec<Version>>>);
 
 impl Published {
     fn push(&self, roots: Vec<Vec<u8>>) {
@@ -643,7 +646,9 @@ async fn plugged_cacerts_swapped_under_load_fail_nothing() -> Result<()> {
         ],
     )
     .await?;
-    published.wait_holding(&[root_a.clone()], "root A").await?;
+    published
+        .wait_holding(std::slice::from_ref(&root_a), "root A")
+        .await?;
     // The client trusts both roots for the connection only (its reconnects
     // must not fail on the serving certificate); answers are judged by the
     // published bundle.
@@ -893,8 +898,11 @@ async fn approved_csr(
 /// What the test saw of one CSR: when its certificate (or Failed/Denied) came.
 #[derive(Default)]
 struct Seen {
-    answers: Mutex<BTreeMap<String, (Instant, Result<String, String>)>>,
+    answers: Mutex<BTreeMap<String, CsrAnswer>>,
 }
+
+/// When the test saw it, and the certificate (PEM) or the Failed/Denied condition.
+type CsrAnswer = (Instant, Result<String, String>);
 
 /// Records, for every CSR of `signer`, the first time it carried a
 /// certificate or a Failed/Denied condition.
@@ -985,7 +993,9 @@ async fn signer_ca_secret_replaced_under_a_burst_of_csrs_fails_nothing() -> Resu
             .spawn()?,
     );
     wait_ready(&mut proc, &monitoring)?;
-    published.wait_holding(&[root_a.clone()], "root A").await?;
+    published
+        .wait_holding(std::slice::from_ref(&root_a), "root A")
+        .await?;
 
     // The burst: 8 creators, each creating and approving CSRs one after
     // another until stopped.
