@@ -31,14 +31,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use common::{Proc, free_port, meshca};
+use anyhow::{Context, Result, ensure};
+use common::{Proc, ders, free_port, meshca, uris, wait_ready};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
-    CertificateSigningRequestStatus,
-};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -58,15 +55,6 @@ const TASKS: usize = 64;
 
 // ---- verification ---------------------------------------------------------
 
-/// The DER of every PEM block of `pem`.
-fn ders(pem: &str) -> Vec<Vec<u8>> {
-    meshca_pki::pem::parse_all(pem.as_bytes())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|b| b.der.to_vec())
-        .collect()
-}
-
 fn issued(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> bool {
     child.issuer().as_raw() == parent.subject().as_raw()
         && child.verify_signature(Some(parent.public_key())).is_ok()
@@ -77,20 +65,6 @@ fn is_ca(cert: &X509Certificate<'_>) -> bool {
         .ok()
         .flatten()
         .is_some_and(|b| b.value.ca)
-}
-
-fn uris(cert: &X509Certificate<'_>) -> Vec<String> {
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return vec![];
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some((*u).to_owned()),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Whether the leaf (first of `chain`) names exactly `spiffe` and verifies,
@@ -374,28 +348,6 @@ impl Cas {
 }
 
 // ---- meshca server under a burst ------------------------------------------------
-
-fn wait_ready(proc: &mut Proc, monitoring: &str) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        if let Some(status) = proc.0.try_wait()? {
-            bail!("meshca exited: {status}");
-        }
-        let ready = Command::new("curl")
-            .args(["-sf", &format!("http://{monitoring}/readyz")])
-            .output()?
-            .status
-            .success();
-        if ready {
-            return Ok(());
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "meshca not ready in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// `meshca server ARGS` as `identity` in `ns`, publishing the root ConfigMap
 /// (leader election on, short lease), ready. Returns it and its address.
@@ -823,12 +775,6 @@ async fn istio_ca_secret_root_reissued_under_load_fails_nothing() -> Result<()> 
 
 // ---- meshca signer under a burst of CSRs ------------------------------------------
 
-const USAGES: [&str; 4] = [
-    "digital signature",
-    "key encipherment",
-    "server auth",
-    "client auth",
-];
 const CA_SECRET: &str = "signer-ca-keypair";
 
 /// The signer's CA Secret (kubernetes.io/tls) from a cacerts directory,
@@ -858,7 +804,8 @@ async fn replace_secret(api: &Api<Secret>, secret: Secret) -> Result<()> {
     Ok(())
 }
 
-/// Creates an istiod-shaped CSR for `signer` and approves it, as istiod.
+/// Creates and approves (as `api`'s identity) an istiod-shaped CSR for
+/// `spiffe` with a new key.
 async fn approved_csr(
     api: &Api<CertificateSigningRequest>,
     name: &str,
@@ -868,39 +815,7 @@ async fn approved_csr(
     let key = SigningKey::generate(KeyType::EcdsaP256)?;
     let pem = build_csr(&key, cert::EMPTY_NAME, &[SanEntry::Uri(spiffe.into())])
         .map_err(anyhow::Error::msg)?;
-    let mut csr = api
-        .create(
-            &PostParams::default(),
-            &CertificateSigningRequest {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..Default::default()
-                },
-                spec: CertificateSigningRequestSpec {
-                    request: ByteString(pem.into_bytes()),
-                    signer_name: signer.into(),
-                    expiration_seconds: Some(3600),
-                    usages: Some(USAGES.iter().map(|u| u.to_string()).collect()),
-                    ..Default::default()
-                },
-                status: None,
-            },
-        )
-        .await?;
-    csr.status
-        .get_or_insert_with(CertificateSigningRequestStatus::default)
-        .conditions
-        .get_or_insert_with(Vec::new)
-        .push(CertificateSigningRequestCondition {
-            type_: "Approved".into(),
-            status: "True".into(),
-            reason: Some("RotationTest".into()),
-            message: Some("approved by the rotation test".into()),
-            ..Default::default()
-        });
-    api.replace_subresource("approval", name, &PostParams::default(), &csr)
-        .await?;
-    Ok(())
+    common::create_approved_csr(api, name, signer, pem).await
 }
 
 /// What the test saw of one CSR: when its certificate (or Failed/Denied) came.

@@ -100,25 +100,8 @@ fn starts(state: &Path) -> Result<Proc> {
             .stderr(Stdio::inherit())
             .spawn()?,
     );
-    let t = Instant::now();
-    loop {
-        if let Some(status) = proc.0.try_wait()? {
-            bail!("meshca server exited: {status}");
-        }
-        let ready = Command::new("curl")
-            .args(["-sf", &format!("http://{monitoring}/readyz")])
-            .output()?
-            .status
-            .success();
-        if ready {
-            return Ok(proc);
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "meshca server not ready in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_ready(&mut proc, &monitoring)?;
+    Ok(proc)
 }
 
 /// Every file under `dir` (relative paths), directories left out.
