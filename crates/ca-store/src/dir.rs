@@ -89,11 +89,15 @@ pub struct OutFile<'a> {
     pub secret: bool,
 }
 
-/// Writes the files, refusing to overwrite any without `force`. Each goes
-/// through a temporary file renamed into place; key files are created with
-/// mode 0600 from the start (and others 0644), the mode set on the open
-/// handle before writing, so a key is never readable by others, not even
-/// for a moment.
+/// Writes the files, refusing to overwrite any without `force`, all or
+/// nothing: each is written and synced under a temporary name first, and
+/// only when all of them are on disk are they renamed into place, so a full
+/// disk or a read-only directory leaves no half-written CA (a certificate
+/// without its key) behind. The renames go in reverse order: the first file
+/// (`ca-cert.pem`, whose presence [`has_ca`] takes as "a CA is here") appears
+/// last. Key files are created with mode 0600 from the start (and others
+/// 0644), the mode set on the open handle before writing, so a key is never
+/// readable by others, not even for a moment.
 pub fn write_all(dir: &Path, files: &[OutFile<'_>], force: bool) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if !force {
@@ -110,31 +114,69 @@ pub fn write_all(dir: &Path, files: &[OutFile<'_>], force: bool) -> Result<Vec<P
             );
         }
     }
-    let mut written = Vec::new();
-    for file in files {
-        let path = dir.join(file.name);
-        let tmp = dir.join(format!(".{}.tmp", file.name));
-        let mode = if file.secret { 0o600 } else { 0o644 };
-        let _ = fs::remove_file(&tmp);
-        let mut out = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        // The umask may have narrowed the mode (never widened it): set it
-        // on the open handle, before a byte is written, so no path lookup
-        // can reach another file and the contents never sit under another mode.
-        out.set_permissions(fs::Permissions::from_mode(mode))
-            .with_context(|| format!("setting the mode of {}", tmp.display()))?;
-        out.write_all(file.contents)
-            .and_then(|()| out.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        drop(out);
-        fs::rename(&tmp, &path).with_context(|| format!("renaming into {}", path.display()))?;
-        written.push(path);
+    let mut staged = Vec::with_capacity(files.len());
+    let written = files
+        .iter()
+        .try_for_each(|file| write_temp(dir, file, &mut staged))
+        .and_then(|()| {
+            let mut written = Vec::with_capacity(files.len());
+            for (file, tmp) in files.iter().zip(&staged).rev() {
+                let path = dir.join(file.name);
+                fs::rename(tmp, &path)
+                    .with_context(|| format!("renaming into {}", path.display()))?;
+                written.push(path);
+            }
+            written.reverse();
+            Ok(written)
+        });
+    if written.is_err() {
+        for tmp in &staged {
+            let _ = fs::remove_file(tmp);
+        }
     }
+    let written = written?;
+    // The renames themselves survive a crash only once the directory is synced.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
     Ok(written)
+}
+
+/// Replaces one public file (0644) as [`write_all`] does: readers see the
+/// old contents or the new, never a part.
+pub fn replace_public(path: &Path, contents: &[u8]) -> Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        bail!("{}: not a file path", path.display())
+    };
+    let file = OutFile {
+        name,
+        contents,
+        secret: false,
+    };
+    write_all(dir, &[file], true).map(drop)
+}
+
+/// Writes `file` under a temporary name in `dir` and syncs it; the name goes
+/// into `staged` before the first byte, so a failed write is cleaned up too.
+fn write_temp(dir: &Path, file: &OutFile<'_>, staged: &mut Vec<PathBuf>) -> Result<()> {
+    let tmp = dir.join(format!(".{}.tmp", file.name));
+    let mode = if file.secret { 0o600 } else { 0o644 };
+    let _ = fs::remove_file(&tmp);
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    staged.push(tmp.clone());
+    // The umask may have narrowed the mode (never widened it): set it
+    // on the open handle, before a byte is written, so no path lookup
+    // can reach another file and the contents never sit under another mode.
+    out.set_permissions(fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    out.write_all(file.contents)
+        .and_then(|()| out.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))
 }
 
 /// What `create` makes.

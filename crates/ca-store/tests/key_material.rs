@@ -102,6 +102,17 @@ fn no_type_holding_a_key_shows_it_in_debug() {
     }
 }
 
+/// A P-256 root CA of a day.
+fn p256_root() -> NewCa<'static> {
+    NewCa {
+        pkcs11: None,
+        key_type: KeyType::EcdsaP256,
+        org: "cluster.local",
+        ttl: Duration::from_secs(86400),
+        issuer: None,
+    }
+}
+
 /// `write_all`'s files, as `ls -l` would give their modes.
 fn write_and_read_modes(dir: &Path) -> Vec<(String, u32)> {
     dir::write_all(
@@ -180,13 +191,7 @@ fn cas_read_from_secrets_show_no_key_in_debug() {
     use std::collections::BTreeMap;
 
     let tmp = tempfile::tempdir().unwrap();
-    let spec = NewCa {
-        pkcs11: None,
-        key_type: KeyType::EcdsaP256,
-        org: "cluster.local",
-        ttl: Duration::from_secs(86400),
-        issuer: None,
-    };
+    let spec = p256_root();
     let (bundle, _) = dir::create(tmp.path(), &spec, false).unwrap();
     let key_pem = std::fs::read_to_string(tmp.path().join(dir::CA_KEY)).unwrap();
     let cert_pem = std::fs::read_to_string(tmp.path().join(dir::CA_CERT)).unwrap();
@@ -213,4 +218,28 @@ fn cas_read_from_secrets_show_no_key_in_debug() {
         bundle.key().spki_der(),
         "the same key"
     );
+}
+
+/// A write that fails part way (here the key's temporary name is taken by
+/// a directory; a full disk fails the same way) leaves no file of the set
+/// behind, so the next start does not find a certificate without its key.
+#[test]
+fn a_failed_write_leaves_no_part_of_the_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    std::fs::create_dir_all(ca.join(format!(".{}.tmp", dir::CA_KEY))).unwrap();
+    let spec = p256_root();
+    let err = dir::create(&ca, &spec, false).unwrap_err();
+    assert!(format!("{err:#}").contains(dir::CA_KEY), "{err:#}");
+    let mut left: Vec<String> = std::fs::read_dir(&ca)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, [format!(".{}.tmp", dir::CA_KEY)], "only the obstacle");
+    assert!(!dir::has_ca(&ca));
+
+    std::fs::remove_dir(ca.join(format!(".{}.tmp", dir::CA_KEY))).unwrap();
+    dir::create(&ca, &spec, false).unwrap();
+    dir::load(&ca, OffsetDateTime::now_utc()).unwrap();
 }

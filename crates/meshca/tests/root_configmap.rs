@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{Proc, free_port, meshca};
+use common::{Proc, ders, free_port, meshca};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -27,14 +27,6 @@ use meshca_testsupport::{Identity, TestEnv, chart};
 
 const BUNDLE: &str = "istio.io:istiod-ca:root-cert";
 const LEASE: &str = "meshca-namespace-controller";
-
-fn ders(pem: &str) -> Vec<Vec<u8>> {
-    meshca_pki::pem::parse_all(pem.as_bytes())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|b| b.der.to_vec())
-        .collect()
-}
 
 fn root_file(dir: &Path) -> Vec<Vec<u8>> {
     ders(&std::fs::read_to_string(dir.join("root-cert.pem")).unwrap())

@@ -13,20 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
-    CertificateSigningRequestStatus,
-};
-use kube::api::{Api, ObjectMeta, PostParams};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use kube::api::Api;
 use meshca_testsupport::{Identity, TestEnv, TestNamespace, chart};
-
-const USAGES: [&str; 4] = [
-    "digital signature",
-    "key encipherment",
-    "server auth",
-    "client auth",
-];
 
 /// A root and an intermediate under it (`meshca ca init`, cacerts layout);
 /// returns the intermediate's directory.
@@ -106,40 +95,7 @@ async fn approved_csr(ns: &TestNamespace, istiod: &kube::Client, signer: &str) -
     let name = ns.unique_name("csr");
     ns.delete_csr_on_cleanup(&name);
     let api = Api::<CertificateSigningRequest>::all(istiod.clone());
-    let mut csr = api
-        .create(
-            &PostParams::default(),
-            &CertificateSigningRequest {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    ..Default::default()
-                },
-                spec: CertificateSigningRequestSpec {
-                    request: ByteString(pem.into_bytes()),
-                    signer_name: signer.to_string(),
-                    expiration_seconds: Some(3600),
-                    usages: Some(USAGES.iter().map(|u| u.to_string()).collect()),
-                    ..Default::default()
-                },
-                status: None,
-            },
-        )
-        .await
-        .with_context(|| format!("creating CSR {name}"))?;
-    csr.status
-        .get_or_insert_with(CertificateSigningRequestStatus::default)
-        .conditions
-        .get_or_insert_with(Vec::new)
-        .push(CertificateSigningRequestCondition {
-            type_: "Approved".into(),
-            status: "True".into(),
-            reason: Some("TestApproved".into()),
-            message: Some("approved by the signer CLI test".into()),
-            ..Default::default()
-        });
-    api.replace_subresource("approval", &name, &PostParams::default(), &csr)
-        .await
-        .with_context(|| format!("approving CSR {name}"))?;
+    common::create_approved_csr(&api, &name, signer, pem).await?;
     Ok(name)
 }
 

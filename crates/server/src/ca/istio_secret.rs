@@ -225,9 +225,10 @@ pub async fn rotation_loop(
             Ok(Some(bundle)) => {
                 served = bundle.signing_cert_der().to_vec();
                 if let Some(path) = &root_file
-                    && let Err(e) = std::fs::write(path, bundle.roots_pem())
+                    && let Err(e) =
+                        meshca_ca_store::dir::replace_public(path, bundle.roots_pem().as_bytes())
                 {
-                    tracing::warn!(error = %e, path = %path.display(), "writing the root certificate");
+                    tracing::warn!(error = %format!("{e:#}"), "writing the root certificate");
                 }
                 on_change(bundle);
             }

@@ -72,10 +72,8 @@ pub async fn open(config: &ServerConfig, stop: &CancellationToken) -> Result<Ope
         };
         let (bundle, _) = istio_secret::load_or_create(client.clone(), secret, &spec).await?;
         let copy = config.state_dir.join("ca-secret");
-        std::fs::create_dir_all(&copy).with_context(|| format!("creating {}", copy.display()))?;
         let root_file = copy.join(dir::ROOT_CERT);
-        std::fs::write(&root_file, bundle.roots_pem())
-            .with_context(|| format!("writing {}", root_file.display()))?;
+        dir::replace_public(&root_file, bundle.roots_pem().as_bytes())?;
         let served = bundle.signing_cert_der().to_vec();
         let (tx, current) = watch::channel(Some(Arc::new(bundle)));
         tokio::spawn(
