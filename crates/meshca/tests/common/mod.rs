@@ -2,6 +2,9 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod fault;
+pub mod ra;
+
 use std::process::Command;
 
 use anyhow::{Result, bail};
