@@ -30,19 +30,9 @@ pub fn is_lost_race(e: &kube::Error) -> bool {
     matches!(code(e), Some(409 | 422))
 }
 
-/// The API gave no judgement: the call did not get through (connection
-/// refused or reset, no answer within the call's bound), or the apiserver
-/// answered that it cannot serve now (429, 5xx, e.g. its storage is away).
-/// A retry later can succeed.
-pub fn is_unanswered(e: &kube::Error) -> bool {
-    match code(e) {
-        Some(c) => c == 429 || c >= 500,
-        None => true,
-    }
-}
-
-/// A call that got no judgement from the API ([`is_unanswered`]), carried
-/// as an error so that callers can answer "retry" rather than "refused".
+/// An API call that failed, so that nothing was judged (e.g. a
+/// TokenReview that got no answer), carried as an error so that callers
+/// can answer "retry" rather than "refused".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiUnavailable(pub String);
 
@@ -76,10 +66,5 @@ mod tests {
         let transport = kube::Error::Service("reset".into());
         assert_eq!(code(&transport), None);
         assert!(!is_lost_race(&transport));
-        assert!(is_unanswered(&transport));
-        assert!(is_unanswered(&api(503)) && is_unanswered(&api(504)) && is_unanswered(&api(429)));
-        assert!(
-            !is_unanswered(&api(401)) && !is_unanswered(&api(403)) && !is_unanswered(&api(400))
-        );
     }
 }

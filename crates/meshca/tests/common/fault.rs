@@ -278,6 +278,30 @@ impl Burst {
         self.start.elapsed()
     }
 
+    /// Waits (at most `within`) for a request sent after `from` to end ok;
+    /// when it ended, since the burst started.
+    pub async fn first_ok_sent_after(&self, from: Duration, within: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + within;
+        loop {
+            let first = self
+                .answers
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|a| a.outcome == Outcome::Ok && a.sent >= from)
+                .map(|a| a.done)
+                .min();
+            if let Some(done) = first {
+                return Ok(done);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no successful request within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops sending, waits for every request to end, returns all answers
     /// in the order they were sent.
     pub async fn finish(self) -> Result<Vec<Answer>> {

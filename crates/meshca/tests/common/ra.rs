@@ -118,13 +118,15 @@ pub async fn signer_identity(
 }
 
 /// `meshca signer` for `signers` as `identity`, with `extra` flags (without
-/// leader election unless they configure it); its log goes to `stderr`.
+/// leader election unless they configure it) and its /metrics on
+/// `monitoring` (if any); its log goes to `stderr`.
 pub fn spawn_signer(
     identity: &Identity,
     signers: &[&str],
     ca: &SignerCa,
     trust_domains: &str,
     extra: &[&str],
+    monitoring: Option<&str>,
     stderr: Stdio,
 ) -> Result<Proc> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshca"));
@@ -138,7 +140,8 @@ pub fn spawn_signer(
         .arg("--kubeconfig")
         .arg(identity.kubeconfig_path())
         .args(["--trust-domains", trust_domains])
-        .args(["--no-trust-bundle", "--monitoring-listen", "none"])
+        .args(["--no-trust-bundle", "--monitoring-listen"])
+        .arg(monitoring.unwrap_or("none"))
         .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -162,6 +165,7 @@ pub async fn start_signer(
         ca,
         trust_domains,
         &["--no-leader-election"],
+        None,
         Stdio::inherit(),
     )
 }

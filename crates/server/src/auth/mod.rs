@@ -383,9 +383,11 @@ mod tests {
             ..jwt_authenticator(&issuer())
         };
         let path = "/apis/authentication.k8s.io/v1/tokenreviews";
-        // The apiserver without its storage (etcd away) answers 503; a
-        // bad token is still refused once it answers.
+        // The apiserver without its storage (etcd away) answers 503; just
+        // restarted, with its RBAC caches empty, 403 to meshca's own call.
+        // A bad token is still refused once the API answers the review.
         for (code, body, unjudged) in [
+            (403, meshca_kube::mock::status(403, "Forbidden"), true),
             (
                 503,
                 meshca_kube::mock::status(503, "ServiceUnavailable"),

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
-use meshca_kube::status::{self, ApiUnavailable};
+use meshca_kube::status::ApiUnavailable;
 use meshca_kube::{ApiBusy, ApiLimit};
 
 use super::{KubeAccount, NoIdentity, jwt};
@@ -58,12 +58,11 @@ impl TokenReviewer {
                     Ok(busy) => anyhow::Error::from(*busy),
                     Err(e) => anyhow::Error::new(kube::Error::Service(e)),
                 },
-                // The apiserver is down, restarting or without its
-                // storage: the token is unjudged, not refused.
-                e if status::is_unanswered(&e) => {
-                    anyhow::Error::new(ApiUnavailable(format!("TokenReview request: {e}")))
-                }
-                e => anyhow::Error::new(e).context("TokenReview request"),
+                // No TokenReview answer: the token is unjudged, not
+                // refused. The apiserver is down, restarting, without its
+                // storage, or (just restarted, its RBAC caches still
+                // empty) forbids meshca's own call for a moment.
+                e => anyhow::Error::new(ApiUnavailable(format!("TokenReview request: {e}"))),
             })?;
         let status = answer.status.context("TokenReview without status")?;
         if status.authenticated != Some(true) {

@@ -48,8 +48,9 @@ fn refuse(code: tonic::Code, message: &str, reason: &str) -> Status {
 /// The answer to a failed authentication: Istio's `Unauthenticated`, or
 /// `Unavailable` (which istio-agent retries) when the token could not be
 /// judged: no Kubernetes API call slot came in time (`kube_api_busy`), or
-/// the API did not answer (`kube_api_unavailable`: the apiserver down or
-/// without its storage). istiod answers the latter `Unauthenticated`,
+/// the TokenReview call failed (`kube_api_unavailable`: the apiserver down,
+/// without its storage, or just restarted). istiod answers the latter
+/// `Unauthenticated`,
 /// which the agent does not retry: a workload would wait for its next
 /// rotation attempt instead of a retry seconds later.
 pub fn auth_error_status(e: &crate::auth::AuthError) -> Status {
