@@ -181,7 +181,7 @@ mod tests {
         // Tasks are counted per runtime, and this test's is its own.
         let tasks = value(&before, "meshca_runtime_alive_tasks").expect(&before);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move { stopped.await });
+        let task = tokio::spawn(stopped);
         let after = registries.encode().unwrap();
         assert_eq!(
             value(&after, "meshca_runtime_alive_tasks"),

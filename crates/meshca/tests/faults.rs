@@ -33,7 +33,7 @@ use common::fault::{
     sent_between, verifies,
 };
 use common::ra::{self, SignerCa, request, workload_csr};
-use common::{Proc, free_port};
+use common::{Proc, free_port, wait_ready};
 use futures::StreamExt;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -142,23 +142,6 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-async fn wait_ready(monitoring: &str, child: &mut Proc, what: &str) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        if let Some(status) = child.0.try_wait()? {
-            bail!("{what} exited with {status} before becoming ready");
-        }
-        if meshca_testsupport::http_get(monitoring.parse()?, "/readyz")
-            .await
-            .is_ok_and(|(code, _)| code == 200)
-        {
-            return Ok(());
-        }
-        ensure!(t.elapsed() < Duration::from_secs(30), "{what} not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// `meshca server` with the local CA (P-256) and the chart's RBAC,
 /// authenticating every request with TokenReview (token cache off).
 struct LocalServer {
@@ -235,6 +218,68 @@ fn phases(answers: &[Answer], fault: Duration, back: Duration, settle: Duration)
     }
 }
 
+impl Phases {
+    /// No wrong answer; mostly ok before the fault (a loaded machine makes
+    /// some `kube_api_busy`); errors during it when `outage_seen`; all ok
+    /// after it.
+    fn check(&self, what: &str, answers: &[Answer], outage_seen: bool) -> Result<()> {
+        ensure!(
+            self.before.wrong + self.during.wrong + self.after.wrong == 0,
+            "{what}: wrong answers: {:?}",
+            reasons(answers.iter().filter(|a| a.outcome == Outcome::Wrong))
+        );
+        ensure!(
+            self.before.ok > 0 && self.before.clean <= self.before.ok / 4,
+            "{what}: the burst did not run cleanly before the fault: {:?}",
+            self.before
+        );
+        ensure!(
+            !outage_seen || self.during.clean > 0,
+            "{what}: the outage was not seen: {:?}",
+            self.during
+        );
+        ensure!(
+            self.after.ok > 0 && self.after.clean == 0,
+            "{what}: no recovery without a restart: {:?} {:?}",
+            self.after,
+            reasons(
+                answers
+                    .iter()
+                    .filter(|a| a.outcome != Outcome::Ok)
+                    .rev()
+                    .take(20)
+            )
+        );
+        Ok(())
+    }
+}
+
+/// When, in a burst's time, the apiserver went down and came back.
+struct Outage {
+    killed_at: Duration,
+    restarted_at: Duration,
+    /// From the restart to /readyz answering.
+    ready_after: Duration,
+    back_at: Duration,
+}
+
+/// SIGKILLs the apiserver mid-`burst`, keeps it down 5 s, starts it again
+/// on the same etcd and waits until it is ready.
+async fn apiserver_outage(plane: &ControlPlane, burst: &Burst) -> Result<Outage> {
+    let killed_at = burst.elapsed();
+    let down = plane.kill_apiserver()?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let restarted_at = burst.elapsed();
+    down.restart()?;
+    let ready_after = fault::wait_apiserver_ready(Duration::from_secs(120)).await?;
+    Ok(Outage {
+        killed_at,
+        restarted_at,
+        ready_after,
+        back_at: burst.elapsed(),
+    })
+}
+
 /// The first ok answer (its end) after `from`, relative to `from`.
 fn first_ok_after(answers: &[Answer], from: Duration) -> Option<Duration> {
     answers
@@ -287,13 +332,12 @@ async fn apiserver_killed_mid_burst_under_the_local_ca_loses_nothing() -> Result
         tokio::time::sleep(Duration::from_secs(3)).await;
         let loaded_before = fault::gauges(&server.monitoring).await?;
         // Mid-burst: SIGKILL, 5 s down, started again on the same etcd.
-        let killed_at = burst.elapsed();
-        let down = plane.kill_apiserver()?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let restarted_at = burst.elapsed();
-        down.restart()?;
-        let ready_after = fault::wait_apiserver_ready(Duration::from_secs(120)).await?;
-        let back_at = burst.elapsed();
+        let Outage {
+            killed_at,
+            restarted_at,
+            ready_after,
+            back_at,
+        } = apiserver_outage(&plane, &burst).await?;
         tokio::time::sleep(Duration::from_secs(5)).await;
         let loaded_after = fault::gauges(&server.monitoring).await?;
         let answers = burst.finish().await?;
@@ -312,26 +356,7 @@ async fn apiserver_killed_mid_burst_under_the_local_ca_loses_nothing() -> Result
             p.after,
             reasons(during.iter().copied()),
         );
-        ensure!(
-            p.before.wrong + p.during.wrong + p.after.wrong == 0,
-            "wrong answers: {:?}",
-            reasons(answers.iter().filter(|a| a.outcome == Outcome::Wrong))
-        );
-        ensure!(
-            p.before.ok > 0 && p.before.clean <= p.before.ok / 4,
-            "the burst did not run cleanly before the fault: {:?}",
-            p.before
-        );
-        ensure!(
-            p.during.clean > 0,
-            "the outage was not seen (token cache on?): {:?}",
-            p.during
-        );
-        ensure!(
-            p.after.ok > 0 && p.after.clean == 0,
-            "meshca did not recover without a restart: {:?}",
-            p.after
-        );
+        p.check("local CA", &answers, true)?;
         ensure!(
             recovery.is_some(),
             "no successful request after the restart"
@@ -530,13 +555,12 @@ async fn apiserver_killed_mid_burst_under_ra_mode_and_the_signer_loses_nothing()
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
         let loaded_before = fault::gauges(&server.monitoring).await?;
-        let killed_at = burst.elapsed();
-        let down = plane.kill_apiserver()?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let restarted_at = burst.elapsed();
-        down.restart()?;
-        let ready_after = fault::wait_apiserver_ready(Duration::from_secs(120)).await?;
-        let back_at = burst.elapsed();
+        let Outage {
+            killed_at,
+            restarted_at,
+            ready_after,
+            back_at,
+        } = apiserver_outage(&plane, &burst).await?;
         // Recovered: a request sent after the apiserver is ready succeeds
         // (its watches, the server's and the signer's, are back); from a
         // second later on, every request must.
@@ -569,27 +593,7 @@ async fn apiserver_killed_mid_burst_under_ra_mode_and_the_signer_loses_nothing()
             p.after,
             reasons(&answers),
         );
-        ensure!(
-            p.before.wrong + p.during.wrong + p.after.wrong == 0,
-            "wrong answers: {:?}",
-            reasons(answers.iter().filter(|a| a.outcome == Outcome::Wrong))
-        );
-        ensure!(
-            p.before.ok > 0 && p.before.clean <= p.before.ok / 4,
-            "the burst did not run cleanly before the fault: {:?}",
-            p.before
-        );
-        ensure!(
-            p.during.clean > 0,
-            "the outage was not seen: {:?}",
-            p.during
-        );
-        ensure!(
-            p.after.ok > 0 && p.after.clean == 0,
-            "the RA path did not recover without a restart: {:?} {:?}",
-            p.after,
-            reasons(sent_between(&answers, back_at, Duration::MAX))
-        );
+        p.check("RA", &answers, true)?;
         // Every request ended within the RA timeout plus its API calls.
         ensure!(max_took < Duration::from_secs(40), "{max_took:?}");
         // Nothing left behind: the server deletes every CSR it made, also
@@ -618,7 +622,7 @@ async fn apiserver_killed_mid_burst_under_ra_mode_and_the_signer_loses_nothing()
     .await;
     if result.is_err() {
         eprintln!("meshca server's log:\n{}", tail(&server_log, 40));
-        eprintln!("meshca signer's log:\n{}", tail(&signer_log, 400));
+        eprintln!("meshca signer's log:\n{}", tail(&signer_log, 60));
     }
     drop((server, signer_proc));
     result?;
@@ -757,11 +761,6 @@ async fn etcd_frozen_for_20s_every_call_ends_within_its_bound_and_service_resume
                 .map(|a| a.took())
                 .max()
                 .unwrap_or_default();
-            let last_3s = Tally::of(sent_between(
-                answers,
-                back_at + Duration::from_secs(3),
-                Duration::MAX,
-            ));
             eprintln!(
                 "etcd frozen {FREEZE:?} at {frozen_at:.1?}, apiserver ready {ready_after:.1?} \
                  after SIGCONT; {what}: {} requests, before {:?}, during {:?}, after {:?}; \
@@ -774,20 +773,9 @@ async fn etcd_frozen_for_20s_every_call_ends_within_its_bound_and_service_resume
                 p.after,
                 reasons(frozen_window.iter().copied()),
             );
-            ensure!(
-                p.before.wrong + p.during.wrong + p.after.wrong == 0,
-                "{what}: wrong answers: {:?}",
-                reasons(answers.iter().filter(|a| a.outcome == Outcome::Wrong))
-            );
-            ensure!(
-                p.before.ok > 0 && p.before.clean <= p.before.ok / 4,
-                "{what}: not clean before the fault: {:?}",
-                p.before
-            );
-            ensure!(
-                last_3s.ok > 0 && last_3s.clean == 0,
-                "{what}: service did not resume after SIGCONT: {last_3s:?}"
-            );
+            // The local CA may see no error at all (TokenReviews are
+            // answered from the apiserver's caches without etcd).
+            p.check(what, answers, false)?;
             // Bounded: no answer later than the request timeout, plus what
             // a client on this shared 2-core machine adds (its lazy TLS
             // connection, scheduling; measured up to 1.7 s).

@@ -232,23 +232,7 @@ impl Server {
                 .spawn()
                 .context("starting meshca server")?,
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.0.try_wait()? {
-                bail!("meshca server exited with {status} before becoming ready");
-            }
-            let ready = Command::new("curl")
-                .args(["-sf", &format!("http://{monitoring}/readyz")])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ready {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("meshca server did not become ready within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        super::wait_ready(&monitoring, &mut child, "meshca server").await?;
         Ok(Server {
             child,
             addr,
