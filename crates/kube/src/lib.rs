@@ -6,6 +6,7 @@
 //! - [`cluster_trust_bundle`]: the ClusterTrustBundles meshca publishes (name, object, plan).
 //! - [`api_limit`]: a fair bound (and a timeout) on API calls in flight.
 //! - [`status`]: what a `kube::Error` means (conflict, not found, forbidden).
+//! - [`watch_backoff`]: how soon a broken watch on the request path retries.
 //! - [`last_error`]: retry loops log a failure when it starts or changes.
 //! - [`monitoring`]: `/healthz`, `/readyz` and `/metrics`.
 //! - [`shutdown`]: one `CancellationToken`, cancelled on SIGTERM or Ctrl-C.
@@ -24,8 +25,10 @@ pub mod mock;
 pub mod monitoring;
 pub mod shutdown;
 pub mod status;
+pub mod watch_backoff;
 
 pub use api_limit::{ApiBusy, ApiLimit};
 pub use last_error::LastError;
 pub use lease::{Elector, LeaderElection};
 pub use tokio_util::sync::CancellationToken;
+pub use watch_backoff::WatchBackoff;

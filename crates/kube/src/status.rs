@@ -30,6 +30,20 @@ pub fn is_lost_race(e: &kube::Error) -> bool {
     matches!(code(e), Some(409 | 422))
 }
 
+/// An API call that failed, so that nothing was judged (e.g. a
+/// TokenReview that got no answer), carried as an error so that callers
+/// can answer "retry" rather than "refused".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiUnavailable(pub String);
+
+impl std::fmt::Display for ApiUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Kubernetes API unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for ApiUnavailable {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

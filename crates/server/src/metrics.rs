@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
@@ -181,6 +182,25 @@ pub struct Metrics {
     pub authenticated: Family<AuthLabel, Counter>,
     pub token_cache_hits: Counter,
     pub issue_duration: Histogram,
+    /// CreateCertificate calls being answered now (see [`InFlight`]).
+    pub in_flight: Gauge,
+}
+
+/// Counts one request in [`Metrics::in_flight`] until dropped, however the
+/// request ends (answered, refused, or cancelled by its deadline).
+pub struct InFlight(Gauge);
+
+impl InFlight {
+    pub fn start(gauge: &Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
@@ -274,6 +294,12 @@ impl Metrics {
             "CreateCertificate latency, request received to response ready",
             issue_duration.clone(),
         );
+        let in_flight = Gauge::default();
+        registry.register(
+            "meshca_server_requests_in_flight",
+            "CreateCertificate calls being answered",
+            in_flight.clone(),
+        );
         Metrics {
             csr,
             authentication_failure,
@@ -287,6 +313,7 @@ impl Metrics {
             authenticated,
             token_cache_hits,
             issue_duration,
+            in_flight,
         }
     }
 

@@ -101,7 +101,7 @@ pub(crate) async fn lead_and_run(
         let api = Api::<PodCertificateRequest>::all(client.clone());
         let (reader, writer) = reflector::store();
         let objects = watcher(api, wc)
-            .default_backoff()
+            .backoff(meshca_kube::WatchBackoff::default())
             .modify(pcr_controller::compact)
             .reflect(writer)
             .applied_objects();
@@ -136,7 +136,8 @@ pub(crate) async fn lead_and_run(
         let wc = watcher::Config::default().fields(&format!("spec.signerName={name}"));
         let (reader, writer) = reflector::store();
         let objects = watcher(part.api, wc)
-            .default_backoff()
+            // Requests wait on this watch: back soon after an outage.
+            .backoff(meshca_kube::WatchBackoff::default())
             .modify(controller::compact)
             .reflect(writer)
             .applied_objects();

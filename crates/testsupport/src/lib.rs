@@ -46,12 +46,16 @@
 //! - `pod_certificates.rs`: pods with a `podCertificate` volume and the
 //!   credential bundle the kubelet wrote.
 //! - `openssl.rs`: [`openssl`], keys, CSRs and certificates made with the CLI.
+//! - `csr.rs`: [`csr`], CertificateSigningRequests created, approved and read.
+//! - `monitoring.rs`: [`http_get`] and [`metric`] on a process's `/metrics`.
 //! - [`is_not_found`], [`api_status_code`]: `meshca_kube::status`, re-exported.
 #![forbid(unsafe_code)]
 
 pub mod chart;
+pub mod csr;
 mod env;
 mod identity;
+mod monitoring;
 mod names;
 mod namespace;
 mod node;
@@ -65,6 +69,7 @@ mod tokens;
 pub use env::{TestEnv, TestEnvConfig, bin};
 pub use identity::{Identity, client_from_kubeconfig};
 pub use meshca_kube::status::{code as api_status_code, is_not_found};
+pub use monitoring::{http_get, metric};
 pub use names::{TESTSUPPORT_LABEL, unique_name};
 pub use namespace::TestNamespace;
 pub use node::{Image, TestNode, build_image, repo_root};

@@ -2,6 +2,9 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod fault;
+pub mod ra;
+
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -28,6 +31,28 @@ pub fn meshca(args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Waits (at most 30 s) until the process serving /readyz on `monitoring`
+/// answers ready; fails at once if it exits.
+pub async fn wait_ready(monitoring: &str, child: &mut Proc, what: &str) -> Result<()> {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait()? {
+            bail!("{what} exited with {status} before becoming ready");
+        }
+        if meshca_testsupport::http_get(monitoring.parse()?, "/readyz")
+            .await
+            .is_ok_and(|(code, _)| code == 200)
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "{what} not ready within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// DER of the first PEM block.

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
 use meshca_kube::ApiBusy;
+use meshca_kube::status::ApiUnavailable;
 use meshca_pki::SpiffeId;
 use sha2::{Digest, Sha256};
 
@@ -185,8 +186,10 @@ impl Authenticator {
         let mut errors = Vec::new();
         // A token proven by one authenticator but naming no identity.
         let mut no_identity = false;
-        // TokenReview got no API call slot in time: the token is unjudged.
+        // TokenReview got no API call slot in time, or no answer from the
+        // API: the token is unjudged.
         let mut busy = None;
+        let mut unavailable = None;
         if let Some(reviewer) = &self.token_review {
             match reviewer.review(token).await {
                 Ok(account) => {
@@ -197,6 +200,7 @@ impl Authenticator {
                 Err(e) => {
                     no_identity |= e.is::<NoIdentity>();
                     busy = busy.or(e.downcast_ref::<ApiBusy>().copied());
+                    unavailable = unavailable.or(e.downcast_ref::<ApiUnavailable>().cloned());
                     errors.push(format!("TokenReview: {e:#}"))
                 }
             }
@@ -222,9 +226,12 @@ impl Authenticator {
         if no_identity {
             return Err(NoIdentity(errors.join("; ")).into());
         }
+        // Not refused: the caller should retry (`Unavailable`).
         if let Some(busy) = busy {
-            // Not refused: the caller should retry (`Unavailable`).
             return Err(anyhow::Error::new(busy).context(errors.join("; ")));
+        }
+        if let Some(unavailable) = unavailable {
+            return Err(anyhow::Error::new(unavailable).context(errors.join("; ")));
         }
         bail!("{}", errors.join("; "))
     }
@@ -359,6 +366,59 @@ mod tests {
             crate::grpc::service::auth_error_status(&e).code(),
             tonic::Code::Unavailable
         );
+    }
+
+    #[tokio::test]
+    async fn a_token_review_the_api_cannot_answer_is_unavailable_not_refused() {
+        let metrics = crate::metrics::Metrics::new(&mut Default::default());
+        let (client, mut api) = meshca_kube::mock::client();
+        let auth = Authenticator {
+            token_review: Some(TokenReviewer::new(
+                client,
+                vec!["istio-ca".into()],
+                meshca_kube::ApiLimit::new(8),
+                meshca_kube::ApiLimit::new(8),
+            )),
+            jwt: None,
+            ..jwt_authenticator(&issuer())
+        };
+        let path = "/apis/authentication.k8s.io/v1/tokenreviews";
+        // The apiserver without its storage (etcd away) answers 503; just
+        // restarted, with its RBAC caches empty, 403 to meshca's own call.
+        // A bad token is still refused once the API answers the review.
+        for (code, body, unjudged) in [
+            (403, meshca_kube::mock::status(403, "Forbidden"), true),
+            (
+                503,
+                meshca_kube::mock::status(503, "ServiceUnavailable"),
+                true,
+            ),
+            (429, meshca_kube::mock::status(429, "TooManyRequests"), true),
+            (
+                201,
+                serde_json::json!({
+                    "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                    "spec": {}, "status": {"authenticated": false, "error": "invalid"},
+                }),
+                false,
+            ),
+        ] {
+            let asked = authenticate(&auth, &metrics, "a-token");
+            let answered = api.expect("POST", path, code, body);
+            let (e, _) = tokio::join!(asked, answered);
+            let e = e.unwrap_err();
+            let status = crate::grpc::service::auth_error_status(&e);
+            if unjudged {
+                assert!(e.is::<ApiUnavailable>(), "{code}: {e:#}");
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{code}");
+                assert_eq!(
+                    status.metadata().get("meshca-reason").unwrap(),
+                    "kube_api_unavailable"
+                );
+            } else {
+                assert_eq!(status.code(), tonic::Code::Unauthenticated, "{e:#}");
+            }
+        }
     }
 
     fn issuer_token_of_another_key(now: i64) -> String {

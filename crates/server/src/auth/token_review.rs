@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
+use meshca_kube::status::ApiUnavailable;
 use meshca_kube::{ApiBusy, ApiLimit};
 
 use super::{KubeAccount, NoIdentity, jwt};
@@ -35,7 +36,8 @@ impl TokenReviewer {
     }
 
     /// The account (and, for a bound token, its pod) a token proves. No
-    /// call slot in time: an [`ApiBusy`] error (the token is unjudged).
+    /// call slot in time: an [`ApiBusy`] error; no answer from the API: an
+    /// [`ApiUnavailable`] error (either way the token is unjudged).
     pub async fn review(&self, token: &str) -> Result<KubeAccount> {
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -44,21 +46,24 @@ impl TokenReviewer {
             },
             ..Default::default()
         };
-        let answer =
-            self.reviews
-                .call(
-                    self.limit
-                        .call(self.api.create(&PostParams::default(), &review)),
-                )
-                .await
-                .map_err(|e| match e {
-                    kube::Error::Service(e) => match e.downcast::<ApiBusy>() {
-                        Ok(busy) => anyhow::Error::from(*busy),
-                        Err(e) => anyhow::Error::new(kube::Error::Service(e))
-                            .context("TokenReview request"),
-                    },
-                    e => anyhow::Error::new(e).context("TokenReview request"),
-                })?;
+        let answer = self
+            .reviews
+            .call(
+                self.limit
+                    .call(self.api.create(&PostParams::default(), &review)),
+            )
+            .await
+            .map_err(|e| match e {
+                kube::Error::Service(e) if e.is::<ApiBusy>() => match e.downcast::<ApiBusy>() {
+                    Ok(busy) => anyhow::Error::from(*busy),
+                    Err(e) => anyhow::Error::new(kube::Error::Service(e)),
+                },
+                // No TokenReview answer: the token is unjudged, not
+                // refused. The apiserver is down, restarting, without its
+                // storage, or (just restarted, its RBAC caches still
+                // empty) forbids meshca's own call for a moment.
+                e => anyhow::Error::new(ApiUnavailable(format!("TokenReview request: {e}"))),
+            })?;
         let status = answer.status.context("TokenReview without status")?;
         if status.authenticated != Some(true) {
             bail!("not authenticated: {}", status.error.unwrap_or_default());

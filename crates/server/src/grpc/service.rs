@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use meshca_kube::ApiBusy;
+use meshca_kube::status::ApiUnavailable;
 use meshca_pki::{ErrorKind, GrpcCode};
 use meshca_proto::istio_certificate_service_server::IstioCertificateService;
 use meshca_proto::{IstioCertificateRequest, IstioCertificateResponse};
@@ -14,7 +15,7 @@ use crate::auth::impersonation::{self, Impersonation};
 use crate::auth::{Authenticator, Credentials};
 use crate::backend::{Backend, SignRequest};
 use crate::grpc::tls::ConnInfo;
-use crate::metrics::{AuthLabel, ErrorLabel, Metrics};
+use crate::metrics::{AuthLabel, ErrorLabel, InFlight, Metrics};
 
 /// The gRPC service: authenticate, apply impersonation, sign with the backend.
 pub struct CaService {
@@ -45,14 +46,26 @@ fn refuse(code: tonic::Code, message: &str, reason: &str) -> Status {
 }
 
 /// The answer to a failed authentication: Istio's `Unauthenticated`, or
-/// `Unavailable` (`kube_api_busy`, which istio-agent retries) when the token
-/// could not be judged because no Kubernetes API call slot came in time.
+/// `Unavailable` (which istio-agent retries) when the token could not be
+/// judged: no Kubernetes API call slot came in time (`kube_api_busy`), or
+/// the TokenReview call failed (`kube_api_unavailable`: the apiserver down,
+/// without its storage, or just restarted). istiod answers the latter
+/// `Unauthenticated`,
+/// which the agent does not retry: a workload would wait for its next
+/// rotation attempt instead of a retry seconds later.
 pub fn auth_error_status(e: &crate::auth::AuthError) -> Status {
     if e.is::<ApiBusy>() {
         return refuse(
             tonic::Code::Unavailable,
             "authentication unavailable, retry",
             "kube_api_busy",
+        );
+    }
+    if e.is::<ApiUnavailable>() {
+        return refuse(
+            tonic::Code::Unavailable,
+            "authentication unavailable, retry",
+            "kube_api_unavailable",
         );
     }
     refuse(
@@ -70,6 +83,7 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
         let m = &self.metrics;
+        let _in_flight = InFlight::start(&m.in_flight);
         m.csr.inc();
 
         let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());

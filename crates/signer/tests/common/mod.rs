@@ -8,17 +8,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
-    CertificateSigningRequestStatus,
+    CertificateSigningRequest, CertificateSigningRequestCondition,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use meshca_pki::profile::{CaCertRequest, intermediate_ca, self_signed_root};
 use meshca_pki::{CaBundle, KeyType, SigningKey, cert, pem};
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use meshca_testsupport::csr::{certificate, create_csr, failed, set_approval};
 use meshca_testsupport::{Identity, TestEnv, TestNamespace, chart, openssl};
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use meshca_testsupport::{http_get, metric};
 use time::OffsetDateTime;
 
 pub const ISTIOD_USAGES: [&str; 4] = [
@@ -175,68 +176,6 @@ pub fn spiffe_csr(dir: &Path, uri: &str) -> String {
     openssl_csr(dir, "/", &[&format!("subjectAltName=URI:{uri}")]).unwrap()
 }
 
-/// Creates a CSR as `client`; deleted on the namespace's cleanup.
-pub async fn create_csr(
-    ns: &TestNamespace,
-    client: &Client,
-    signer: &str,
-    pem: &str,
-    usages: &[&str],
-    expiration_seconds: Option<i32>,
-) -> Result<String> {
-    let name = ns.unique_name("csr");
-    ns.delete_csr_on_cleanup(&name);
-    let csr = CertificateSigningRequest {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        spec: CertificateSigningRequestSpec {
-            request: ByteString(pem.as_bytes().to_vec()),
-            signer_name: signer.to_string(),
-            expiration_seconds,
-            usages: Some(usages.iter().map(|u| u.to_string()).collect()),
-            ..Default::default()
-        },
-        status: None,
-    };
-    Api::<CertificateSigningRequest>::all(client.clone())
-        .create(&PostParams::default(), &csr)
-        .await
-        .with_context(|| format!("creating CSR {name}"))?;
-    Ok(name)
-}
-
-/// Adds `Approved` (or `Denied`) through /approval, as `client`.
-pub async fn set_approval(client: &Client, name: &str, type_: &str) -> Result<()> {
-    let api = Api::<CertificateSigningRequest>::all(client.clone());
-    for _ in 0..10 {
-        let mut csr = api.get(name).await?;
-        let status = csr
-            .status
-            .get_or_insert_with(CertificateSigningRequestStatus::default);
-        status
-            .conditions
-            .get_or_insert_with(Vec::new)
-            .push(CertificateSigningRequestCondition {
-                type_: type_.into(),
-                status: "True".into(),
-                reason: Some(format!("Test{type_}")),
-                message: Some("set by the signer integration test".into()),
-                ..Default::default()
-            });
-        match api
-            .replace_subresource("approval", name, &PostParams::default(), &csr)
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    bail!("approval of {name} kept conflicting")
-}
-
 /// Polls `name` until `done` holds, at most `timeout`.
 pub async fn wait_for(
     client: &Client,
@@ -259,20 +198,6 @@ pub async fn wait_for(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-pub fn certificate(csr: &CertificateSigningRequest) -> Option<String> {
-    csr.status
-        .as_ref()
-        .and_then(|s| s.certificate.as_ref())
-        .map(|c| String::from_utf8_lossy(&c.0).into_owned())
-}
-
-pub fn failed(csr: &CertificateSigningRequest) -> Option<CertificateSigningRequestCondition> {
-    csr.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Failed").cloned())
 }
 
 pub async fn wait_issued(client: &Client, name: &str) -> Result<String> {
@@ -357,40 +282,6 @@ pub fn zlint_errors(dir: &Path, cert_pem: &str) -> Result<Vec<String>> {
         .filter(|(_, v)| matches!(v["result"].as_str(), Some("error" | "fatal")))
         .map(|(k, _)| k.clone())
         .collect())
-}
-
-/// A plain HTTP GET on the monitoring port: (status code, body).
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP status")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    Ok((code, body))
-}
-
-/// Value of a metric line (exact series text, e.g. `meshca_signer_signed_total{signer="x"}`).
-pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .trim()
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
 }
 
 /// A signer name unique to one test, so tests running at once never sign

@@ -108,7 +108,7 @@ impl Drop for Registered {
 pub(super) async fn watch_csrs(api: Api<CertificateSigningRequest>, waiters: Arc<Waiters>) {
     let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let mut events = watcher(api, watcher::Config::default().labels(&selector))
-        .default_backoff()
+        .backoff(meshca_kube::WatchBackoff::default())
         .boxed();
     let mut last_error = LastError::default();
     while let Some(event) = events.next().await {
