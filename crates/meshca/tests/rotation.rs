@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::{Proc, ders, free_port, meshca, uris, wait_ready};
+use common::{Proc, ders, free_port, meshca, uris, wait_ready_blocking};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
@@ -381,7 +381,7 @@ async fn start_server(
             .stderr(Stdio::inherit())
             .spawn()?,
     );
-    wait_ready(&mut proc, &monitoring)?;
+    wait_ready_blocking(&mut proc, &monitoring)?;
     Ok((proc, addr))
 }
 
@@ -915,7 +915,7 @@ async fn signer_ca_secret_replaced_under_a_burst_of_csrs_fails_nothing() -> Resu
             .stderr(Stdio::inherit())
             .spawn()?,
     );
-    wait_ready(&mut proc, &monitoring)?;
+    wait_ready_blocking(&mut proc, &monitoring)?;
     published
         .wait_holding(std::slice::from_ref(&root_a), "root A")
         .await?;

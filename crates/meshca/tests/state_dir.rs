@@ -100,7 +100,7 @@ fn starts(state: &Path) -> Result<Proc> {
             .stderr(Stdio::inherit())
             .spawn()?,
     );
-    common::wait_ready(&mut proc, &monitoring)?;
+    common::wait_ready_blocking(&mut proc, &monitoring)?;
     Ok(proc)
 }
 

@@ -97,8 +97,8 @@ pub fn uris(cert: &X509Certificate<'_>) -> Vec<String> {
         .collect()
 }
 
-/// Waits (30 s at most) for /readyz on `monitoring`; fails if `proc` exits.
-pub fn wait_ready(proc: &mut Proc, monitoring: &str) -> Result<()> {
+/// [`wait_ready`] for tests without a runtime: curl, 30 s at most.
+pub fn wait_ready_blocking(proc: &mut Proc, monitoring: &str) -> Result<()> {
     let t = std::time::Instant::now();
     loop {
         if let Some(status) = proc.0.try_wait()? {
