@@ -116,8 +116,9 @@ pub struct ServerArgs {
     pub token_cache_ttl: Duration,
     #[arg(long, default_value_t = 100_000)]
     pub token_cache_size: usize,
-    /// Largest accepted gRPC message.
-    #[arg(long, default_value_t = 64 * 1024)]
+    /// Largest accepted gRPC message (an istio-agent request, its CSR, is a few KiB);
+    /// a larger one is answered `OutOfRange` before it is decoded.
+    #[arg(long, env = "MESHCA_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024).map(|n| n as usize))]
     pub max_message_bytes: usize,
     /// How often the CA files are checked for changes.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
