@@ -44,7 +44,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,6 +81,9 @@ struct Args {
     /// Stalled streams per connection.
     #[arg(long, default_value_t = 100)]
     streams: u32,
+    /// Flood connections opened a second.
+    #[arg(long, default_value_t = 2000)]
+    ramp: usize,
     /// Connections kept busy by rapid-reset, oversized and garbage.
     #[arg(long, default_value_t = 16)]
     attack_connections: usize,
@@ -157,7 +160,10 @@ fn connector(root: &Path, client_dir: Option<&Path>) -> Result<tokio_rustls::Tls
 struct Tally {
     counts: Mutex<BTreeMap<String, u64>>,
     held: Mutex<Vec<Duration>>,
+    /// Connections made (TLS done, or TCP for slowloris).
     up: AtomicU64,
+    /// Of those, still open.
+    open: AtomicI64,
 }
 
 impl Tally {
@@ -169,7 +175,12 @@ impl Tally {
             .entry(what.into())
             .or_default() += n;
     }
+    fn opened(&self) {
+        self.up.fetch_add(1, Ordering::SeqCst);
+        self.open.fetch_add(1, Ordering::SeqCst);
+    }
     fn closed_after(&self, since: Instant) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
         self.add("closed by the server", 1);
         self.held
             .lock()
@@ -373,14 +384,15 @@ fn job<Fut: Future<Output = ()> + Send + 'static>(
     Arc::new(move |c, turn| Box::pin(f(c, turn)))
 }
 
-/// Runs `job` on `count` connections, started 100 every 50 ms (2,000 a
-/// second, so the listen backlog does not overflow); with `again`, each
-/// starts over when it ends. Until `stop`.
-async fn flood_with(count: usize, again: bool, c: Ctx, job: Job) {
+/// Runs `job` on `count` connections, started `per_second` a second (in
+/// steps of 50 ms; the listen backlog must not overflow); with `again`,
+/// each starts over when it ends. Until `stop`.
+async fn flood_with(count: usize, per_second: usize, again: bool, c: Ctx, job: Job) {
     let turns = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
+    let step = (per_second / 20).max(1);
     for i in 0..count {
-        if i % 100 == 99 {
+        if i % step == step - 1 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if c.stop.is_cancelled() {
@@ -389,11 +401,8 @@ async fn flood_with(count: usize, again: bool, c: Ctx, job: Job) {
         let (c, job, turns) = (c.clone(), job.clone(), turns.clone());
         workers.push(tokio::spawn(async move {
             loop {
-                let turn = turns.fetch_add(1, Ordering::SeqCst);
-                tokio::select! {
-                    () = job(c.clone(), turn) => {}
-                    () = c.stop.cancelled() => {}
-                }
+                // Each job ends when the flood stops, counting how.
+                job(c.clone(), turns.fetch_add(1, Ordering::SeqCst)).await;
                 if !again || c.stop.is_cancelled() {
                     break;
                 }
@@ -423,7 +432,7 @@ async fn idle_connection(c: Ctx, cert: bool) {
     let Some(tls) = connect(&c, cert).await else {
         return;
     };
-    c.tally.up.fetch_add(1, Ordering::SeqCst);
+    c.tally.opened();
     let since = Instant::now();
     let mut hello = PREFACE.to_vec();
     hello.extend(frame(SETTINGS, 0, 0, &[]));
@@ -463,7 +472,7 @@ async fn slowloris(c: Ctx) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         return;
     };
-    c.tally.up.fetch_add(1, Ordering::SeqCst);
+    c.tally.opened();
     let since = Instant::now();
     let (mut read, mut write) = tcp.split();
     // A handshake record announcing 512 bytes, then its bytes one by one.
@@ -488,7 +497,7 @@ async fn silent_tls(c: Ctx) {
     let Some(mut tls) = connect(&c, false).await else {
         return;
     };
-    c.tally.up.fetch_add(1, Ordering::SeqCst);
+    c.tally.opened();
     wait_closed(&mut tls, &c, Instant::now()).await;
 }
 
@@ -498,7 +507,7 @@ async fn stalled_streams(c: Ctx, streams: u32) {
     let Some(tls) = connect(&c, false).await else {
         return;
     };
-    c.tally.up.fetch_add(1, Ordering::SeqCst);
+    c.tally.opened();
     let block = request_headers(&c.target.addr.to_string());
     let mut out = PREFACE.to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
@@ -655,28 +664,30 @@ async fn run_flood(flood: Flood, args: Arc<Args>, c: Ctx) {
         Flood::None => c.stop.cancelled().await,
         Flood::Idle => {
             let j = job(|c, _| idle_connection(c, false));
-            flood_with(args.idle_connections, false, c, j).await
+            flood_with(args.idle_connections, args.ramp, false, c, j).await
         }
         Flood::IdleCert => {
             let j = job(|c, _| idle_connection(c, true));
-            flood_with(args.idle_connections, false, c, j).await
+            flood_with(args.idle_connections, args.ramp, false, c, j).await
         }
         Flood::Slowloris => {
             let j = job(|c, _| slowloris(c));
-            flood_with(args.slowloris_connections, true, c, j).await
+            flood_with(args.slowloris_connections, args.ramp, true, c, j).await
         }
         Flood::SilentTls => {
             let j = job(|c, _| silent_tls(c));
-            flood_with(args.silent_connections, true, c, j).await
+            flood_with(args.silent_connections, args.ramp, true, c, j).await
         }
         Flood::Streams => {
             let streams = args.streams;
             let j = job(move |c, _| stalled_streams(c, streams));
-            flood_with(args.stream_connections, false, c, j).await
+            flood_with(args.stream_connections, args.ramp, false, c, j).await
         }
-        Flood::RapidReset => flood_with(attack, true, c, job(|c, _| rapid_reset(c))).await,
-        Flood::Oversized => flood_with(attack, true, c, job(oversized)).await,
-        Flood::Garbage => flood_with(attack, true, c, job(garbage)).await,
+        Flood::RapidReset => {
+            flood_with(attack, args.ramp, true, c, job(|c, _| rapid_reset(c))).await
+        }
+        Flood::Oversized => flood_with(attack, args.ramp, true, c, job(oversized)).await,
+        Flood::Garbage => flood_with(attack, args.ramp, true, c, job(garbage)).await,
     }
 }
 
@@ -859,9 +870,9 @@ async fn main() -> Result<()> {
         args.server_args
     );
     println!(
-        "\n| flood | server RSS before, MiB | peak RSS during, MiB | token: ok / failed | token: p50 / p99 ms | client cert: ok / failed | client cert: p50 / p99 ms | what the server did to the flood |"
+        "\n| flood | server RSS before, MiB | peak RSS during, MiB | RSS at the end, MiB | token: ok / failed | token: p50 / p99 ms | client cert: ok / failed | client cert: p50 / p99 ms | what the server did to the flood |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &flood in &args.only {
         let before = status_kib(pid, "VmRSS:").unwrap_or(0);
         // Reset VmHWM to the current RSS: the peak is this flood's.
@@ -910,6 +921,9 @@ async fn main() -> Result<()> {
             })
         };
         let (token, cert) = tokio::join!(legit("token"), legit("cert"));
+        // RSS with the flood still held, at the end of the legitimate run.
+        let held_rss = status_kib(pid, "VmRSS:").unwrap_or(0);
+        let open = tally.open.load(Ordering::SeqCst);
         let up = tally.up.load(Ordering::SeqCst);
         stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(30), flooding).await;
@@ -924,12 +938,15 @@ async fn main() -> Result<()> {
             legit_cells(&cert.map_err(anyhow::Error::from).and_then(|r| r));
         let mut did = tally.summary();
         if want > 0 {
-            did = format!("{up} of {want} opened in {ramp_s:.1} s; {did}");
+            did = format!(
+                "{up} opened ({want} at once, in {ramp_s:.1} s), {open} open at the end; {did}"
+            );
         }
         println!(
-            "| {flood:?} | {:.1} | {:.1} | {token_counts} | {token_lat} | {cert_counts} | {cert_lat} | {did} |",
+            "| {flood:?} | {:.1} | {:.1} | {:.1} | {token_counts} | {token_lat} | {cert_counts} | {cert_lat} | {did} |",
             mib(before),
             mib(peak),
+            mib(held_rss),
         );
         // Let closed connections drain before the next flood.
         tokio::time::sleep(Duration::from_secs(2)).await;
