@@ -777,6 +777,17 @@ fn local_token(state: &Path) -> String {
         .unwrap()
 }
 
+/// Serves `config` (its state in `state`) until the test ends: the address,
+/// the root (PEM) and a token of the local issuer.
+async fn serving(config: ServerConfig, state: &Path) -> (SocketAddr, String, String) {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let server = Server::build(config).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let root_pem = std::fs::read_to_string(server.started().root_cert).unwrap();
+    tokio::spawn(server.serve(CancellationToken::new()));
+    (addr, root_pem, local_token(state))
+}
+
 /// Reads until the server closes the connection; how long that took.
 async fn closed_within(
     io: &mut (impl tokio::io::AsyncRead + Unpin),
@@ -796,16 +807,11 @@ async fn closed_within(
 #[tokio::test]
 async fn stalled_tls_handshakes_are_closed_after_the_timeout_and_free_their_slots() {
     use tokio::io::AsyncWriteExt;
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let state = tempfile::tempdir().unwrap();
     let mut config = standalone(state.path());
     config.limits.max_connections = 3;
     config.limits.tls_handshake_timeout = Duration::from_millis(800);
-    let server = Server::build(config).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let root_pem = std::fs::read_to_string(server.started().root_cert).unwrap();
-    let _serving = tokio::spawn(server.serve(CancellationToken::new()));
-    let token = local_token(state.path());
+    let (addr, root_pem, token) = serving(config, state.path()).await;
 
     // A slowloris: a handshake record announcing 512 bytes, one of them sent.
     let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -860,13 +866,8 @@ async fn stalled_tls_handshakes_are_closed_after_the_timeout_and_free_their_slot
 
 #[tokio::test]
 async fn an_oversized_message_is_refused_and_the_connection_keeps_serving() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let state = tempfile::tempdir().unwrap();
-    let server = Server::build(standalone(state.path())).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let root_pem = std::fs::read_to_string(server.started().root_cert).unwrap();
-    let _serving = tokio::spawn(server.serve(CancellationToken::new()));
-    let token = local_token(state.path());
+    let (addr, root_pem, token) = serving(standalone(state.path()), state.path()).await;
 
     let channel = Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
@@ -907,13 +908,8 @@ async fn an_oversized_message_is_refused_and_the_connection_keeps_serving() {
 async fn garbage_and_oversized_frames_get_the_connection_closed_and_others_are_served() {
     use raw_h2::*;
     use tokio::io::AsyncWriteExt;
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let state = tempfile::tempdir().unwrap();
-    let server = Server::build(standalone(state.path())).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let root_pem = std::fs::read_to_string(server.started().root_cert).unwrap();
-    let _serving = tokio::spawn(server.serve(CancellationToken::new()));
-    let token = local_token(state.path());
+    let (addr, root_pem, token) = serving(standalone(state.path()), state.path()).await;
     let garbage: Vec<u8> = (0..64 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
