@@ -701,16 +701,7 @@ async fn one_connection_holds_at_most_100_stalled_streams_and_others_are_still_s
     .await;
 
     // Meanwhile a client on another connection is served at once.
-    let token = local_issuer(state.path(), false)
-        .unwrap()
-        .mint(
-            "default",
-            "demo",
-            "istio-ca",
-            600,
-            time::OffsetDateTime::now_utc().unix_timestamp(),
-        )
-        .unwrap();
+    let token = local_token(state.path());
     let served = tokio::time::timeout(Duration::from_secs(1), ask(addr, &root_pem, &token)).await;
     drop(conn);
 
