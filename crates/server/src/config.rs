@@ -66,6 +66,16 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     /// Concurrent connections (TLS handshakes included); more are closed at accept.
     pub max_connections: usize,
+    /// How long a client may take over its TLS handshake (a slowloris's
+    /// partial ClientHello, or nothing at all); then the connection is
+    /// closed and its slot under `max_connections` freed.
+    pub tls_handshake_timeout: Duration,
+    /// HTTP/2 SETTINGS_MAX_FRAME_SIZE: larger frames end the connection
+    /// (GOAWAY FRAME_SIZE_ERROR).
+    pub max_frame_bytes: u32,
+    /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: a request with more header
+    /// bytes (CONTINUATION frames included) is refused.
+    pub max_header_list_bytes: u32,
     /// The longest one request may take, reading its body included.
     pub request_timeout: Duration,
     /// HTTP/2 PING interval and how long its acknowledgement may take.
@@ -97,6 +107,11 @@ impl Default for Limits {
         Limits {
             max_streams_per_connection: 100,
             max_connections: 10_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            // hyper's defaults, the smallest frame HTTP/2 allows and a
+            // header list 16 times what istio-agent sends.
+            max_frame_bytes: 16 * 1024,
+            max_header_list_bytes: 16 * 1024,
             request_timeout: Limits::default_request_timeout(None),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),

@@ -247,6 +247,8 @@ impl Server {
         let limits = &config.limits;
         tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection)
+            .max_frame_size(limits.max_frame_bytes)
+            .http2_max_header_list_size(limits.max_header_list_bytes)
             .timeout(limits.request_timeout)
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
@@ -258,7 +260,7 @@ impl Server {
             })
             .add_service(service)
             .serve_with_incoming_shutdown(
-                tls::incoming(listener, tls, limits.max_connections),
+                tls::incoming(listener, tls, limits),
                 shutdown.clone().cancelled_owned(),
             )
             .await

@@ -603,10 +603,13 @@ mod raw_h2 {
     pub const HEADERS: u8 = 0x1;
     pub const RST_STREAM: u8 = 0x3;
     pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const CONTINUATION: u8 = 0x9;
     pub const END_HEADERS: u8 = 0x4;
     pub const ACK: u8 = 0x1;
     pub const MAX_CONCURRENT_STREAMS: u16 = 0x3;
     pub const REFUSED_STREAM: u32 = 0x7;
+    pub const FRAME_SIZE_ERROR: u32 = 0x6;
 
     pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
@@ -698,16 +701,7 @@ async fn one_connection_holds_at_most_100_stalled_streams_and_others_are_still_s
     .await;
 
     // Meanwhile a client on another connection is served at once.
-    let token = local_issuer(state.path(), false)
-        .unwrap()
-        .mint(
-            "default",
-            "demo",
-            "istio-ca",
-            600,
-            time::OffsetDateTime::now_utc().unix_timestamp(),
-        )
-        .unwrap();
+    let token = local_token(state.path());
     let served = tokio::time::timeout(Duration::from_secs(1), ask(addr, &root_pem, &token)).await;
     drop(conn);
 
@@ -758,4 +752,252 @@ async fn connections_beyond_the_limit_are_refused_until_one_closes() {
     })
     .await;
     assert!(again.is_ok(), "a connection is accepted once one closed");
+}
+
+/// A token of the server's local issuer for default/demo.
+fn local_token(state: &Path) -> String {
+    local_issuer(state, false)
+        .unwrap()
+        .mint(
+            "default",
+            "demo",
+            "istio-ca",
+            600,
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+        )
+        .unwrap()
+}
+
+/// Serves `config` (its state in `state`) until the test ends: the address,
+/// the root (PEM) and a token of the local issuer.
+async fn serving(config: ServerConfig, state: &Path) -> (SocketAddr, String, String) {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let server = Server::build(config).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let root_pem = std::fs::read_to_string(server.started().root_cert).unwrap();
+    tokio::spawn(server.serve(CancellationToken::new()));
+    (addr, root_pem, local_token(state))
+}
+
+/// Reads until the server closes the connection; how long that took.
+async fn closed_within(
+    io: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await
+    .ok()
+    .map(|()| started.elapsed())
+}
+
+#[tokio::test]
+async fn stalled_tls_handshakes_are_closed_after_the_timeout_and_free_their_slots() {
+    use tokio::io::AsyncWriteExt;
+    let state = tempfile::tempdir().unwrap();
+    let mut config = standalone(state.path());
+    config.limits.max_connections = 3;
+    config.limits.tls_handshake_timeout = Duration::from_millis(800);
+    let (addr, root_pem, token) = serving(config, state.path()).await;
+
+    // A slowloris: a handshake record announcing 512 bytes, one of them sent.
+    let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    // A client that completes TLS and then sends nothing (no HTTP/2 preface).
+    let mut silent = tls_connection(addr, &root_pem).await.unwrap();
+
+    // Both hold a slot; the third serves a client at once.
+    let served = tokio::time::timeout(Duration::from_secs(2), ask(addr, &root_pem, &token)).await;
+    served
+        .expect("served within 2 s beside two stalled handshakes")
+        .expect("a certificate");
+
+    // Each is closed once the handshake timeout has passed, not before.
+    let limit = Duration::from_secs(5);
+    let partial_closed = closed_within(&mut partial, limit).await;
+    let silent_closed = closed_within(&mut silent, limit).await;
+    for (what, closed) in [
+        ("partial ClientHello", partial_closed),
+        ("silent TLS", silent_closed),
+    ] {
+        let closed = closed.unwrap_or_else(|| panic!("{what}: still open after {limit:?}"));
+        assert!(
+            closed < Duration::from_secs(3),
+            "{what}: closed after {closed:?}, the timeout is 800 ms"
+        );
+    }
+    assert!(
+        partial_closed.unwrap() + silent_closed.unwrap() >= Duration::from_millis(400),
+        "closed before the timeout: {partial_closed:?} {silent_closed:?}"
+    );
+
+    // Their slots are free again: three connections at once.
+    let mut connections = Vec::new();
+    for i in 0..3 {
+        let connection = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                if let Ok(c) = h2_connection(addr, &root_pem).await {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("connection {i}: the stalled handshakes' slots were not freed"));
+        connections.push(connection);
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused_and_the_connection_keeps_serving() {
+    let state = tempfile::tempdir().unwrap();
+    let (addr, root_pem, token) = serving(standalone(state.path()), state.path()).await;
+
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&root_pem))
+                .domain_name("istiod.istio-system.svc"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = IstioCertificateServiceClient::new(channel);
+    let request = |csr: String| {
+        let mut r = tonic::Request::new(IstioCertificateRequest::from_agent(csr, 3600, ""));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    // 1 MiB against the 64 KiB limit.
+    let status = client
+        .create_certificate(request("A".repeat(1 << 20)))
+        .await
+        .expect_err("a 1 MiB message");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+
+    // The same connection goes on serving.
+    let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
+    let csr = build_csr(&key, cert::EMPTY_NAME, &[]).unwrap();
+    let chain = client
+        .create_certificate(request(csr))
+        .await
+        .expect("a certificate on the same connection");
+    assert_eq!(chain.into_inner().cert_chain.len(), 2);
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_get_the_connection_closed_and_others_are_served() {
+    use raw_h2::*;
+    use tokio::io::AsyncWriteExt;
+    let state = tempfile::tempdir().unwrap();
+    let (addr, root_pem, token) = serving(standalone(state.path()), state.path()).await;
+    let garbage: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let limit = Duration::from_secs(3);
+
+    // Garbage instead of a ClientHello.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = tcp.write_all(&garbage).await;
+    assert!(
+        closed_within(&mut tcp, limit).await.is_some(),
+        "garbage before TLS: still open after {limit:?}"
+    );
+
+    // Garbage instead of the HTTP/2 preface.
+    let mut tls = tls_connection(addr, &root_pem).await.unwrap();
+    let _ = tls.write_all(&garbage).await;
+    assert!(
+        closed_within(&mut tls, limit).await.is_some(),
+        "garbage after TLS: still open after {limit:?}"
+    );
+
+    // A header list over SETTINGS_MAX_HEADER_LIST_SIZE (16 KiB), in HEADERS
+    // and CONTINUATION: the stream is refused, the connection stays.
+    let mut tls = tls_connection(addr, &root_pem).await.unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    let authority = addr.to_string();
+    let value = "v".repeat(100);
+    let names: Vec<String> = (0..160).map(|i| format!("x-big-{i}")).collect();
+    let mut fields = vec![
+        (":method", "POST"),
+        (":scheme", "https"),
+        (
+            ":path",
+            "/istio.v1.auth.IstioCertificateService/CreateCertificate",
+        ),
+        (":authority", authority.as_str()),
+        ("content-type", "application/grpc"),
+    ];
+    fields.extend(names.iter().map(|n| (n.as_str(), value.as_str())));
+    let block = header_block(&fields);
+    let (head, rest) = block.split_at(16_000);
+    tls.write_all(&frame(HEADERS, 0, 1, head)).await.unwrap();
+    tls.write_all(&frame(CONTINUATION, END_HEADERS, 1, rest))
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(limit, async {
+        while let Ok((kind, _, stream, _)) = read_frame(&mut tls).await {
+            if kind == RST_STREAM && stream == 1 {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        refused,
+        Ok(true),
+        "RST_STREAM for {} header bytes",
+        block.len()
+    );
+
+    // A DATA frame announcing 16 MiB, over SETTINGS_MAX_FRAME_SIZE (16 KiB):
+    // GOAWAY FRAME_SIZE_ERROR, then the connection closes.
+    let mut tls = tls_connection(addr, &root_pem).await.unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    let mut big = frame(0x0, 0, 1, &[0u8; 1024]);
+    big[..3].copy_from_slice(&[0xff, 0xff, 0xff]);
+    let _ = tls.write_all(&big).await;
+    let goaway = tokio::time::timeout(limit, async {
+        while let Ok((kind, _, _, payload)) = read_frame(&mut tls).await {
+            if kind == GOAWAY && payload.len() >= 8 {
+                return Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(
+        goaway,
+        Ok(Some(FRAME_SIZE_ERROR)),
+        "GOAWAY with FRAME_SIZE_ERROR"
+    );
+    assert!(
+        closed_within(&mut tls, limit).await.is_some(),
+        "oversized frame: still open"
+    );
+
+    // The server goes on serving.
+    ask(addr, &root_pem, &token)
+        .await
+        .expect("a certificate after the floods");
 }

@@ -54,7 +54,7 @@ pub enum Auth<'a> {
 }
 
 /// `meshca loadgen --json` with RSA-2048 CSRs, at most 64 connections and
-/// 300 s; returns its report.
+/// 300 s (unless `extra` has `--max-duration`); returns its report.
 pub fn loadgen(
     addr: &str,
     root: &Path,
@@ -91,13 +91,12 @@ pub fn loadgen_with(
         "--concurrency",
         &concurrency.to_string(),
     ])
-    .args([
-        "--connections",
-        &concurrency.clamp(1, 64).to_string(),
-        "--max-duration",
-        "300s",
-    ])
+    .args(["--connections", &concurrency.clamp(1, 64).to_string()])
     .args(extra);
+    // 300 s unless `extra` says otherwise (clap refuses a flag twice).
+    if !extra.contains(&"--max-duration") {
+        cmd.args(["--max-duration", "300s"]);
+    }
     match auth {
         Auth::Tokens(tokens) => {
             for t in tokens {

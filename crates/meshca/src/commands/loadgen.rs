@@ -46,6 +46,12 @@ pub struct LoadgenArgs {
     /// Total requests to send.
     #[arg(long, default_value_t = 10_000)]
     pub requests: usize,
+    /// Requests per second over all clients (open loop: each client keeps
+    /// its own schedule, and a latency counts from when its request was
+    /// due, so a stalled server is not hidden); unset: each client sends
+    /// its next request as soon as the last is answered.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Stop after this long even if requests remain.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub max_duration: Duration,
@@ -157,8 +163,14 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + args.max_duration;
     let started = Instant::now();
+    let clients = args.concurrency.max(1);
+    // With --rate, client i sends at started + (i + k * clients) / rate.
+    let interval = args
+        .rate
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
     let mut tasks = Vec::new();
-    for client in 0..args.concurrency.max(1) {
+    for client in 0..clients {
         let channel: Channel = channels[client % channels.len()].clone();
         let (tokens, csrs) = (tokens.clone(), csrs.clone());
         let (per_request, per_token_csr) = (args.token_per_request, args.san_from_token);
@@ -168,7 +180,14 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
             let mut grpc = IstioCertificateServiceClient::new(channel);
             let mut latencies = Vec::new();
             let mut errors: HashMap<String, usize> = HashMap::new();
+            let mut due = interval.map(|i| started + i * client as u32);
             loop {
+                if let Some(at) = due {
+                    if at >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= total || Instant::now() >= deadline {
                     break;
@@ -184,7 +203,10 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
                 if let Some(v) = t.and_then(|t| format!("Bearer {}", tokens[t]).parse().ok()) {
                     req.metadata_mut().insert("authorization", v);
                 }
-                let sent = Instant::now();
+                let sent = due.unwrap_or_else(Instant::now);
+                if let (Some(at), Some(i)) = (&mut due, interval) {
+                    *at += i * clients as u32;
+                }
                 // Bounded: a request still waiting at the deadline counts as an error.
                 let answer =
                     tokio::time::timeout_at(deadline.into(), grpc.create_certificate(req)).await;

@@ -19,12 +19,13 @@ use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::Limits;
 use crate::auth::ClientCertIssuers;
 
 /// Names the serving certificate carries.
@@ -146,6 +147,9 @@ pub struct ConnInfo {
 /// connection limit until tonic drops it.
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
+    /// The first bytes the client sent (read within the handshake timeout),
+    /// handed to hyper before the rest of the stream.
+    first: Vec<u8>,
     info: ConnInfo,
     _slot: OwnedSemaphorePermit,
 }
@@ -163,6 +167,12 @@ impl AsyncRead for TlsConn {
         cx: &mut TaskContext<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            buf.put_slice(&self.first[..n]);
+            self.first.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -193,18 +203,22 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// How long a client may take over its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, what an HTTP/2 client sends first.
+const HTTP2_PREFACE_LEN: usize = 24;
 
 /// Accepts TCP connections and completes TLS handshakes off the accept loop;
 /// a slow or broken client never holds up others. At most `max_connections`
 /// are open at once (handshakes included): more are closed at accept
 /// (reason `connection_limit`), and a slot frees when a connection closes.
+/// A handshake not done within `tls_handshake_timeout` is closed, so a
+/// slowloris holds a slot no longer than that.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsState>,
-    max_connections: usize,
+    limits: &Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
+    let (max_connections, handshake_timeout) =
+        (limits.max_connections, limits.tls_handshake_timeout);
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     tokio::spawn(async move {
@@ -229,8 +243,21 @@ pub fn incoming(
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
+                // The handshake and the client's first bytes: a client that
+                // completes TLS and then says nothing is a slowloris too
+                // (hyper waits for the HTTP/2 preface without a bound).
+                let handshake = async {
+                    let mut stream = acceptor.accept(tcp).await?;
+                    let mut first = vec![0; HTTP2_PREFACE_LEN];
+                    let n = stream.read(&mut first).await?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    first.truncate(n);
+                    Ok::<_, io::Error>((stream, first))
+                };
+                match tokio::time::timeout(handshake_timeout, handshake).await {
+                    Ok(Ok((stream, first))) => {
                         let peer_cert = stream
                             .get_ref()
                             .1
@@ -244,6 +271,7 @@ pub fn incoming(
                         let _ = tx
                             .send(Ok(TlsConn {
                                 stream,
+                                first,
                                 info,
                                 _slot: slot,
                             }))

@@ -116,9 +116,10 @@ pub struct ServerArgs {
     pub token_cache_ttl: Duration,
     #[arg(long, default_value_t = 100_000)]
     pub token_cache_size: usize,
-    /// Largest accepted gRPC message.
-    #[arg(long, default_value_t = 64 * 1024)]
-    pub max_message_bytes: usize,
+    /// Largest accepted gRPC message (an istio-agent request, its CSR, is a few KiB);
+    /// a larger one is answered `OutOfRange` before it is decoded.
+    #[arg(long, env = "MESHCA_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
+    pub max_message_bytes: u64,
     /// How often the CA files are checked for changes.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub reload_interval: Duration,
@@ -222,7 +223,7 @@ async fn config(args: ServerArgs) -> Result<ServerConfig> {
         },
         token_cache_ttl: args.token_cache_ttl,
         token_cache_size: args.token_cache_size,
-        max_message_bytes: args.max_message_bytes,
+        max_message_bytes: usize::try_from(args.max_message_bytes).unwrap_or(usize::MAX),
         reload_interval: args.reload_interval,
         ra,
         distribution: args

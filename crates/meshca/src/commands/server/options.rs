@@ -30,6 +30,19 @@ pub struct LimitArgs {
     /// more are closed at accept.
     #[arg(long, env = "MESHCA_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
+    /// How long a client may take to complete its TLS handshake and send
+    /// its first bytes (the HTTP/2 preface); then it is closed and its
+    /// connection slot freed (slowloris).
+    #[arg(long, env = "MESHCA_TLS_HANDSHAKE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub tls_handshake_timeout: Duration,
+    /// HTTP/2 SETTINGS_MAX_FRAME_SIZE; a larger frame ends the connection
+    /// (GOAWAY FRAME_SIZE_ERROR). 16384 is the least HTTP/2 allows.
+    #[arg(long, env = "MESHCA_MAX_FRAME_SIZE", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(16_384..=16_777_215))]
+    pub max_frame_size: u32,
+    /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: the most header bytes one
+    /// request may carry (CONTINUATION frames included); more are refused.
+    #[arg(long, env = "MESHCA_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_header_list_size: u32,
     /// The longest one request may take, its body included (gRPC
     /// `Cancelled` after it). Default: 30s, plus --ra-timeout in RA mode.
     #[arg(long, env = "MESHCA_REQUEST_TIMEOUT", value_parser = parse_duration)]
@@ -61,6 +74,9 @@ impl LimitArgs {
         meshca_server::Limits {
             max_streams_per_connection: self.max_streams_per_connection,
             max_connections: count(self.max_connections),
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            max_frame_bytes: self.max_frame_size,
+            max_header_list_bytes: self.max_header_list_size,
             request_timeout: self
                 .request_timeout
                 .unwrap_or_else(|| meshca_server::Limits::default_request_timeout(ra_timeout)),
