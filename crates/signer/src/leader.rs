@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
 use kube::Client;
@@ -137,7 +137,7 @@ pub(crate) async fn lead_and_run(
         let (reader, writer) = reflector::store();
         let objects = watcher(part.api, wc)
             .default_backoff()
-            .modify(controller::compact)
+            .map_ok(controller::trim)
             .reflect(writer)
             .applied_objects();
         let controller = Controller::for_stream(objects, reader)
