@@ -64,8 +64,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bench_common::{
-    Auth, ceiling, control_plane, cpu_seconds, load_average, own_cpu_seconds, IstiodOptions, Proc, free_port, loadgen_with, median, meshca_bin, rss_mib, start_istiod,
-    tokens, wait_http,
+    Auth, IstiodOptions, Proc, ceiling, control_plane, cpu_seconds, free_port, load_average,
+    loadgen_with, median, meshca_bin, own_cpu_seconds, rss_mib, start_istiod, tokens, wait_http,
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
@@ -422,7 +422,9 @@ async fn main() -> Result<()> {
     let nums: Vec<usize> = argv
         .iter()
         .enumerate()
-        .filter(|(i, _)| *i == 0 || !["--clients", "--ceiling-concurrency"].contains(&argv[i - 1].as_str()))
+        .filter(|(i, _)| {
+            *i == 0 || !["--clients", "--ceiling-concurrency"].contains(&argv[i - 1].as_str())
+        })
         .filter_map(|(_, a)| a.parse().ok())
         .collect();
     let rounds = nums.first().copied().unwrap_or(2);
@@ -550,7 +552,10 @@ async fn main() -> Result<()> {
                 best = (rate, c);
             }
         }
-        eprintln!("ceiling: best concurrency {} ({:.1} certs/s)", best.1, best.0);
+        eprintln!(
+            "ceiling: best concurrency {} ({:.1} certs/s)",
+            best.1, best.0
+        );
         cas.push(Ca {
             name: "ceiling: minimal kube-rs client",
             ceiling: Some(best.1),
@@ -592,7 +597,10 @@ async fn main() -> Result<()> {
             if cas[i].pid != 0 {
                 pids.push(("ca", cas[i].pid));
             }
-            let cpu_before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0)).collect();
+            let cpu_before: Vec<f64> = pids
+                .iter()
+                .map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0))
+                .collect();
             let own = own_cpu_seconds();
             let mut r = run(&cas[i], &per_ca[i], clients, ceiling_client.as_ref()).await?;
             let after = load_average();

@@ -28,7 +28,7 @@
 //! tokens itself (`--standalone --jwt-keys` with the apiserver's
 //! service-account key: no apiserver in the path), and the apiserver's
 //! TokenReview ceiling alone (the minimal client of
-//! [`bench_common::ceiling`], at 32, 64 and 128 in flight). For each run
+//! [`bench_common::ceiling`], at 32 and 128 in flight). For each run
 //! the CPU seconds of meshca, kube-apiserver, etcd and the load generator.
 //!
 //! Everything listens on 127.0.0.1 and stops by itself.
@@ -41,8 +41,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bench_common::{
-    Auth, ceiling, control_plane, load_average, own_cpu_seconds, HEADER, IstiodOptions, Proc, free_port, loadgen, median, meshca_bin, row, rss_mib,
-    start_istiod, tokens, wait_http,
+    Auth, HEADER, IstiodOptions, Proc, ceiling, control_plane, free_port, load_average, loadgen,
+    median, meshca_bin, own_cpu_seconds, row, rss_mib, start_istiod, tokens, wait_http,
 };
 use meshca_testsupport::{TestEnv, chart};
 
@@ -112,7 +112,15 @@ async fn main() -> Result<()> {
     let identity = ns.identity_from_manifest("meshca", &rbac).await?;
     if std::env::args().any(|a| a == "--burst-only") {
         let burst = args.get(3).copied().unwrap_or(10_000);
-        burst_breakdown(&env, &ns, identity.kubeconfig_path(), rounds, burst, concurrency).await?;
+        burst_breakdown(
+            &env,
+            &ns,
+            identity.kubeconfig_path(),
+            rounds,
+            burst,
+            concurrency,
+        )
+        .await?;
         return ns.cleanup().await;
     }
     let rsa = start_meshca(&tmp, identity.kubeconfig_path(), "rsa-2048", &[]).await?;
@@ -287,7 +295,9 @@ async fn burst_breakdown(
     let id = ns
         .identity(
             "ceiling",
-            &[meshca_testsupport::RbacSpec::Existing("cluster-admin".into())],
+            &[meshca_testsupport::RbacSpec::Existing(
+                "cluster-admin".into(),
+            )],
         )
         .await?;
     let ceiling_client = id.client().await?;
@@ -295,9 +305,12 @@ async fn burst_breakdown(
     let servers: [(&str, &Meshca); 3] = [
         ("meshca P-256 CA, TokenReview", &p256),
         ("meshca RSA-2048 CA, TokenReview", &rsa),
-        ("meshca P-256 CA, tokens verified locally (no apiserver)", &local),
+        (
+            "meshca P-256 CA, tokens verified locally (no apiserver)",
+            &local,
+        ),
     ];
-    let ceilings = [32, 64, 128];
+    let ceilings = [32, 128];
     // Warm-up: every path once.
     let warm = tokens(ns, "warm", 8).await?;
     for (name, m) in servers {
@@ -360,15 +373,14 @@ async fn burst_breakdown(
         "| run | all issued in s | certs/s | p50 ms | p99 ms | CPU s: meshca | kube-apiserver | etcd | load generator (or minimal client) | errors |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let names: Vec<String> = servers
-        .iter()
-        .map(|(n, _)| n.to_string())
-        .chain(
-            ceilings
-                .iter()
-                .map(|c| format!("TokenReview ceiling: minimal kube-rs client, {c} in flight, no CA")),
-        )
-        .collect();
+    let names: Vec<String> =
+        servers
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .chain(ceilings.iter().map(|c| {
+                format!("TokenReview ceiling: minimal kube-rs client, {c} in flight, no CA")
+            }))
+            .collect();
     for (name, rs) in names.iter().zip(&runs) {
         let cpu = |who: &str| {
             let v: Vec<serde_json::Value> = rs.iter().map(|r| r["cpu_s"].clone()).collect();

@@ -37,7 +37,9 @@ use meshca_pki::{KeyType, SanEntry, SigningKey, cert, pem};
 pub enum Calls {
     TokenReview,
     /// The RA path, with CSRs of this signer name.
-    Ra { signer: String },
+    Ra {
+        signer: String,
+    },
 }
 
 /// The objects the RA calls carry, made once (not timed): an RSA-2048 CSR
@@ -54,7 +56,9 @@ impl Fixtures {
         let csr_pem = meshca_pki::csr::build_csr(
             &key,
             cert::EMPTY_NAME,
-            &[SanEntry::Uri("spiffe://cluster.local/ns/bench/sa/ceiling".into())],
+            &[SanEntry::Uri(
+                "spiffe://cluster.local/ns/bench/sa/ceiling".into(),
+            )],
         )
         .map_err(anyhow::Error::msg)?;
         let ca = SigningKey::generate(KeyType::EcdsaP256).map_err(|e| anyhow::anyhow!("{e}"))?;
