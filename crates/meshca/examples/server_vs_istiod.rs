@@ -42,9 +42,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bench_common::{
     Auth, HEADER, IstiodOptions, Proc, ceiling, control_plane, free_port, load_average, loadgen,
-    median, meshca_bin, own_cpu_seconds, row, rss_mib, start_istiod, tokens, wait_http,
+    loadgen_with, median, meshca_bin, own_cpu_seconds, row, rss_mib, start_istiod, tokens,
+    wait_http,
 };
 use meshca_testsupport::{TestEnv, chart};
+
+/// `meshca loadgen` flag: every request with its own token (a workload each).
+const PER_REQUEST: &[&str] = &["--token-per-request"];
 
 /// A running `meshca server` with its own state directory and CA key type.
 struct Meshca {
@@ -178,19 +182,23 @@ async fn main() -> Result<()> {
     for round in 0..rounds {
         let fresh_m = tokens(&ns, &format!("m{round}x"), burst).await?;
         let fresh_i = tokens(&ns, &format!("i{round}x"), burst).await?;
-        m.push(loadgen(
+        // One token per request: without it loadgen gives each client
+        // one token, and meshca's cache answers all but CONCURRENCY of them.
+        m.push(loadgen_with(
             &rsa.addr,
             &rsa.root,
             Auth::Tokens(&fresh_m),
             burst,
             concurrency.min(burst),
+            PER_REQUEST,
         )?);
-        i.push(loadgen(
+        i.push(loadgen_with(
             &istiod_addr,
             &istiod_root,
             Auth::Tokens(&fresh_i),
             burst,
             concurrency.min(burst),
+            PER_REQUEST,
         )?);
     }
     println!("{HEADER}");
@@ -333,12 +341,13 @@ async fn burst_breakdown(
             let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
             let own = own_cpu_seconds();
             let mut r = match servers.get(i) {
-                Some((_, m)) => loadgen(
+                Some((_, m)) => loadgen_with(
                     &m.addr,
                     &m.root,
                     Auth::Tokens(&fresh),
                     burst,
                     concurrency.min(burst),
+                    PER_REQUEST,
                 )?,
                 None => {
                     let c = ceilings[i - servers.len()];
