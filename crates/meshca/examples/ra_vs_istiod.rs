@@ -729,12 +729,11 @@ async fn main() -> Result<()> {
     println!("|---|---|---|---|---|---|---|");
     for ca in &cas {
         let per_cert = |who: &str| -> Option<f64> {
-            let v: Vec<f64> = ca
+            let mut v: Vec<f64> = ca
                 .runs
                 .iter()
                 .filter_map(|r| Some(r["cpu_s"][who].as_f64()? / r["ok"].as_f64()?.max(1.0)))
                 .collect();
-            let mut v = v;
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).map(|s| s * 1e6)
         };

@@ -329,7 +329,7 @@ async fn burst_breakdown(
     let mut runs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); servers.len() + ceilings.len()];
     let mut loads = Vec::new();
     for round in 0..rounds {
-        for i in 0..runs.len() {
+        for (i, slot) in runs.iter_mut().enumerate() {
             let fresh = tokens(ns, &format!("b{round}x{i}w"), burst).await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
             loads.push(load_average());
@@ -372,7 +372,7 @@ async fn burst_breakdown(
                 None => (own_cpu_seconds() - own).into(),
             };
             eprintln!("round {round} run {i}: {r}");
-            runs[i].push(r);
+            slot.push(r);
         }
     }
     println!(
