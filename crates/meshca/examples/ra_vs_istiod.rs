@@ -8,7 +8,7 @@
 //! testenv/build all && testenv/build istiod
 //! env="$(testenv/up)" && eval "$env"
 //! cargo build --release -p meshca --examples
-//! target/release/examples/ra_vs_istiod [ROUNDS] [WORKLOADS] [--istiod-lifted | --meshca-only] [--clients N]
+//! target/release/examples/ra_vs_istiod [ROUNDS] [WORKLOADS] [--istiod-lifted | --meshca-only] [--clients N] [--ceiling [--ceiling-concurrency 16,32,64]]
 //! testenv/down "$MESHCA_TESTENV_DIR"
 //! ```
 //!
@@ -37,6 +37,15 @@
 //! alternating between rounds (default 2); medians are reported.
 //! `--clients N` lets at most N workloads ask at once instead.
 //!
+//! `--ceiling` adds the apiserver's own ceiling for this path to every
+//! round: a minimal kube-rs client that is not meshca
+//! ([`bench_common::ceiling`], as a service account bound to cluster-admin,
+//! so in the same priority level) making the same calls per certificate
+//! (TokenReview, create, approval, the signer's status write, delete) for
+//! WORKLOADS fresh tokens, at the concurrency that served it best in a
+//! sweep before the rounds (`--ceiling-concurrency`, 1000 workloads each);
+//! meshca's throughput is reported as a share of it.
+//!
 //! Besides latency and throughput, each run records the requests API
 //! Priority and Fairness rejected (429, from the apiserver's /metrics) and,
 //! on an admin watch of the CSRs, when each was created, approved, issued and
@@ -55,8 +64,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bench_common::{
-    Auth, IstiodOptions, Proc, free_port, loadgen_with, median, meshca_bin, rss_mib, start_istiod,
-    tokens, wait_http,
+    Auth, IstiodOptions, Proc, ceiling, control_plane, cpu_seconds, free_port, load_average,
+    loadgen_with, median, meshca_bin, own_cpu_seconds, rss_mib, start_istiod, tokens, wait_http,
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
@@ -67,6 +76,10 @@ use tokio::task::JoinHandle;
 /// One CA under test.
 struct Ca {
     name: &'static str,
+    /// The minimal client at this concurrency instead of a gRPC CA.
+    ceiling: Option<usize>,
+    /// The signer name its CSRs carry.
+    signer: String,
     /// Its kube client's limits, for the table.
     limits: &'static str,
     addr: String,
@@ -109,15 +122,6 @@ fn apf_rejections(env: &TestEnv) -> f64 {
             .sum()
     })
     .unwrap_or(f64::NAN)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// RUST_LOG of meshca server and signer: $MESHCA_BENCH_RUST_LOG, default warn.
@@ -256,6 +260,21 @@ struct Seen {
 
 type Timeline = Arc<Mutex<HashMap<String, Seen>>>;
 
+/// A copy of the ceiling's entry (no runs).
+fn probe_of(ca: &Ca) -> Ca {
+    Ca {
+        name: ca.name,
+        ceiling: ca.ceiling,
+        signer: ca.signer.clone(),
+        limits: ca.limits,
+        addr: String::new(),
+        root: PathBuf::new(),
+        server_name: String::new(),
+        pid: 0,
+        runs: Vec::new(),
+    }
+}
+
 /// Records the CSRs' timeline (as the admin, whom API Priority and Fairness
 /// exempts) until aborted.
 async fn record(client: kube::Client, signer: &str) -> Result<(JoinHandle<()>, Timeline)> {
@@ -354,7 +373,19 @@ async fn wait_csrs_gone(client: kube::Client, signer: &str) -> Result<()> {
     }
 }
 
-fn run(ca: &Ca, tokens: &[PathBuf], clients: usize) -> Result<serde_json::Value> {
+async fn run(
+    ca: &Ca,
+    tokens: &[PathBuf],
+    clients: usize,
+    ceiling: Option<&(kube::Client, ceiling::Fixtures)>,
+) -> Result<serde_json::Value> {
+    if let (Some(concurrency), Some((client, fixtures))) = (ca.ceiling, ceiling) {
+        let calls = ceiling::Calls::Ra {
+            signer: ca.signer.clone(),
+        };
+        let tokens = ceiling::read_tokens(tokens)?;
+        return Ok(ceiling::run(client, &tokens, &calls, concurrency.min(clients), fixtures).await);
+    }
     loadgen_with(
         &ca.addr,
         &ca.root,
@@ -375,15 +406,25 @@ async fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let lifted = argv.iter().any(|a| a == "--istiod-lifted");
     let meshca_only = argv.iter().any(|a| a == "--meshca-only");
+    let with_ceiling = argv.iter().any(|a| a == "--ceiling");
+    let value = |flag: &str| -> Option<&String> {
+        argv.iter()
+            .position(|a| a == flag)
+            .and_then(|i| argv.get(i + 1))
+    };
     // --clients N: at most N workloads asking at once (default: all of them).
-    let clients: Option<usize> = argv
-        .iter()
-        .position(|a| a == "--clients")
-        .and_then(|i| argv.get(i + 1)?.parse().ok());
+    let clients: Option<usize> = value("--clients").and_then(|v| v.parse().ok());
+    let sweep: Vec<usize> = value("--ceiling-concurrency")
+        .map_or("16,32,64,128", |v| v.as_str())
+        .split(',')
+        .filter_map(|c| c.parse().ok())
+        .collect();
     let nums: Vec<usize> = argv
         .iter()
         .enumerate()
-        .filter(|(i, _)| *i == 0 || argv[i - 1] != "--clients")
+        .filter(|(i, _)| {
+            *i == 0 || !["--clients", "--ceiling-concurrency"].contains(&argv[i - 1].as_str())
+        })
         .filter_map(|(_, a)| a.parse().ok())
         .collect();
     let rounds = nums.first().copied().unwrap_or(2);
@@ -424,6 +465,8 @@ async fn main() -> Result<()> {
     let mut istiod_procs = Vec::new();
     let mut cas = vec![Ca {
         name: "meshca server (RA)",
+        ceiling: None,
+        signer: signer.clone(),
         limits: "FIFO, 64 calls in flight (default)",
         addr: meshca_addr,
         root: meshca_root,
@@ -448,6 +491,8 @@ async fn main() -> Result<()> {
         )
         .await?;
         cas.push(Ca {
+            ceiling: None,
+            signer: signer.clone(),
             name: if args.is_empty() {
                 "istiod (RA)"
             } else {
@@ -467,10 +512,58 @@ async fn main() -> Result<()> {
     // TokenReview, CSR API, the signer's watch) has run once.
     let warm = tokens(&ns, "warm", 8).await?;
     for ca in &cas {
-        let r = run(ca, &warm, warm.len())?;
+        let r = run(ca, &warm, warm.len(), None).await?;
         anyhow::ensure!(r["ok"] == 8, "warm-up of {}: {r}", ca.name);
     }
     wait_csrs_gone(env.client(), &signer).await?;
+
+    // The ceiling: the minimal client's best concurrency first.
+    let mut ceiling_client = None;
+    if with_ceiling {
+        let id = ns
+            .identity("ceiling", &[RbacSpec::Existing("cluster-admin".into())])
+            .await?;
+        let client = (id.client().await?, ceiling::Fixtures::new()?);
+        let own = format!("{}.example.com/ceiling", ns.name());
+        let probe = Ca {
+            name: "ceiling",
+            ceiling: Some(1),
+            signer: own.clone(),
+            limits: "",
+            addr: String::new(),
+            root: PathBuf::new(),
+            server_name: String::new(),
+            pid: 0,
+            runs: Vec::new(),
+        };
+        let r = run(&probe, &warm, warm.len(), Some(&client)).await?;
+        anyhow::ensure!(r["ok"] == 8, "warm-up of the ceiling client: {r}");
+        let mut best = (0.0, 1);
+        for &c in &sweep {
+            let fresh = tokens(&ns, &format!("sweep{c}w"), 1000.min(workloads)).await?;
+            let probe = Ca {
+                ceiling: Some(c),
+                ..probe_of(&probe)
+            };
+            let r = run(&probe, &fresh, fresh.len(), Some(&client)).await?;
+            eprintln!("ceiling sweep, concurrency {c}: {r}");
+            let rate = r["certs_per_second"].as_f64().unwrap_or(0.0);
+            if rate > best.0 {
+                best = (rate, c);
+            }
+        }
+        eprintln!(
+            "ceiling: best concurrency {} ({:.1} certs/s)",
+            best.1, best.0
+        );
+        cas.push(Ca {
+            name: "ceiling: minimal kube-rs client",
+            ceiling: Some(best.1),
+            limits: "none; best concurrency of the sweep",
+            ..probe_of(&probe)
+        });
+        ceiling_client = Some(client);
+    }
 
     // Fresh service accounts and tokens for every run, made up front.
     let started = Instant::now();
@@ -496,12 +589,30 @@ async fn main() -> Result<()> {
         }
         for i in order {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            let (recorder, timeline) = record(env.client(), &signer).await?;
+            let (recorder, timeline) = record(env.client(), &cas[i].signer).await?;
             let (before, rejected) = (load_average(), apf_rejections(&env));
-            let mut r = run(&cas[i], &per_ca[i], clients)?;
+            // CPU seconds of everyone on the path during the run.
+            let mut pids = control_plane(&env);
+            pids.push(("signer", signer_proc.0.id()));
+            if cas[i].pid != 0 {
+                pids.push(("ca", cas[i].pid));
+            }
+            let cpu_before: Vec<f64> = pids
+                .iter()
+                .map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0))
+                .collect();
+            let own = own_cpu_seconds();
+            let mut r = run(&cas[i], &per_ca[i], clients, ceiling_client.as_ref()).await?;
             let after = load_average();
             r["apf_rejected"] = (apf_rejections(&env) - rejected).into();
-            wait_csrs_gone(env.client(), &signer).await?;
+            for ((name, pid), b) in pids.iter().zip(cpu_before) {
+                r["cpu_s"][*name] = (cpu_seconds(*pid).unwrap_or(0.0) - b).into();
+            }
+            r["cpu_s"]["client"] = match r.get("loadgen_cpu_s") {
+                Some(cpu) => cpu.clone(),
+                None => (own_cpu_seconds() - own).into(),
+            };
+            wait_csrs_gone(env.client(), &cas[i].signer).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             recorder.abort();
             r["phases"] = phases(&timeline);
@@ -539,7 +650,7 @@ async fn main() -> Result<()> {
             .map(|r| r["errors"].to_string())
             .collect();
         println!(
-            "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} |",
+            "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {} |",
             ca.name,
             ca.limits,
             median(&ca.runs, "certs_per_second"),
@@ -557,7 +668,11 @@ async fn main() -> Result<()> {
                 errors.join(" ")
             },
             median(&ca.runs, "apf_rejected"),
-            rss_mib(ca.pid),
+            if ca.pid == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.0}", rss_mib(ca.pid))
+            },
         );
     }
     println!(
@@ -565,7 +680,16 @@ async fn main() -> Result<()> {
         rss_mib(signer_proc.0.id())
     );
     println!();
-    for ca in &cas[1..] {
+    for ca in cas.iter().filter(|c| c.ceiling.is_some()) {
+        println!(
+            "meshca / {} (concurrency {}): {:.0}% of its throughput",
+            ca.name,
+            ca.ceiling.unwrap_or(0),
+            100.0 * median(&cas[0].runs, "certs_per_second")
+                / median(&ca.runs, "certs_per_second").max(1e-9),
+        );
+    }
+    for ca in cas[1..].iter().filter(|c| c.ceiling.is_none()) {
         println!(
             "meshca/{}: throughput {:.1}x, p99 {:.1}x lower, p50 {:.1}x lower",
             ca.name,
@@ -596,6 +720,31 @@ async fn main() -> Result<()> {
             sub("approved_to_issued", "p99"),
             sub("issued_to_deleted", "p50"),
             sub("issued_to_deleted", "p99"),
+        );
+    }
+    println!(
+        "\nCPU per certificate, µs (median of the runs; the client is meshca loadgen, or the minimal client in this process):\n"
+    );
+    println!("| CA | CA server | signer | kube-apiserver | etcd | client | all |");
+    println!("|---|---|---|---|---|---|---|");
+    for ca in &cas {
+        let per_cert = |who: &str| -> Option<f64> {
+            let mut v: Vec<f64> = ca
+                .runs
+                .iter()
+                .filter_map(|r| Some(r["cpu_s"][who].as_f64()? / r["ok"].as_f64()?.max(1.0)))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).map(|s| s * 1e6)
+        };
+        let cols = ["ca", "signer", "kube-apiserver", "etcd", "client"];
+        let vals: Vec<Option<f64>> = cols.iter().map(|c| per_cert(c)).collect();
+        let show = |v: &Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+        println!(
+            "| {} | {} | {} |",
+            ca.name,
+            vals.iter().map(show).collect::<Vec<_>>().join(" | "),
+            vals.iter().flatten().sum::<f64>().round()
         );
     }
     println!("\nper run (round order alternates):");

@@ -5,7 +5,7 @@
 //! testenv/build all && testenv/build istiod
 //! env="$(testenv/up)" && eval "$env"
 //! cargo build --release -p meshca
-//! cargo run --release -p meshca --example server_vs_istiod -- [ROUNDS] [REQUESTS] [CONCURRENCY] [BURST]
+//! cargo run --release -p meshca --example server_vs_istiod -- [ROUNDS] [REQUESTS] [CONCURRENCY] [BURST] [--burst-only]
 //! testenv/down
 //! ```
 //!
@@ -21,6 +21,16 @@
 //! 4. meshca alone with client-certificate authentication (renewal), RSA-2048
 //!    and P-256 CAs, to compare with the PKI core's rate.
 //!
+//! `--burst-only` runs instead, ROUNDS times, where the mass restart's time
+//! goes: BURST workloads with fresh tokens at CONCURRENCY clients against
+//! meshca with a P-256 CA and with an RSA-2048 CA (TokenReview per
+//! request), against meshca with a P-256 CA verifying the same kind of
+//! tokens itself (`--standalone --jwt-keys` with the apiserver's
+//! service-account key: no apiserver in the path), and the apiserver's
+//! TokenReview ceiling alone (the minimal client of
+//! [`bench_common::ceiling`], at 32 and 128 in flight). For each run
+//! the CPU seconds of meshca, kube-apiserver, etcd and the load generator.
+//!
 //! Everything listens on 127.0.0.1 and stops by itself.
 
 mod bench_common;
@@ -31,10 +41,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bench_common::{
-    Auth, HEADER, IstiodOptions, Proc, free_port, loadgen, median, meshca_bin, row, rss_mib,
-    start_istiod, tokens, wait_http,
+    Auth, HEADER, IstiodOptions, Proc, ceiling, control_plane, free_port, load_average, loadgen,
+    loadgen_with, median, meshca_bin, own_cpu_seconds, row, rss_mib, start_istiod, tokens,
+    wait_http,
 };
 use meshca_testsupport::{TestEnv, chart};
+
+/// `meshca loadgen` flag: every request with its own token (a workload each).
+const PER_REQUEST: &[&str] = &["--token-per-request"];
 
 /// A running `meshca server` with its own state directory and CA key type.
 struct Meshca {
@@ -43,10 +57,15 @@ struct Meshca {
     root: PathBuf,
 }
 
-async fn start_meshca(tmp: &Path, kubeconfig: &Path, key_type: &str) -> Result<Meshca> {
+async fn start_meshca(
+    tmp: &Path,
+    kubeconfig: &Path,
+    key_type: &str,
+    extra: &[&std::ffi::OsStr],
+) -> Result<Meshca> {
     let addr = format!("127.0.0.1:{}", free_port());
     let mon = format!("127.0.0.1:{}", free_port());
-    let state = tmp.join(format!("meshca-{key_type}"));
+    let state = tmp.join(format!("meshca-{key_type}-{}", free_port()));
     let proc = Proc(
         Command::new(meshca_bin()?)
             .args(["server", "--listen", &addr, "--monitoring-listen", &mon])
@@ -60,6 +79,7 @@ async fn start_meshca(tmp: &Path, kubeconfig: &Path, key_type: &str) -> Result<M
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg("--no-impersonation")
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?,
@@ -94,8 +114,21 @@ async fn main() -> Result<()> {
 
     let rbac = chart::server_rbac(ns.name(), &[])?;
     let identity = ns.identity_from_manifest("meshca", &rbac).await?;
-    let rsa = start_meshca(&tmp, identity.kubeconfig_path(), "rsa-2048").await?;
-    let p256 = start_meshca(&tmp, identity.kubeconfig_path(), "ecdsa-p256").await?;
+    if std::env::args().any(|a| a == "--burst-only") {
+        let burst = args.get(3).copied().unwrap_or(10_000);
+        burst_breakdown(
+            &env,
+            &ns,
+            identity.kubeconfig_path(),
+            rounds,
+            burst,
+            concurrency,
+        )
+        .await?;
+        return ns.cleanup().await;
+    }
+    let rsa = start_meshca(&tmp, identity.kubeconfig_path(), "rsa-2048", &[]).await?;
+    let p256 = start_meshca(&tmp, identity.kubeconfig_path(), "ecdsa-p256", &[]).await?;
 
     // istiod (pilot-discovery) with its built-in CA, admin kubeconfig.
     let kubeconfig = PathBuf::from(std::env::var("KUBECONFIG").context("KUBECONFIG")?);
@@ -149,19 +182,23 @@ async fn main() -> Result<()> {
     for round in 0..rounds {
         let fresh_m = tokens(&ns, &format!("m{round}x"), burst).await?;
         let fresh_i = tokens(&ns, &format!("i{round}x"), burst).await?;
-        m.push(loadgen(
+        // One token per request: without it loadgen gives each client
+        // one token, and meshca's cache answers all but CONCURRENCY of them.
+        m.push(loadgen_with(
             &rsa.addr,
             &rsa.root,
             Auth::Tokens(&fresh_m),
             burst,
             concurrency.min(burst),
+            PER_REQUEST,
         )?);
-        i.push(loadgen(
+        i.push(loadgen_with(
             &istiod_addr,
             &istiod_root,
             Auth::Tokens(&fresh_i),
             burst,
             concurrency.min(burst),
+            PER_REQUEST,
         )?);
     }
     println!("{HEADER}");
@@ -225,4 +262,177 @@ async fn main() -> Result<()> {
     }
     drop((rsa, p256, istiod));
     ns.cleanup().await
+}
+
+/// CPU seconds (user + system) a process has used so far; 0 if gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    bench_common::cpu_seconds(pid).unwrap_or(0.0)
+}
+
+/// Where a mass restart's time goes (`--burst-only`).
+async fn burst_breakdown(
+    env: &TestEnv,
+    ns: &meshca_testsupport::TestNamespace,
+    kubeconfig: &Path,
+    rounds: usize,
+    burst: usize,
+    concurrency: usize,
+) -> Result<()> {
+    let tmp = ns.temp_dir().to_owned();
+    let cfg = env.config();
+    let issuer = cfg
+        .sa_issuer
+        .clone()
+        .unwrap_or_else(|| cfg.apiserver.clone());
+    let sa_pub = cfg.dir.join("pki/sa.pub");
+    let p256 = start_meshca(&tmp, kubeconfig, "ecdsa-p256", &[]).await?;
+    let rsa = start_meshca(&tmp, kubeconfig, "rsa-2048", &[]).await?;
+    let local = start_meshca(
+        &tmp,
+        kubeconfig,
+        "ecdsa-p256",
+        &[
+            "--standalone".as_ref(),
+            "--jwt-keys".as_ref(),
+            sa_pub.as_os_str(),
+            "--jwt-issuer".as_ref(),
+            issuer.as_ref(),
+        ],
+    )
+    .await?;
+    let id = ns
+        .identity(
+            "ceiling",
+            &[meshca_testsupport::RbacSpec::Existing(
+                "cluster-admin".into(),
+            )],
+        )
+        .await?;
+    let ceiling_client = id.client().await?;
+    let fixtures = ceiling::Fixtures::new()?;
+    let servers: [(&str, &Meshca); 3] = [
+        ("meshca P-256 CA, TokenReview", &p256),
+        ("meshca RSA-2048 CA, TokenReview", &rsa),
+        (
+            "meshca P-256 CA, tokens verified locally (no apiserver)",
+            &local,
+        ),
+    ];
+    let ceilings = [32, 128];
+    // Warm-up: every path once.
+    let warm = tokens(ns, "warm", 8).await?;
+    for (name, m) in servers {
+        let r = loadgen(&m.addr, &m.root, Auth::Tokens(&warm), 8, 8)?;
+        anyhow::ensure!(r["ok"] == 8, "warm-up of {name}: {r}");
+    }
+    let plane = control_plane(env);
+    let mut runs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); servers.len() + ceilings.len()];
+    let mut loads = Vec::new();
+    for round in 0..rounds {
+        for (i, slot) in runs.iter_mut().enumerate() {
+            let fresh = tokens(ns, &format!("b{round}x{i}w"), burst).await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            loads.push(load_average());
+            let pids: Vec<(&str, u32)> = plane
+                .iter()
+                .copied()
+                .chain(servers.get(i).map(|(_, m)| ("meshca", m.proc.0.id())))
+                .collect();
+            let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+            let own = own_cpu_seconds();
+            let mut r = match servers.get(i) {
+                Some((_, m)) => loadgen_with(
+                    &m.addr,
+                    &m.root,
+                    Auth::Tokens(&fresh),
+                    burst,
+                    concurrency.min(burst),
+                    PER_REQUEST,
+                )?,
+                None => {
+                    let c = ceilings[i - servers.len()];
+                    let tokens = ceiling::read_tokens(&fresh)?;
+                    ceiling::run(
+                        &ceiling_client,
+                        &tokens,
+                        &ceiling::Calls::TokenReview,
+                        c,
+                        &fixtures,
+                    )
+                    .await
+                }
+            };
+            for ((name, pid), b) in pids.iter().zip(before) {
+                r["cpu_s"][*name] = (cpu_seconds(*pid) - b).into();
+            }
+            // The load generator: loadgen's own CPU, or this process's for
+            // the in-process minimal client.
+            r["cpu_s"]["loadgen"] = match r.get("loadgen_cpu_s") {
+                Some(cpu) => cpu.clone(),
+                None => (own_cpu_seconds() - own).into(),
+            };
+            eprintln!("round {round} run {i}: {r}");
+            slot.push(r);
+        }
+    }
+    println!(
+        "## Mass restart of {burst} workloads, fresh token each, {concurrency} clients: where the time goes ({rounds} rounds, median)\n"
+    );
+    println!(
+        "| run | all issued in s | certs/s | p50 ms | p99 ms | CPU s: meshca | kube-apiserver | etcd | load generator (or minimal client) | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let names: Vec<String> =
+        servers
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .chain(ceilings.iter().map(|c| {
+                format!("TokenReview ceiling: minimal kube-rs client, {c} in flight, no CA")
+            }))
+            .collect();
+    for (name, rs) in names.iter().zip(&runs) {
+        let cpu = |who: &str| {
+            let v: Vec<serde_json::Value> = rs.iter().map(|r| r["cpu_s"].clone()).collect();
+            if v.iter().all(|c| c[who].is_null()) {
+                "-".to_string()
+            } else {
+                format!("{:.2}", median(&v, who))
+            }
+        };
+        let errors: Vec<String> = rs
+            .iter()
+            .filter(|r| r["errors"].as_object().is_some_and(|e| !e.is_empty()))
+            .map(|r| r["errors"].to_string())
+            .collect();
+        println!(
+            "| {name} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+            median(rs, "seconds"),
+            median(rs, "certs_per_second"),
+            median(rs, "p50_ms"),
+            median(rs, "p99_ms"),
+            cpu("meshca"),
+            cpu("kube-apiserver"),
+            cpu("etcd"),
+            cpu("loadgen"),
+            if errors.is_empty() {
+                "none".into()
+            } else {
+                errors.join(" ")
+            },
+        );
+    }
+    println!("\nper run:");
+    for (name, rs) in names.iter().zip(&runs) {
+        for r in rs {
+            println!(
+                "- {name}: {:.2} s, {:.0}/s, cpu {}",
+                r["seconds"].as_f64().unwrap_or(0.0),
+                r["certs_per_second"].as_f64().unwrap_or(0.0),
+                r["cpu_s"]
+            );
+        }
+    }
+    println!("\nload average before each run: {}", loads.join(", "));
+    drop((p256, rsa, local));
+    Ok(())
 }

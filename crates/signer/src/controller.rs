@@ -10,7 +10,7 @@ use k8s_openapi::api::certificates::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, GetParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
 use meshca_kube::status;
 use time::OffsetDateTime;
@@ -59,11 +59,16 @@ pub async fn reconcile(
     let name = csr.name_any();
     let mut current = (*csr).clone();
     if is_compacted(&current) && crate::decide::skip_reason(&current, &ctx.policy.name).is_none() {
-        // Not expected (compact keeps approved, open CSRs whole), but an
-        // approved CSR is only ever decided on its real request.
-        match ctx.api.get_opt(&name).await {
-            Ok(Some(fresh)) => current = fresh,
-            Ok(None) => return Ok(Requeue::await_change()),
+        // Listed without its request (see `trim`): an approved CSR is only
+        // ever decided on its real request. At least as new as the cached
+        // copy, so the apiserver answers from its watch cache (no etcd read).
+        let params = match current.metadata.resource_version.as_deref() {
+            Some(rv) => GetParams::at(rv),
+            None => GetParams::default(),
+        };
+        match ctx.api.get_with(&name, &params).await {
+            Ok(fresh) => current = fresh,
+            Err(e) if status::is_not_found(&e) => return Ok(Requeue::await_change()),
             Err(source) => return Err(ReconcileError::Read { name, source }),
         }
     }
@@ -243,25 +248,32 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
 /// Shrinks a CSR before it enters the cache: managedFields are dropped
 /// (a status PUT without them keeps the server's), and a CSR this signer
 /// has nothing to do for yet or any more (not approved, issued, failed,
-/// denied) keeps only what [`crate::decide::skip_reason`] looks at: its
-/// request, labels, annotations and requester are dropped and its
-/// certificate bytes replaced by a one-byte marker. So whoever may create
-/// CSRs for this signer, but not approve them, cannot fill its memory with
-/// pending requests (the watch is field-selected on spec.signerName: other
-/// signers' CSRs are never listed). Such an object is never decided on nor
-/// written back: the decision on it is always Skip. Approval changes the
-/// object, and the watch then delivers it whole again (an update event
-/// carries the full object), so an approved, open CSR in the cache always
-/// has its real request; [`reconcile`] still re-reads one that arrives
-/// without (see [`is_compacted`]), and a conflict re-reads too.
+/// denied) keeps only what [`crate::decide::skip_reason`] looks at (see
+/// [`strip`]). So whoever may create CSRs for this signer, but not approve
+/// them, cannot fill its memory with pending requests (the watch is
+/// field-selected on spec.signerName: other signers' CSRs are never
+/// listed). Such an object is never decided on nor written back: the
+/// decision on it is always Skip. Approval changes the object, and the
+/// watch then delivers it whole again (an update event carries the full
+/// object), so an approved, open CSR that arrived on the watch keeps its
+/// real request and is signed without another read. One that arrives
+/// without (listed: see [`trim`]) is read again before it is decided on
+/// ([`reconcile`], [`is_compacted`]); a conflict re-reads too.
 pub fn compact(csr: &mut CertificateSigningRequest) {
     csr.metadata.managed_fields = None;
     if crate::decide::skip_reason(csr, &csr.spec.signer_name).is_none() {
         // Approved and open: decide() needs all of it.
         return;
     }
-    // Keep identity, signer name, condition types/statuses and a marker
-    // for the certificate: all skip_reason and the queue depth look at.
+    strip(csr);
+}
+
+/// Keeps identity, resourceVersion, signer name, condition types/statuses
+/// and a marker for the certificate: all [`crate::decide::skip_reason`] and
+/// the queue depth look at. The request, labels, annotations and requester
+/// go, and the certificate bytes become a one-byte marker.
+fn strip(csr: &mut CertificateSigningRequest) {
+    csr.metadata.managed_fields = None;
     let meta = &mut csr.metadata;
     meta.annotations = None;
     meta.labels = None;
@@ -285,6 +297,28 @@ pub fn compact(csr: &mut CertificateSigningRequest) {
             c.last_update_time = None;
             c.last_transition_time = None;
         }
+    }
+}
+
+/// What the cache keeps of each watch event. Updates go through
+/// [`compact`]; objects from a list (the start, or a re-list after the
+/// watch fell too far behind) are all [`strip`]ped, approved and open ones
+/// too: a list holds whatever piled up while no signer ran (a backlog has
+/// no bound; with 10,000 approved CSRs at start the signer peaked at 72 MiB
+/// keeping them whole, 51 MiB stripped: BENCHMARKS.md, Scale 3), and each
+/// is signed once, so reading it again when its turn comes ([`reconcile`],
+/// from the apiserver's watch cache) costs one GET per backlog CSR, not the
+/// whole backlog's requests held at once.
+pub fn trim(
+    event: kube::runtime::watcher::Event<CertificateSigningRequest>,
+) -> kube::runtime::watcher::Event<CertificateSigningRequest> {
+    use kube::runtime::watcher::Event;
+    match event {
+        Event::InitApply(mut csr) => {
+            strip(&mut csr);
+            Event::InitApply(csr)
+        }
+        other => other.modify(compact),
     }
 }
 
@@ -359,6 +393,36 @@ mod tests {
             if skip(&c) == Some(Skip::AlreadyIssued) {
                 assert_eq!(small.status.unwrap().certificate.unwrap().0, b"-");
             }
+        }
+    }
+
+    #[test]
+    fn a_listed_backlog_is_cached_without_requests_and_updates_keep_theirs() {
+        use kube::runtime::watcher::Event;
+        let request = |e: &Event<CertificateSigningRequest>| match e {
+            Event::Apply(c) | Event::InitApply(c) | Event::Delete(c) => c.spec.request.0.clone(),
+            _ => unreachable!(),
+        };
+        for c in [
+            csr(&[], None),
+            csr(&["Approved"], None),
+            csr(&["Approved"], Some(b"CERT")),
+            csr(&["Denied"], None),
+        ] {
+            let skip = skip_reason(&c, "example.com/foo");
+            // Listed (the backlog at start): no request, same decision, so
+            // an approved, open one is read again before it is signed.
+            let listed = trim(Event::InitApply(c.clone()));
+            assert!(request(&listed).is_empty(), "{c:?}");
+            let Event::InitApply(small) = &listed else {
+                unreachable!()
+            };
+            assert_eq!(skip_reason(small, "example.com/foo"), skip, "{c:?}");
+            assert!(is_compacted(small));
+            assert_eq!(small.metadata.managed_fields, None);
+            // Arriving on the watch: as `compact` (open ones keep theirs).
+            let updated = trim(Event::Apply(c.clone()));
+            assert_eq!(!request(&updated).is_empty(), skip.is_none(), "{c:?}");
         }
     }
 

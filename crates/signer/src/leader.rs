@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
 use kube::Client;
@@ -138,7 +138,7 @@ pub(crate) async fn lead_and_run(
         let objects = watcher(part.api, wc)
             // Requests wait on this watch: back soon after an outage.
             .backoff(meshca_kube::WatchBackoff::default())
-            .modify(controller::compact)
+            .map_ok(controller::trim)
             .reflect(writer)
             .applied_objects();
         let controller = Controller::for_stream(objects, reader)

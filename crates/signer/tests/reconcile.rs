@@ -151,7 +151,8 @@ async fn an_approved_csr_without_its_request_is_read_again_before_deciding() {
     let dir = tempfile::tempdir().unwrap();
     let (ctx, metrics, mut api) = context(ca(dir.path()));
     let full = approved_csr(None);
-    // What compact() leaves of a CSR that was not approved yet.
+    // What trim() leaves of an approved CSR that came with a list (the
+    // backlog at start): no request.
     let mut compacted = full.clone();
     compacted["spec"]["request"] = json!("");
     let reconciling = tokio::spawn(reconcile(from_json(compacted), ctx));

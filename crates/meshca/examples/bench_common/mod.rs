@@ -4,6 +4,9 @@
 // Each example uses its own subset.
 #![allow(dead_code)]
 
+pub mod ceiling;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -110,14 +113,84 @@ pub fn loadgen_with(
                 .arg(dir.join("key.pem"));
         }
     }
-    let out = cmd.output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).with_context(|| {
-        format!(
-            "loadgen output: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let mut stderr = child.stderr.take().context("loadgen stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut text = String::new();
+    child
+        .stdout
+        .take()
+        .context("loadgen stdout")?
+        .read_to_string(&mut text)?;
+    // Its CPU time, read while it is a zombie (not yet waited for).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_state(pid).is_some_and(|s| s != 'Z') && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let cpu = cpu_seconds(pid);
+    child.wait()?;
+    let errors = errors.join().unwrap_or_default();
+    let mut report: serde_json::Value = serde_json::from_str(text.trim())
+        .with_context(|| format!("loadgen output: {text} {errors}"))?;
+    if let Some(cpu) = cpu {
+        report["loadgen_cpu_s"] = cpu.into();
+    }
+    Ok(report)
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (state first).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn process_state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// CPU seconds (user + system) a process has used so far (clock ticks of
+/// 1/100 s, Linux's USER_HZ on this platform).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    let ticks = |i: usize| f.get(i)?.parse::<f64>().ok();
+    // utime and stime: fields 14 and 15 of stat, 11 and 12 after the state's 3.
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// CPU seconds of this process so far (the in-process minimal client).
+pub fn own_cpu_seconds() -> f64 {
+    cpu_seconds(std::process::id()).unwrap_or(0.0)
+}
+
+/// The testenv's kube-apiserver and etcd process ids (from its pid files).
+pub fn control_plane(env: &meshca_testsupport::TestEnv) -> Vec<(&'static str, u32)> {
+    ["kube-apiserver", "etcd"]
+        .into_iter()
+        .filter_map(|name| {
+            let file = env.config().dir.join(format!("pids/{name}.pid"));
+            let pid = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+            Some((name, pid))
+        })
+        .collect()
+}
+
+/// The 1, 5 and 15-minute load averages.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Peak RSS (VmHWM) of a process, MiB.
