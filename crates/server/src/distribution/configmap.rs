@@ -249,11 +249,12 @@ fn error_policy(ns: Arc<NamespaceMeta>, e: &SyncError, _: Arc<Context>) -> Actio
     Action::requeue(Duration::from_secs(2))
 }
 
-/// A ConfigMap event reduced to what triggers a check: the namespace (the
-/// rest of the object is in `seen` as [`Observed`], or dropped).
+/// A ConfigMap event reduced to what triggers a check: its name and
+/// namespace (the rest is in `seen` as [`Observed`], or dropped).
 fn namespace_only(cm: &ConfigMap) -> ConfigMap {
     ConfigMap {
         metadata: ObjectMeta {
+            name: cm.metadata.name.clone(),
             namespace: cm.metadata.namespace.clone(),
             ..Default::default()
         },
@@ -474,6 +475,15 @@ mod tests {
             serde_json::json!({"name": "app", "deletionTimestamp": "2026-01-01T00:00:00Z"})
         );
         assert!(!manages(&meta.metadata));
+    }
+
+    #[test]
+    fn a_configmap_event_triggers_with_its_name_and_namespace_only() {
+        // kube-runtime names the triggering object: the name must stay.
+        let trigger = namespace_only(&desired("app", ROOT));
+        assert_eq!(trigger.metadata.name.as_deref(), Some(CONFIGMAP_NAME));
+        assert_eq!(trigger.metadata.namespace.as_deref(), Some("app"));
+        assert!(trigger.data.is_none() && trigger.metadata.labels.is_none());
     }
 
     #[test]
