@@ -171,15 +171,8 @@ fn request(
     token: Option<&str>,
     impersonate: &str,
 ) -> tonic::Request<IstioCertificateRequest> {
-    let mut body = IstioCertificateRequest::from_agent(csr.to_owned(), 3600, "");
-    body.metadata.as_mut().unwrap().fields.insert(
-        "ImpersonatedIdentity".into(),
-        meshca_proto::prost_types::Value {
-            kind: Some(meshca_proto::prost_types::value::Kind::StringValue(
-                impersonate.into(),
-            )),
-        },
-    );
+    let body =
+        IstioCertificateRequest::from_agent(csr.to_owned(), 3600, "").impersonating(impersonate);
     let mut req = tonic::Request::new(body);
     if let Some(t) = token {
         req.metadata_mut()

@@ -34,7 +34,7 @@ async fn root_in_every_namespace(client: &kube::Client) -> Result<String> {
             .list(&ListParams::default())
             .await?
         {
-            if !meshca_server::distribution::configmap::manages(&ns) {
+            if !meshca_server::distribution::configmap::manages(&ns.metadata) {
                 continue;
             }
             let name = ns.metadata.name.unwrap_or_default();

@@ -32,4 +32,17 @@ impl IstioCertificateRequest {
             }),
         }
     }
+
+    /// The same request made on behalf of `identity`, as ztunnel asks for
+    /// a workload on its node (metadata `ImpersonatedIdentity`).
+    pub fn impersonating(mut self, identity: &str) -> Self {
+        let value = prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(identity.to_owned())),
+        };
+        self.metadata
+            .get_or_insert_with(Default::default)
+            .fields
+            .insert("ImpersonatedIdentity".to_owned(), value);
+        self
+    }
 }

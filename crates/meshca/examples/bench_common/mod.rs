@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmark examples (`server_vs_istiod`,
-//! `ra_vs_istiod`): child processes, ports, readiness, `meshca loadgen`,
-//! tokens, istiod (pilot-discovery) and the result tables.
+//! `ra_vs_istiod`, `scale_namespaces`, `scale_pods`): child processes,
+//! ports, readiness, `meshca loadgen`, tokens, bulk creation, istiod
+//! (pilot-discovery), memory and the result tables.
 // Each example uses its own subset.
 #![allow(dead_code)]
 
@@ -195,12 +196,67 @@ pub fn load_average() -> String {
 
 /// Peak RSS (VmHWM) of a process, MiB.
 pub fn rss_mib(pid: u32) -> f64 {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+/// Current RSS (VmRSS) of a process, MiB.
+pub fn rss_now_mib(pid: u32) -> f64 {
+    proc_status_mib(pid, "VmRSS:")
+}
+
+fn proc_status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Creates `make(i)` (the API to create in, the object) for `i` in `range`,
+/// `concurrency` at a time; one that exists already counts as made (so a
+/// run can resume on the same testenv, sizes in increasing order).
+/// Returns the seconds taken.
+pub async fn create_all<K, F>(
+    range: std::ops::Range<usize>,
+    concurrency: usize,
+    make: F,
+) -> Result<f64>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    F: Fn(usize) -> (Api<K>, K),
+{
+    let start = Instant::now();
+    let make = &make;
+    futures::stream::iter(range)
+        .map(|i| async move {
+            let (api, obj) = make(i);
+            match api.create(&PostParams::default(), &obj).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+                Err(e) => Err(anyhow::Error::from(e).context(format!("creating object {i}"))),
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Sends SIGTERM and waits at most 20 s for the process to end (istiod and
+/// meshca release their leases on SIGTERM), then kills it.
+pub fn terminate(mut proc: Proc) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &proc.0.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = proc.0.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Dropping `proc` kills it.
 }
 
 /// `count` new service accounts `<prefix><i>`, each with a 1 h token of
@@ -321,16 +377,23 @@ pub async fn start_istiod(client: kube::Client, o: &IstiodOptions<'_>) -> Result
     )
     .await
     .with_context(|| format!("see {}", log.display()))?;
-    let secrets = Api::<Secret>::namespaced(client, o.namespace);
-    let secret = secrets
-        .get("istio-ca-secret")
-        .await
-        .context("istiod's CA secret")?;
-    let root_pem = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("ca-cert.pem"))
-        .context("ca-cert.pem in istio-ca-secret")?;
+    // A plugged-in CA (./etc/cacerts) has its root there; else istiod made
+    // its self-signed CA in istio-ca-secret.
+    let plugged = o.dir.join("etc/cacerts/root-cert.pem");
+    let root_pem = if plugged.exists() {
+        std::fs::read(&plugged)?
+    } else {
+        let secrets = Api::<Secret>::namespaced(client, o.namespace);
+        let secret = secrets
+            .get("istio-ca-secret")
+            .await
+            .context("istiod's CA secret")?;
+        secret
+            .data
+            .and_then(|mut d| d.remove("ca-cert.pem"))
+            .context("ca-cert.pem in istio-ca-secret")?
+            .0
+    };
     let root = o.dir.with_file_name(format!(
         "{}-root.pem",
         o.dir
@@ -338,7 +401,7 @@ pub async fn start_istiod(client: kube::Client, o: &IstiodOptions<'_>) -> Result
             .and_then(|n| n.to_str())
             .unwrap_or("istiod")
     ));
-    std::fs::write(&root, &root_pem.0)?;
+    std::fs::write(&root, &root_pem)?;
     Ok(Istiod {
         proc,
         addr,

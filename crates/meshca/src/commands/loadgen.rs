@@ -76,6 +76,10 @@ pub struct LoadgenArgs {
     /// Trust domain of --san-from-token.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Ask on behalf of this SPIFFE identity (metadata
+    /// `ImpersonatedIdentity`), as ztunnel does for a pod on its node.
+    #[arg(long)]
+    pub impersonate: Option<String>,
 }
 
 /// The SPIFFE identity of a Kubernetes service account token (its `sub`,
@@ -174,7 +178,7 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
         let channel: Channel = channels[client % channels.len()].clone();
         let (tokens, csrs) = (tokens.clone(), csrs.clone());
         let (per_request, per_token_csr) = (args.token_per_request, args.san_from_token);
-        let next = next.clone();
+        let (next, impersonate) = (next.clone(), args.impersonate.clone());
         let (ttl, total) = (args.ttl.as_secs() as i64, args.requests);
         tasks.push(tokio::spawn(async move {
             let mut grpc = IstioCertificateServiceClient::new(channel);
@@ -198,8 +202,11 @@ async fn run(args: &LoadgenArgs) -> Result<ExitCode> {
                     Some(t) if per_token_csr => csrs[t].clone(),
                     _ => csrs[n % csrs.len()].clone(),
                 };
-                let mut req =
-                    tonic::Request::new(IstioCertificateRequest::from_agent(csr, ttl, ""));
+                let mut body = IstioCertificateRequest::from_agent(csr, ttl, "");
+                if let Some(id) = impersonate.as_deref() {
+                    body = body.impersonating(id);
+                }
+                let mut req = tonic::Request::new(body);
                 if let Some(v) = t.and_then(|t| format!("Bearer {}", tokens[t]).parse().ok()) {
                     req.metadata_mut().insert("authorization", v);
                 }

@@ -13,7 +13,7 @@
 
 use std::str::FromStr;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
@@ -186,43 +186,104 @@ pub fn decide(
     Ok(id.to_string())
 }
 
+/// Names many pods share (namespaces, nodes, service accounts), each kept
+/// once however many pods use it: at 100,000 pods this halves the index.
+#[derive(Debug, Default)]
+struct Names {
+    set: HashSet<Arc<str>>,
+    /// The size after the last sweep.
+    swept: usize,
+}
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.set.get(name) {
+            return n.clone();
+        }
+        if self.set.len() >= 2 * self.swept.max(1024) {
+            // Names no pod uses any more (a node scaled away, a namespace
+            // deleted) go when the set has doubled: amortized O(1).
+            self.set.retain(|n| Arc::strong_count(n) > 1);
+            self.swept = self.set.len();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.set.insert(n.clone());
+        n
+    }
+
+    fn find(&self, name: &str) -> Option<&Arc<str>> {
+        self.set.get(name)
+    }
+}
+
+/// One pod as the index keeps it.
+#[derive(Debug)]
+struct Entry {
+    uid: Option<Box<str>>,
+    service_account: Arc<str>,
+    node: Option<Arc<str>>,
+}
+
+impl Entry {
+    fn facts(&self) -> PodFacts {
+        PodFacts {
+            uid: self.uid.as_deref().map(str::to_owned),
+            service_account: self.service_account.to_string(),
+            node: self.node.as_deref().map(str::to_owned),
+        }
+    }
+}
+
 /// The pods, reduced to what the decision reads and indexed the way it
 /// asks: by namespace and name, and by (node, namespace, service account).
-/// Each lookup costs the same with 10 or 100,000 pods.
+/// Each lookup costs the same with 10 or 100,000 pods; each pod costs its
+/// name, its UID and a few pointers (BENCHMARKS.md, Scale).
 #[derive(Debug, Default)]
 pub struct PodIndex {
-    by_name: HashMap<(String, String), PodFacts>,
+    /// Namespace -> pod name -> pod.
+    by_name: HashMap<Arc<str>, HashMap<Box<str>, Entry>>,
     /// How many pods of `(node, namespace, service account)` exist.
-    on_node: HashMap<(String, String, String), usize>,
+    on_node: HashMap<(Arc<str>, Arc<str>, Arc<str>), usize>,
+    names: Names,
+    len: usize,
 }
 
 impl PodIndex {
     /// Adds or replaces the pod `namespace/name`.
     pub fn apply(&mut self, namespace: &str, name: &str, facts: PodFacts) {
         self.delete(namespace, name);
-        if let Some(node) = &facts.node {
+        let ns = self.names.get(namespace);
+        let entry = Entry {
+            uid: facts.uid.map(String::into_boxed_str),
+            service_account: self.names.get(&facts.service_account),
+            node: facts.node.as_deref().map(|n| self.names.get(n)),
+        };
+        if let Some(node) = &entry.node {
             *self
                 .on_node
-                .entry((
-                    node.clone(),
-                    namespace.to_owned(),
-                    facts.service_account.clone(),
-                ))
+                .entry((node.clone(), ns.clone(), entry.service_account.clone()))
                 .or_default() += 1;
         }
         self.by_name
-            .insert((namespace.to_owned(), name.to_owned()), facts);
+            .entry(ns)
+            .or_default()
+            .insert(name.into(), entry);
+        self.len += 1;
     }
 
     pub fn delete(&mut self, namespace: &str, name: &str) {
-        let Some(old) = self
-            .by_name
-            .remove(&(namespace.to_owned(), name.to_owned()))
-        else {
+        let Some(pods) = self.by_name.get_mut(namespace) else {
             return;
         };
-        if let Some(node) = old.node {
-            let key = (node, namespace.to_owned(), old.service_account);
+        let Some(old) = pods.remove(name) else {
+            return;
+        };
+        if pods.is_empty() {
+            self.by_name.remove(namespace);
+        }
+        self.len -= 1;
+        if let (Some(node), Some(ns)) = (old.node, self.names.find(namespace)) {
+            let key = (node, ns.clone(), old.service_account);
             if let Some(count) = self.on_node.get_mut(&key) {
                 *count -= 1;
                 if *count == 0 {
@@ -233,7 +294,11 @@ impl PodIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.len
+    }
+
+    fn entry(&self, namespace: &str, name: &str) -> Option<&Entry> {
+        self.by_name.get(namespace)?.get(name)
     }
 
     /// The UIDs of pods in `self` that `newer` no longer has under that UID
@@ -241,32 +306,36 @@ impl PodIndex {
     pub fn gone_since(&self, newer: &PodIndex) -> Vec<String> {
         self.by_name
             .iter()
-            .filter_map(|(key, facts)| {
-                let uid = facts.uid.as_ref()?;
-                let still = newer.by_name.get(key).and_then(|f| f.uid.as_ref());
-                (still != Some(uid)).then(|| uid.clone())
+            .flat_map(|(ns, pods)| pods.iter().map(move |(name, e)| (ns, name, e)))
+            .filter_map(|(ns, name, entry)| {
+                let uid = entry.uid.as_deref()?;
+                let still = newer.entry(ns, name).and_then(|e| e.uid.as_deref());
+                (still != Some(uid)).then(|| uid.to_owned())
             })
             .collect()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.len == 0
     }
 }
 
 impl Pods for PodIndex {
     fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
-        self.by_name
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .cloned()
+        self.entry(namespace, name).map(Entry::facts)
     }
 
     fn any_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
-        self.on_node.contains_key(&(
-            node.to_owned(),
-            namespace.to_owned(),
-            service_account.to_owned(),
-        ))
+        // A name no pod has is not interned: no allocation to say no.
+        let (Some(node), Some(ns), Some(sa)) = (
+            self.names.find(node),
+            self.names.find(namespace),
+            self.names.find(service_account),
+        ) else {
+            return false;
+        };
+        self.on_node
+            .contains_key(&(node.clone(), ns.clone(), sa.clone()))
     }
 }
 
@@ -439,6 +508,31 @@ mod tests {
         index.delete("app", "never-there");
         assert!(index.is_empty());
         assert!(!index.any_on_node("n2", "app", "web"));
+    }
+
+    #[test]
+    fn shared_names_are_kept_once_and_unused_ones_go() {
+        let mut index = PodIndex::default();
+        let on = |node: String| PodFacts {
+            uid: Some("u".into()),
+            service_account: "web".into(),
+            node: Some(node),
+        };
+        index.apply("app", "a", on("n".into()));
+        index.apply("app", "b", on("n".into()));
+        let ns = index.names.find("app").unwrap();
+        assert!(Arc::ptr_eq(ns, index.by_name.keys().next().unwrap()));
+        // One pod moving over 5000 nodes: the names of the nodes it left
+        // are swept, not kept forever.
+        for k in 0..5000 {
+            index.apply("app", "a", on(format!("node-{k}")));
+        }
+        assert!(index.names.set.len() <= 2049, "{}", index.names.set.len());
+        assert!(index.any_on_node("node-4999", "app", "web"));
+        assert!(index.any_on_node("n", "app", "web"));
+        assert!(!index.any_on_node("node-4998", "app", "web"));
+        assert!(!index.any_on_node("never", "app", "web"));
+        assert_eq!(index.len(), 2);
     }
 
     #[derive(Default)]

@@ -10,19 +10,28 @@
 //! every re-list) also re-checks every namespace: a ConfigMap deleted before
 //! that list produces no event, and the namespace may have been checked
 //! before the deletion. Only the lease holder runs this ([`crate::distribution`]).
+//!
+//! Cost at 10,000 namespaces (BENCHMARKS.md, Scale): the check reads no
+//! API. The ConfigMap watch keeps, per namespace, only what [`plan`] needs
+//! ([`Observed`]: a SHA-256 of the root, two flags), not the PEM; the
+//! namespaces are watched as metadata, reduced to name and deletion mark. A
+//! root change therefore costs one apply per namespace and nothing for those
+//! already in sync, at a bounded number of calls in flight
+//! ([`CONCURRENCY`]) over kube-rs's pooled HTTP/1.1 connections.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::WatchStreamExt;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use meshca_kube::{LastError, apply};
@@ -66,43 +75,82 @@ pub fn desired(namespace: &str, root_pem: &str) -> ConfigMap {
     }
 }
 
+/// SHA-256 of a root bundle: what [`Observed`] remembers of it.
+pub type RootDigest = [u8; 32];
+
+pub fn digest(root_pem: &str) -> RootDigest {
+    Sha256::digest(root_pem.as_bytes()).into()
+}
+
+/// What the decision needs of an existing ConfigMap, and all that is kept
+/// of it: 35 bytes instead of the root PEM and the object around it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// [`digest`] of `data[root-cert.pem]`, if that key is there.
+    root: Option<RootDigest>,
+    labelled: bool,
+    binary_clash: bool,
+}
+
+impl Observed {
+    pub fn of(cm: &ConfigMap) -> Observed {
+        Observed {
+            root: cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get(DATA_KEY))
+                .map(|v| digest(v)),
+            labelled: cm
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_KEY))
+                .is_some_and(|v| v == LABEL_VALUE),
+            binary_clash: cm
+                .binary_data
+                .as_ref()
+                .is_some_and(|b| b.contains_key(DATA_KEY)),
+        }
+    }
+}
+
 /// Compares what is there with what should be: the root under its key and
 /// the label. Other keys and labels someone added do not count. A write
 /// happens only when something differs: a resync of 10,000 namespaces costs
-/// reads, not writes.
-pub fn plan(existing: Option<&ConfigMap>, root_pem: &str) -> Plan {
+/// neither reads nor writes.
+pub fn plan(existing: Option<&Observed>, root: &RootDigest) -> Plan {
     let Some(existing) = existing else {
         return Plan::Apply;
     };
-    let data_ok = existing
-        .data
-        .as_ref()
-        .and_then(|d| d.get(DATA_KEY))
-        .is_some_and(|v| v == root_pem);
-    let label_ok = existing
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_KEY))
-        .is_some_and(|v| v == LABEL_VALUE);
-    let binary_clash = existing
-        .binary_data
-        .as_ref()
-        .is_some_and(|b| b.contains_key(DATA_KEY));
-    match (binary_clash, data_ok && label_ok) {
+    let in_sync = existing.root.as_ref() == Some(root) && existing.labelled;
+    match (existing.binary_clash, in_sync) {
         (true, _) => Plan::DropBinaryKeyThenApply,
         (false, true) => Plan::InSync,
         (false, false) => Plan::Apply,
     }
 }
 
+/// A namespace as the controller keeps it: its metadata, reduced by
+/// [`trim`].
+type NamespaceMeta = PartialObjectMeta<Namespace>;
+
 /// Whether a namespace gets the ConfigMap: not an ignored system namespace,
-/// not being deleted.
-pub fn manages(ns: &Namespace) -> bool {
-    let name = ns.metadata.name.as_deref().unwrap_or_default();
-    let terminating = ns.metadata.deletion_timestamp.is_some()
-        || ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating");
-    !name.is_empty() && !IGNORED_NAMESPACES.contains(&name) && !terminating
+/// not being deleted. A namespace is `Terminating` exactly when its
+/// deletion timestamp is set, so the metadata is enough.
+pub fn manages(meta: &ObjectMeta) -> bool {
+    let name = meta.name.as_deref().unwrap_or_default();
+    !name.is_empty() && !IGNORED_NAMESPACES.contains(&name) && meta.deletion_timestamp.is_none()
+}
+
+/// All of a namespace the controller keeps: what [`manages`] reads and
+/// the store's key (labels, annotations, managed fields go).
+fn trim(ns: &mut NamespaceMeta) {
+    let meta = std::mem::take(&mut ns.metadata);
+    ns.metadata = ObjectMeta {
+        name: meta.name,
+        deletion_timestamp: meta.deletion_timestamp,
+        ..Default::default()
+    };
 }
 
 /// The roots workloads should trust, each certificate once, in order.
@@ -121,17 +169,39 @@ pub fn merge_roots(sets: &[&str]) -> String {
     out
 }
 
+/// Reconciles in flight at most: each is at most two API calls, and this
+/// many keep a 2-core apiserver busy without filling its request queues
+/// (the default `--max-mutating-requests-inflight` is 200, shared with
+/// every other writer). Measured in BENCHMARKS.md (Scale).
+pub const CONCURRENCY: u16 = 32;
+
+/// The ConfigMaps as last seen, by namespace.
+#[derive(Default)]
+struct Seen {
+    by_namespace: HashMap<String, Observed>,
+    /// The first list is in: before it, a namespace missing here may
+    /// still have its ConfigMap.
+    listed: bool,
+}
+
 struct Context {
     client: kube::Client,
     roots: watch::Receiver<String>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Context {
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct SyncError(#[from] kube::Error);
 
-async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, SyncError> {
-    if !manages(&ns) {
+async fn reconcile(ns: Arc<NamespaceMeta>, ctx: Arc<Context>) -> Result<Action, SyncError> {
+    if !manages(&ns.metadata) {
         return Ok(Action::await_change());
     }
     let name = ns.metadata.name.clone().unwrap_or_default();
@@ -139,12 +209,19 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Sync
     if root.is_empty() {
         return Ok(Action::await_change());
     }
-    let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), &name);
-    let existing = api.get_opt(CONFIGMAP_NAME).await?;
-    let plan = plan(existing.as_ref(), &root);
+    let existing = {
+        let seen = ctx.seen();
+        if !seen.listed {
+            // The end of the first list reconciles every namespace.
+            return Ok(Action::await_change());
+        }
+        seen.by_namespace.get(&name).copied()
+    };
+    let plan = plan(existing.as_ref(), &digest(&root));
     if plan == Plan::InSync {
         return Ok(Action::await_change());
     }
+    let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), &name);
     if plan == Plan::DropBinaryKeyThenApply {
         // Apply leaves fields of other managers alone; this one must go.
         let patch = serde_json::json!({ "binaryData": { DATA_KEY: null } });
@@ -155,56 +232,110 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Sync
         )
         .await?;
     }
+    // `seen` learns the result from the watch, in order with others' writes.
     apply::apply(&api, apply::SERVER, &desired(&name, &root)).await?;
     let action = if existing.is_some() {
         "re-synced"
     } else {
         "created"
     };
-    tracing::info!(namespace = %name, "{action} {CONFIGMAP_NAME}");
+    tracing::debug!(namespace = %name, "{action} {CONFIGMAP_NAME}");
     Ok(Action::await_change())
 }
 
-fn error_policy(ns: Arc<Namespace>, e: &SyncError, _: Arc<Context>) -> Action {
+fn error_policy(ns: Arc<NamespaceMeta>, e: &SyncError, _: Arc<Context>) -> Action {
     let name = ns.metadata.name.as_deref().unwrap_or_default();
     tracing::warn!(namespace = %name, error = %e, "{CONFIGMAP_NAME}: sync failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }
 
+/// A ConfigMap event reduced to what triggers a check: its name and
+/// namespace (the rest is in `seen` as [`Observed`], or dropped).
+fn namespace_only(cm: &ConfigMap) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: cm.metadata.name.clone(),
+            namespace: cm.metadata.namespace.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 /// Runs until the process ends: keeps `istio-ca-root-cert` equal to the
 /// latest value of `roots` in every namespace.
 pub async fn run(client: kube::Client, roots: watch::Receiver<String>) {
-    let namespaces = Api::<Namespace>::all(client.clone());
     let configmaps = Api::<ConfigMap>::all(client.clone());
     let root_changes = futures::stream::unfold(roots.clone(), |mut rx| async move {
         rx.changed().await.ok()?;
         Some(((), rx))
     });
+    let seen = Arc::new(Mutex::new(Seen::default()));
     let (listed_tx, listed_rx) = futures::channel::mpsc::unbounded::<()>();
+    let writer = seen.clone();
+    // A re-list builds a fresh map, swapped in whole when complete.
+    let mut relisting: Option<HashMap<String, Observed>> = None;
     let configmap_events = watcher(
         configmaps,
         watcher::Config::default().fields(&format!("metadata.name={CONFIGMAP_NAME}")),
     )
     .default_backoff()
     .filter_map(move |event| {
+        let mut seen = writer.lock().unwrap_or_else(|p| p.into_inner());
         let touched = match event {
-            Ok(
-                watcher::Event::Apply(cm)
-                | watcher::Event::InitApply(cm)
-                | watcher::Event::Delete(cm),
-            ) => Some(Ok(cm)),
+            Ok(watcher::Event::Init) => {
+                relisting = Some(HashMap::new());
+                None
+            }
+            Ok(watcher::Event::InitApply(cm)) => {
+                if let Some(ns) = cm.metadata.namespace.clone() {
+                    relisting
+                        .get_or_insert_with(HashMap::new)
+                        .insert(ns, Observed::of(&cm));
+                }
+                // InitDone checks every namespace.
+                None
+            }
             Ok(watcher::Event::InitDone) => {
+                seen.by_namespace = relisting.take().unwrap_or_default();
+                seen.listed = true;
                 let _ = listed_tx.unbounded_send(());
                 None
             }
-            Ok(watcher::Event::Init) => None,
+            Ok(watcher::Event::Apply(cm)) => {
+                if let Some(ns) = cm.metadata.namespace.clone() {
+                    seen.by_namespace.insert(ns, Observed::of(&cm));
+                }
+                Some(Ok(namespace_only(&cm)))
+            }
+            Ok(watcher::Event::Delete(cm)) => {
+                if let Some(ns) = &cm.metadata.namespace {
+                    seen.by_namespace.remove(ns);
+                }
+                Some(Ok(namespace_only(&cm)))
+            }
             Err(e) => Some(Err(e)),
         };
         std::future::ready(touched)
     });
-    let ctx = Arc::new(Context { client, roots });
+    let (reader, writer) = reflector::store();
+    // An Api of PartialObjectMeta makes metadata-only requests.
+    let namespaces = watcher(
+        Api::<NamespaceMeta>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(trim)
+    .reflect(writer)
+    .applied_objects();
+    let ctx = Arc::new(Context {
+        client,
+        roots,
+        seen,
+    });
     let mut last_error = LastError::default();
-    Controller::new(namespaces, watcher::Config::default())
+    Controller::for_stream(namespaces, reader)
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
         .watches_stream(configmap_events, |cm: ConfigMap| {
             cm.metadata.namespace.map(|ns| ObjectRef::new(&ns))
         })
@@ -235,13 +366,18 @@ pub async fn run(client: kube::Client, roots: watch::Receiver<String>) {
 mod tests {
     use super::*;
     use k8s_openapi::ByteString;
-    use k8s_openapi::api::core::v1::NamespaceStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     const ROOT: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
 
+    /// The plan for a ConfigMap as the watch would have reduced it.
+    fn plan_for(existing: Option<&ConfigMap>, root_pem: &str) -> Plan {
+        plan(existing.map(Observed::of).as_ref(), &digest(root_pem))
+    }
+
     #[test]
     fn a_missing_configmap_is_applied_in_istios_shape() {
-        assert_eq!(plan(None, ROOT), Plan::Apply);
+        assert_eq!(plan_for(None, ROOT), Plan::Apply);
         // All of it, nothing else: whatever the body holds, meshca owns.
         let body = serde_json::to_value(desired("app", ROOT)).unwrap();
         assert_eq!(
@@ -262,7 +398,7 @@ mod tests {
     #[test]
     fn an_equal_configmap_is_left_alone_and_a_tampered_one_is_applied_again() {
         let mut cm = desired("app", ROOT);
-        assert_eq!(plan(Some(&cm), ROOT), Plan::InSync);
+        assert_eq!(plan_for(Some(&cm), ROOT), Plan::InSync);
 
         // Keys and labels of others do not make a write.
         cm.data
@@ -274,7 +410,7 @@ mod tests {
             .as_mut()
             .unwrap()
             .insert("team".into(), "a".into());
-        assert_eq!(plan(Some(&cm), ROOT), Plan::InSync);
+        assert_eq!(plan_for(Some(&cm), ROOT), Plan::InSync);
 
         let mut tampered = cm.clone();
         tampered
@@ -282,15 +418,15 @@ mod tests {
             .as_mut()
             .unwrap()
             .insert(DATA_KEY.into(), "evil".into());
-        assert_eq!(plan(Some(&tampered), ROOT), Plan::Apply);
+        assert_eq!(plan_for(Some(&tampered), ROOT), Plan::Apply);
 
         let mut unlabeled = cm.clone();
         unlabeled.metadata.labels = None;
-        assert_eq!(plan(Some(&unlabeled), ROOT), Plan::Apply);
+        assert_eq!(plan_for(Some(&unlabeled), ROOT), Plan::Apply);
 
         let mut emptied = cm.clone();
         emptied.data = None;
-        assert_eq!(plan(Some(&emptied), ROOT), Plan::Apply);
+        assert_eq!(plan_for(Some(&emptied), ROOT), Plan::Apply);
 
         // The same key in binaryData would make the object invalid.
         let mut binary = cm.clone();
@@ -298,30 +434,67 @@ mod tests {
             DATA_KEY.to_string(),
             ByteString(b"x".to_vec()),
         )]));
-        assert_eq!(plan(Some(&binary), ROOT), Plan::DropBinaryKeyThenApply);
+        assert_eq!(plan_for(Some(&binary), ROOT), Plan::DropBinaryKeyThenApply);
 
         // A new root re-syncs.
         let other = ROOT.replace("AAAA", "BBBB");
-        assert_eq!(plan(Some(&cm), &other), Plan::Apply);
+        assert_eq!(plan_for(Some(&cm), &other), Plan::Apply);
     }
 
     #[test]
     fn system_and_terminating_namespaces_are_skipped() {
-        let ns = |name: &str, phase: Option<&str>| Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            status: Some(NamespaceStatus {
-                phase: phase.map(Into::into),
-                ..Default::default()
-            }),
+        let ns = |name: &str, deleted: bool| ObjectMeta {
+            name: Some(name.into()),
+            deletion_timestamp: deleted.then(|| Time(Default::default())),
             ..Default::default()
         };
-        assert!(manages(&ns("app", Some("Active"))));
-        assert!(manages(&ns("default", None)));
-        assert!(!manages(&ns("kube-system", Some("Active"))));
-        assert!(!manages(&ns("app", Some("Terminating"))));
+        assert!(manages(&ns("app", false)));
+        assert!(manages(&ns("default", false)));
+        assert!(!manages(&ns("kube-system", false)));
+        assert!(!manages(&ns("app", true)));
+        assert!(!manages(&ns("", false)));
+    }
+
+    #[test]
+    fn a_namespace_is_kept_as_its_name_and_deletion_mark() {
+        let mut meta: NamespaceMeta = serde_json::from_value(serde_json::json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadata",
+            "metadata": {
+                "name": "app", "uid": "u", "resourceVersion": "7",
+                "labels": {"a": "b"}, "annotations": {"c": "d"},
+                "deletionTimestamp": "2026-01-01T00:00:00Z",
+                "managedFields": [{"manager": "kubectl", "operation": "Update"}],
+            },
+        }))
+        .unwrap();
+        trim(&mut meta);
+        let kept = serde_json::to_value(&meta.metadata).unwrap();
+        assert_eq!(
+            kept,
+            serde_json::json!({"name": "app", "deletionTimestamp": "2026-01-01T00:00:00Z"})
+        );
+        assert!(!manages(&meta.metadata));
+    }
+
+    #[test]
+    fn a_configmap_event_triggers_with_its_name_and_namespace_only() {
+        // kube-runtime names the triggering object: the name must stay.
+        let trigger = namespace_only(&desired("app", ROOT));
+        assert_eq!(trigger.metadata.name.as_deref(), Some(CONFIGMAP_NAME));
+        assert_eq!(trigger.metadata.namespace.as_deref(), Some("app"));
+        assert!(trigger.data.is_none() && trigger.metadata.labels.is_none());
+    }
+
+    #[test]
+    fn what_is_kept_of_a_configmap_is_a_digest_and_two_flags() {
+        let cm = desired("app", ROOT);
+        let seen = Observed::of(&cm);
+        assert_eq!(seen.root, Some(digest(ROOT)));
+        assert!(seen.labelled && !seen.binary_clash);
+        assert_eq!(std::mem::size_of::<Observed>(), 35);
+        // A one-character change of the root is a different digest.
+        assert_ne!(digest(ROOT), digest(&ROOT.replace('A', "B")));
     }
 
     #[test]
