@@ -234,6 +234,9 @@ impl Entry {
     }
 }
 
+/// (node, namespace, service account), each name shared with the index.
+type NodeAccount = (Arc<str>, Arc<str>, Arc<str>);
+
 /// The pods, reduced to what the decision reads and indexed the way it
 /// asks: by namespace and name, and by (node, namespace, service account).
 /// Each lookup costs the same with 10 or 100,000 pods; each pod costs its
@@ -243,7 +246,7 @@ pub struct PodIndex {
     /// Namespace -> pod name -> pod.
     by_name: HashMap<Arc<str>, HashMap<Box<str>, Entry>>,
     /// How many pods of `(node, namespace, service account)` exist.
-    on_node: HashMap<(Arc<str>, Arc<str>, Arc<str>), usize>,
+    on_node: HashMap<NodeAccount, usize>,
     names: Names,
     len: usize,
 }
