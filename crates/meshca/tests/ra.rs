@@ -600,3 +600,87 @@ async fn a_csr_swapped_under_the_same_name_is_never_approved_nor_deleted() {
     .await
     .expect("test timed out");
 }
+
+/// A CSR with the server's label that no request waits for, as when the
+/// apiserver commits a create after meshca's call gave up (created here by
+/// an admin, exactly as the server would), is deleted once the orphan grace
+/// has passed; a CSR without the label is left alone. The grace is short
+/// here (20 s; the default outlasts the longest request) but longer than
+/// any request of the other RA tests, whose CSRs this sweep also sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_of_ours_that_no_request_waits_for_is_deleted_after_the_grace() {
+    use kube::api::{DeleteParams, PostParams};
+    use meshca_server::backend::ra::{KubernetesRa, RaConfig, new_csr};
+
+    const GRACE: Duration = Duration::from_secs(20);
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let env = TestEnv::get().await;
+        let ns = env.namespace("srv-ra-orphan").await.unwrap();
+        let dir = ns.temp_dir().to_path_buf();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let ca = signer_ca(&dir).unwrap();
+        let roots_file = dir.join("root-cert.pem");
+        std::fs::write(&roots_file, &ca.root_pem).unwrap();
+        let identity = ns
+            .identity_from_manifest("meshca", &server_ra_rbac(&ns, &signer).unwrap())
+            .await
+            .unwrap();
+        let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+        let admin = Api::<CertificateSigningRequest>::all(env.client());
+        let pp = PostParams::default();
+        let ours = new_csr(workload_csr(&spiffe).as_bytes(), &signer, 3600);
+        let orphan = admin.create(&pp, &ours).await.unwrap();
+        let mut theirs = ours.clone();
+        theirs.metadata.labels = None;
+        let unlabeled = admin.create(&pp, &theirs).await.unwrap();
+        let (orphan, unlabeled) = (
+            orphan.metadata.name.unwrap(),
+            unlabeled.metadata.name.unwrap(),
+        );
+        ns.delete_csr_on_cleanup(&orphan);
+        ns.delete_csr_on_cleanup(&unlabeled);
+
+        let config = RaConfig {
+            signer: Some(signer.clone()),
+            signer_domain: None,
+            cert_signers: Vec::new(),
+            roots_file,
+            signer_roots: Vec::new(),
+            timeout: Duration::from_secs(5),
+            workload: meshca_pki::WorkloadProfile::default(),
+            after_create: None,
+        };
+        let started = Instant::now();
+        let _ra = KubernetesRa::with_orphan_grace(
+            identity.client().await.unwrap(),
+            config,
+            meshca_kube::ApiLimit::new(8),
+            GRACE,
+        )
+        .unwrap();
+        while admin.get_opt(&orphan).await.unwrap().is_some() {
+            assert!(
+                started.elapsed() < GRACE * 3,
+                "the orphan CSR {orphan} is still there after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let gone_after = started.elapsed();
+        assert!(
+            gone_after >= GRACE,
+            "deleted before the grace: {gone_after:?}"
+        );
+        assert!(
+            admin.get_opt(&unlabeled).await.unwrap().is_some(),
+            "a CSR without meshca's label was deleted"
+        );
+        admin
+            .delete(&unlabeled, &DeleteParams::default())
+            .await
+            .unwrap();
+        ns.cleanup().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}

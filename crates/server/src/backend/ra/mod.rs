@@ -21,12 +21,14 @@
 //!
 //! Files: [`request`] (checks), [`csr`] (the CSR objects), [`waiters`] (the
 //! shared watch), [`deletions`] (deleting them, also after an outage),
+//! [`orphans`] (deleting ours that no request waits for),
 //! [`chain`] (the answer), [`trust`] (the roots).
 
 mod chain;
 mod csr;
 mod deletions;
 mod error;
+mod orphans;
 mod request;
 mod trust;
 mod waiters;
@@ -116,11 +118,29 @@ pub struct KubernetesRa {
 impl KubernetesRa {
     /// Reads the roots and starts the shared CSR watch (needs a runtime).
     pub fn new(client: kube::Client, config: RaConfig, limit: ApiLimit) -> anyhow::Result<Self> {
+        let grace = orphans::grace(config.timeout);
+        Self::with_orphan_grace(client, config, limit, grace)
+    }
+
+    /// As [`KubernetesRa::new`], deleting orphans after `grace` (tests:
+    /// the default outlasts the longest request, a minute or more).
+    #[doc(hidden)]
+    pub fn with_orphan_grace(
+        client: kube::Client,
+        config: RaConfig,
+        limit: ApiLimit,
+        grace: Duration,
+    ) -> anyhow::Result<Self> {
         let trust = TrustAnchors::read(&config)?;
         let api = Api::all(client);
         let waiters = Arc::<Waiters>::default();
-        tokio::spawn(waiters::watch_csrs(api.clone(), waiters.clone()));
         let deletions = Arc::new(Deletions::new(api.clone(), limit.clone()));
+        tokio::spawn(waiters::watch_csrs(
+            api.clone(),
+            waiters.clone(),
+            deletions.clone(),
+            grace,
+        ));
         Ok(KubernetesRa {
             api,
             config,

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
@@ -12,6 +13,8 @@ use tokio::sync::oneshot;
 
 use super::RaError;
 use super::csr::{MANAGED_BY, final_outcome};
+use super::deletions::Deletions;
+use super::orphans::{self, Orphans};
 
 pub(super) type Outcome = Result<Vec<u8>, RaError>;
 
@@ -74,6 +77,11 @@ impl Waiters {
         }
     }
 
+    /// Whether a request of this process waits for CSR `name` with `uid`.
+    pub(super) fn waits_for(&self, name: &str, uid: &str) -> bool {
+        self.lock().get(name).is_some_and(|w| w.uid == uid)
+    }
+
     pub(super) fn deleted(&self, csr: &CertificateSigningRequest) {
         let name = csr.metadata.name.as_deref().unwrap_or_default();
         let mut waiters = self.lock();
@@ -104,18 +112,54 @@ impl Drop for Registered {
 }
 
 /// The shared watch; restarts (re-listing) after errors, so an answer
-/// missed while disconnected arrives with the next list.
-pub(super) async fn watch_csrs(api: Api<CertificateSigningRequest>, waiters: Arc<Waiters>) {
+/// missed while disconnected arrives with the next list. It also finds our
+/// CSRs no request waits for ([`Orphans`]) and deletes them after `grace`.
+pub(super) async fn watch_csrs(
+    api: Api<CertificateSigningRequest>,
+    waiters: Arc<Waiters>,
+    deletions: Arc<Deletions>,
+    grace: Duration,
+) {
     let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let mut events = watcher(api, watcher::Config::default().labels(&selector))
         .backoff(meshca_kube::WatchBackoff::default())
         .boxed();
     let mut last_error = LastError::default();
-    while let Some(event) = events.next().await {
+    let mut orphans = Orphans::default();
+    let mut check = tokio::time::interval(orphans::check_every(grace));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = check.tick() => {
+                let due = orphans.take_due(Instant::now(), grace, |name, uid| waiters.waits_for(name, uid));
+                for (name, uid) in due {
+                    tracing::info!(csr = %name, "RA mode: deleting a CSR of ours that no request waits for (created after its request gave up, or left by a stopped server)");
+                    let deletions = deletions.clone();
+                    tokio::spawn(async move { deletions.delete(&name, &uid).await });
+                }
+                continue;
+            }
+        };
         match event {
-            Ok(watcher::Event::Apply(csr) | watcher::Event::InitApply(csr)) => waiters.seen(&csr),
-            Ok(watcher::Event::Delete(csr)) => waiters.deleted(&csr),
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => last_error.clear(),
+            Ok(watcher::Event::Apply(csr) | watcher::Event::InitApply(csr)) => {
+                waiters.seen(&csr);
+                if let (Some(name), Some(uid)) = (&csr.metadata.name, &csr.metadata.uid) {
+                    orphans.seen(name, uid, Instant::now());
+                }
+            }
+            Ok(watcher::Event::Delete(csr)) => {
+                waiters.deleted(&csr);
+                orphans.deleted(csr.metadata.name.as_deref().unwrap_or_default());
+            }
+            Ok(watcher::Event::Init) => orphans.relist_started(),
+            Ok(watcher::Event::InitDone) => {
+                orphans.relist_done();
+                last_error.clear();
+            }
             Err(e) => {
                 if last_error.is_new(&e) {
                     tracing::warn!(error = %e, "RA mode: watching our CSRs failed; retrying");
