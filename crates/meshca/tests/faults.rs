@@ -295,28 +295,6 @@ fn first_ok_after(answers: &[Answer], from: Duration) -> Option<Duration> {
         .min()
 }
 
-/// Once idle again, a process holds no more fds and tasks than before the
-/// burst plus its Kubernetes client's pool of idle connections (at most
-/// --kube-api-concurrency, 64, each an fd and a task, closed after 90 s
-/// idle) and the burst's connections: a leak of one per failed request
-/// would be several hundred. Nothing is in flight.
-async fn idle(what: &str, monitoring: &str, idle_before: &Gauges) -> Result<Gauges> {
-    // The Kubernetes client's pool, and the burst's own connections (up to
-    // 100) that a loaded machine may not have closed yet.
-    const POOL: f64 = 64.0 + 100.0 + 16.0;
-    let settled = |g: &Gauges| {
-        g.in_flight.unwrap_or(0.0) == 0.0
-            && g.open_fds <= idle_before.open_fds + POOL
-            && g.tasks <= idle_before.tasks + POOL
-    };
-    let g = fault::settle(monitoring, Duration::from_secs(20), settled).await?;
-    ensure!(
-        settled(&g),
-        "{what}: not back to idle 20 s after the burst: before {idle_before}, now {g}"
-    );
-    Ok(g)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn apiserver_killed_mid_burst_under_the_local_ca_loses_nothing() -> Result<()> {
     let _serial = fault::CONTROL_PLANE.lock().await;
@@ -349,7 +327,7 @@ async fn apiserver_killed_mid_burst_under_the_local_ca_loses_nothing() -> Result
         tokio::time::sleep(Duration::from_secs(5)).await;
         let loaded_after = fault::gauges(&server.monitoring).await?;
         let answers = burst.finish().await?;
-        let idle = idle("meshca server", &server.monitoring, &idle_before).await?;
+        let idle = fault::back_to_idle("meshca server", &server.monitoring, &idle_before).await?;
 
         let p = phases(&answers, killed_at, back_at, Duration::from_secs(2));
         let recovery = first_ok_after(&answers, restarted_at);
@@ -579,7 +557,7 @@ async fn apiserver_killed_mid_burst_under_ra_mode_and_the_signer_loses_nothing()
         let loaded_after = fault::gauges(&server.monitoring).await?;
         let answers = burst.finish().await?;
         let (created, refused) = direct.finish().await?;
-        let idle = idle("meshca server", &server.monitoring, &idle_before).await?;
+        let idle = fault::back_to_idle("meshca server", &server.monitoring, &idle_before).await?;
 
         let p = phases(
             &answers,
@@ -736,13 +714,14 @@ async fn etcd_frozen_for_20s_every_call_ends_within_its_bound_and_service_resume
         );
         let (local_answers, ra_answers) = (local_burst.finish().await?, ra_burst.finish().await?);
         let idle = (
-            idle(
+            fault::back_to_idle(
                 "meshca server (local CA)",
                 &local.monitoring,
                 &idle_before.0,
             )
             .await?,
-            idle("meshca server (RA)", &ra_server.monitoring, &idle_before.1).await?,
+            fault::back_to_idle("meshca server (RA)", &ra_server.monitoring, &idle_before.1)
+                .await?,
         );
 
         for (what, answers, idle_before, before, peak, after, idle) in [
@@ -1079,7 +1058,8 @@ async fn ra_with_the_signer_down_times_out_cleanly_leaves_no_csr_and_resumes() -
         let down = burst.finish().await?;
         let left_down = ra::csrs_of(&env.client(), &signer).await?;
         ra::wait_csrs_gone(&signer, Duration::from_secs(10)).await?;
-        let idle_down = idle("meshca server", &server.monitoring, &idle_before).await?;
+        let idle_down =
+            fault::back_to_idle("meshca server", &server.monitoring, &idle_before).await?;
         let (fastest, slowest) = (
             down.iter().map(Answer::took).min().unwrap_or_default(),
             down.iter().map(Answer::took).max().unwrap_or_default(),
@@ -1131,7 +1111,8 @@ async fn ra_with_the_signer_down_times_out_cleanly_leaves_no_csr_and_resumes() -
             reasons(&up)
         );
         ra::wait_csrs_gone(&signer, Duration::from_secs(10)).await?;
-        let idle_up = idle("meshca server", &server.monitoring, &idle_before).await?;
+        let idle_up =
+            fault::back_to_idle("meshca server", &server.monitoring, &idle_before).await?;
         eprintln!("idle after the signer came: {idle_up}");
         Ok(())
     }

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use common::fault::{self, Gauges};
 use common::{Proc, ders, free_port, meshca, uris, wait_ready_blocking};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
@@ -356,7 +357,7 @@ async fn start_server(
     rbac_sets: &[&str],
     state: &Path,
     args: &[&str],
-) -> Result<(Proc, String)> {
+) -> Result<Started> {
     let mut sets = vec!["server.rootConfigMap=true", "leaderElection.enabled=true"];
     sets.extend(rbac_sets);
     let rbac = chart::server_rbac(ns.name(), &sets)?;
@@ -382,7 +383,25 @@ async fn start_server(
             .spawn()?,
     );
     wait_ready_blocking(&mut proc, &monitoring)?;
-    Ok((proc, addr))
+    Ok(Started {
+        proc,
+        addr,
+        monitoring,
+    })
+}
+
+/// A started process: its gRPC and monitoring addresses.
+struct Started {
+    proc: Proc,
+    addr: String,
+    monitoring: String,
+}
+
+/// The process's gauges once the burst is over must be back to those
+/// before it (no task, fd or request leaked by the rotation).
+async fn leaks_nothing(what: &str, monitoring: &str, before: &Gauges) -> Result<String> {
+    let after = fault::back_to_idle(what, monitoring, before).await?;
+    Ok(format!("idle before {before}, after {after}"))
 }
 
 struct Workload {
@@ -586,7 +605,11 @@ async fn plugged_cacerts_swapped_under_load_fail_nothing() -> Result<()> {
         configmap_roots,
     );
     let workloads = workloads(&ns).await?;
-    let (server, addr) = start_server(
+    let Started {
+        proc: server,
+        addr,
+        monitoring,
+    } = start_server(
         &ns,
         &[],
         &dir.join("state"),
@@ -606,6 +629,7 @@ async fn plugged_cacerts_swapped_under_load_fail_nothing() -> Result<()> {
     // published bundle.
     let tls_roots = String::from_utf8(cas.both_roots_pem()?)?;
 
+    let idle_before = fault::gauges(&monitoring).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let load = burst(
@@ -670,6 +694,8 @@ async fn plugged_cacerts_swapped_under_load_fail_nothing() -> Result<()> {
     ));
 
     let t = tally(&answers);
+    let idle = leaks_nothing("meshca server (plugged cacerts)", &monitoring, &idle_before).await?;
+    events.push(idle);
     report(
         "plugged cacerts swapped (A1 -> A2 -> roots A+B -> B1)",
         &t,
@@ -706,7 +732,11 @@ async fn istio_ca_secret_root_reissued_under_load_fails_nothing() -> Result<()> 
     );
     let workloads = workloads(&ns).await?;
     // Grace 100 %: every check (every 2 s, plus jitter) re-issues the root.
-    let (server, addr) = start_server(
+    let Started {
+        proc: server,
+        addr,
+        monitoring,
+    } = start_server(
         &ns,
         &["server.ca=selfSigned"],
         &dir.join("state"),
@@ -735,6 +765,7 @@ async fn istio_ca_secret_root_reissued_under_load_fails_nothing() -> Result<()> 
     // The root may be re-issued before the first ConfigMap write: any version.
     published.wait_holding(&[], "the root ConfigMap").await?;
 
+    let idle_before = fault::gauges(&monitoring).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let load = burst(
@@ -750,6 +781,7 @@ async fn istio_ca_secret_root_reissued_under_load_fails_nothing() -> Result<()> 
     let end = Instant::now();
 
     let t = tally(&answers);
+    let idle = leaks_nothing("meshca server (istio-ca-secret)", &monitoring, &idle_before).await?;
     let roots: BTreeSet<u64> = answers.iter().filter_map(|a| a.issuer).collect();
     let versions = published.versions();
     report(
@@ -758,10 +790,13 @@ async fn istio_ca_secret_root_reissued_under_load_fails_nothing() -> Result<()> 
         start,
         end,
         server.0.id(),
-        &[format!(
-            "{} roots served, {versions} ConfigMap versions",
-            roots.len()
-        )],
+        &[
+            format!(
+                "{} roots served, {versions} ConfigMap versions",
+                roots.len()
+            ),
+            idle,
+        ],
     );
     ensure!(t.wrong == 0 && t.clean == 0, "failed requests: {t:?}");
     ensure!(
@@ -922,6 +957,7 @@ async fn signer_ca_secret_replaced_under_a_burst_of_csrs_fails_nothing() -> Resu
 
     // The burst: 8 creators, each creating and approving CSRs one after
     // another until stopped.
+    let idle_before = fault::gauges(&monitoring).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let created = Arc::new(Mutex::new(Vec::<String>::new()));
     let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
@@ -1073,6 +1109,8 @@ async fn signer_ca_secret_replaced_under_a_burst_of_csrs_fails_nothing() -> Resu
         });
     }
     let t = tally(&answers);
+    let idle = leaks_nothing("meshca signer", &monitoring, &idle_before).await?;
+    events.push(idle);
     report(
         "signer CA Secret replaced (A1 -> A2 -> roots A+B -> B1)",
         &t,

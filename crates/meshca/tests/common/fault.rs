@@ -553,3 +553,25 @@ pub async fn settle(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Once idle again, a process holds no more fds and tasks than before the
+/// burst plus its Kubernetes client's pool of idle connections (at most
+/// --kube-api-concurrency, 64, each an fd and a task, closed after 90 s
+/// idle) and the burst's connections: a leak of one per failed request
+/// would be several hundred. Nothing is in flight.
+pub async fn back_to_idle(what: &str, monitoring: &str, idle_before: &Gauges) -> Result<Gauges> {
+    // The Kubernetes client's pool, and the burst's own connections (up to
+    // 100) that a loaded machine may not have closed yet.
+    const POOL: f64 = 64.0 + 100.0 + 16.0;
+    let settled = |g: &Gauges| {
+        g.in_flight.unwrap_or(0.0) == 0.0
+            && g.open_fds <= idle_before.open_fds + POOL
+            && g.tasks <= idle_before.tasks + POOL
+    };
+    let g = settle(monitoring, Duration::from_secs(20), settled).await?;
+    ensure!(
+        settled(&g),
+        "{what}: not back to idle 20 s after the burst: before {idle_before}, now {g}"
+    );
+    Ok(g)
+}
