@@ -438,6 +438,42 @@ async fn workloads(ns: &TestNamespace) -> Result<Arc<Vec<Workload>>> {
     Ok(Arc::new(out))
 }
 
+/// A channel to the server at `addr`, trusting `tls_roots` for the
+/// connection (the serving certificate follows the CA).
+fn channel(addr: &str, tls_roots: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(tls_roots))
+                .domain_name("istiod.istio-system.svc"),
+        )?
+        .timeout(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+/// `workload`'s certificate request, as istio-agent sends it: the chain's DERs.
+async fn ask(
+    grpc: &mut IstioCertificateServiceClient<Channel>,
+    workload: &Workload,
+) -> Result<Vec<Vec<u8>>, tonic::Status> {
+    let mut req = tonic::Request::new(IstioCertificateRequest::from_agent(
+        workload.csr.clone(),
+        3600,
+        "",
+    ));
+    let bearer = format!("Bearer {}", workload.token)
+        .parse()
+        .map_err(|_| tonic::Status::internal("a token that is not a header value"))?;
+    req.metadata_mut().insert("authorization", bearer);
+    let resp = grpc.create_certificate(req).await?;
+    Ok(resp
+        .get_ref()
+        .cert_chain
+        .iter()
+        .flat_map(|c| ders(c))
+        .collect())
+}
+
 /// A burst against `addr`: `TASKS` tasks ask for the workloads' certificates
 /// in turn, without pause, until `stop`; each answer is checked against the
 /// bundle `published` when it arrived. The client trusts `tls_roots` for
@@ -450,16 +486,7 @@ fn burst(
     stop: Arc<AtomicBool>,
 ) -> Result<tokio::task::JoinHandle<Vec<Answer>>> {
     let channels: Vec<Channel> = (0..4)
-        .map(|_| {
-            Ok(Endpoint::from_shared(format!("https://{addr}"))?
-                .tls_config(
-                    ClientTlsConfig::new()
-                        .ca_certificate(Certificate::from_pem(tls_roots))
-                        .domain_name("istiod.istio-system.svc"),
-                )?
-                .timeout(Duration::from_secs(30))
-                .connect_lazy())
-        })
+        .map(|_| channel(addr, tls_roots))
         .collect::<Result<_>>()?;
     let mut tasks = Vec::new();
     for k in 0..TASKS {
@@ -471,25 +498,10 @@ fn burst(
             while !stop.load(Ordering::SeqCst) {
                 let w = &workloads[i % workloads.len()];
                 i += TASKS;
-                let mut req = tonic::Request::new(IstioCertificateRequest::from_agent(
-                    w.csr.clone(),
-                    3600,
-                    "",
-                ));
-                req.metadata_mut().insert(
-                    "authorization",
-                    format!("Bearer {}", w.token).parse().unwrap(),
-                );
-                let answer = grpc.create_certificate(req).await;
+                let answer = ask(&mut grpc, w).await;
                 let at = Instant::now();
                 let (outcome, issuer) = match answer {
-                    Ok(resp) => {
-                        let chain: Vec<Vec<u8>> = resp
-                            .get_ref()
-                            .cert_chain
-                            .iter()
-                            .flat_map(|c| ders(c))
-                            .collect();
+                    Ok(chain) => {
                         let ok = verifies_to(&chain, &published.at(at), &w.spiffe);
                         let issuer = chain.get(1).map(|d| fingerprint(d));
                         (if ok { Outcome::Ok } else { Outcome::Wrong }, issuer)
@@ -523,36 +535,13 @@ async fn wait_issuer(
     issuer: &[u8],
     what: &str,
 ) -> Result<Instant> {
-    let channel = Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(tls_roots))
-                .domain_name("istiod.istio-system.svc"),
-        )?
-        .timeout(Duration::from_secs(30))
-        .connect_lazy();
-    let mut grpc = IstioCertificateServiceClient::new(channel);
+    let mut grpc = IstioCertificateServiceClient::new(channel(addr, tls_roots)?);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut req = tonic::Request::new(IstioCertificateRequest::from_agent(
-            workload.csr.clone(),
-            3600,
-            "",
-        ));
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", workload.token).parse()?,
-        );
-        if let Ok(resp) = grpc.create_certificate(req).await {
-            let chain: Vec<Vec<u8>> = resp
-                .get_ref()
-                .cert_chain
-                .iter()
-                .flat_map(|c| ders(c))
-                .collect();
-            if chain.get(1).map(Vec::as_slice) == Some(issuer) {
-                return Ok(Instant::now());
-            }
+        if let Ok(chain) = ask(&mut grpc, workload).await
+            && chain.get(1).map(Vec::as_slice) == Some(issuer)
+        {
+            return Ok(Instant::now());
         }
         ensure!(Instant::now() < deadline, "{what}: not serving in 30 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -570,6 +559,24 @@ fn report(what: &str, t: &Tally, start: Instant, end: Instant, pid: u32, events:
         t.wrong,
         events.join("; ")
     );
+}
+
+/// No failed answer (clean errors count), and every CA of the rotation
+/// issued at least one certificate after `start`.
+fn none_failed_and_each_ca_served(
+    t: &Tally,
+    answers: &[Answer],
+    start: Instant,
+    cas: [(&str, &[u8]); 3],
+) -> Result<()> {
+    ensure!(t.wrong == 0 && t.clean == 0, "failed answers: {t:?}");
+    for (name, der) in cas {
+        ensure!(
+            first_from(answers, der, start).is_some(),
+            "no certificate from {name}: {t:?}"
+        );
+    }
+    Ok(())
 }
 
 fn since(t: Instant, from: Instant) -> String {
@@ -704,13 +711,7 @@ async fn plugged_cacerts_swapped_under_load_fail_nothing() -> Result<()> {
         server.0.id(),
         &events,
     );
-    ensure!(t.wrong == 0 && t.clean == 0, "failed requests: {t:?}");
-    for (name, der) in [("A1", &a1), ("A2", &a2), ("B1", &b1)] {
-        ensure!(
-            first_from(&answers, der, start).is_some(),
-            "the burst got no certificate from {name}: {t:?}"
-        );
-    }
+    none_failed_and_each_ca_served(&t, &answers, start, [("A1", &a1), ("A2", &a2), ("B1", &b1)])?;
     ensure!(
         first_from(&answers, &a1, served_b1).is_none(),
         "A1 still signed after B1 was served"
@@ -1119,13 +1120,7 @@ async fn signer_ca_secret_replaced_under_a_burst_of_csrs_fails_nothing() -> Resu
         proc.0.id(),
         &events,
     );
-    ensure!(t.wrong == 0 && t.clean == 0, "failed CSRs: {t:?}");
-    for (name, der) in [("A1", &a1), ("A2", &a2), ("B1", &b1)] {
-        ensure!(
-            first_from(&answers, der, start).is_some(),
-            "no CSR got a certificate from {name}"
-        );
-    }
+    none_failed_and_each_ca_served(&t, &answers, start, [("A1", &a1), ("A2", &a2), ("B1", &b1)])?;
     drop(proc);
     ns.cleanup().await
 }
