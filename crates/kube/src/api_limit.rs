@@ -15,8 +15,8 @@
 //! requests (bad tokens, each costing a TokenReview) must not queue without
 //! bound. A call that gets no permit in time fails at once with [`ApiBusy`]
 //! (see [`ApiBusy::is`]); the gRPC server answers it `Unavailable`, which
-//! istio-agent retries (5 tries within about 2 s, then its own longer backoff:
-//! a refusal costs a workload far more than a wait).
+//! istio-agent retries (5 tries with a 100 ms exponential backoff, over
+//! within about 2 s: a refusal costs a workload more than a wait).
 //!
 //! Two classes share the permits. The first call of a new request (its
 //! TokenReview: [`ApiLimit::first_calls`]) waits behind the calls of requests

@@ -18,7 +18,8 @@
 //! ECDSA P-256 intermediate. Both RA clients create and approve their own
 //! CSRs (`/approval`), as istiod does:
 //! - `meshca server` in RA mode with exactly the Helm chart's RBAC +
-//!   rbac-ra.yaml (its default --kube-api-concurrency: at most 64 API calls in flight, FIFO);
+//!   rbac-ra.yaml (its defaults: at most 64 API calls in flight, admitted
+//!   requests' calls before new requests' TokenReviews);
 //! - istiod (`pilot-discovery`, `EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`,
 //!   `K8S_SIGNER`, the signer's root in `./etc/external-ca-cert/`), as a
 //!   service account bound to cluster-admin, with its kube client's default
@@ -467,7 +468,7 @@ async fn main() -> Result<()> {
         name: "meshca server (RA)",
         ceiling: None,
         signer: signer.clone(),
-        limits: "FIFO, 64 calls in flight (default)",
+        limits: "64 calls in flight, admitted requests first (default)",
         addr: meshca_addr,
         root: meshca_root,
         server_name: "istiod.istio-system.svc".into(),
