@@ -58,8 +58,10 @@ pub struct ServerConfig {
 }
 
 /// The default [`Limits::token_review_wait`]: within the default request
-/// timeout; a burst of 5000 new workloads drains in about 20 s at the RA
-/// path's measured rate on a 2-core apiserver (BENCHMARKS.md, Scale 4).
+/// timeout. A burst the apiserver drains within it completes in order
+/// (1000 workloads at once on a 2-core test machine); a larger one needs a
+/// longer wait and request timeout (5000: about 75 s there; BENCHMARKS.md,
+/// Scale 4).
 pub const DEFAULT_TOKEN_REVIEW_WAIT: Duration = Duration::from_secs(25);
 
 /// Bounds on :15012 against floods (stalled streams, idle connections, bad
