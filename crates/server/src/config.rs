@@ -60,8 +60,8 @@ pub struct ServerConfig {
 /// The default [`Limits::token_review_wait`]: within the default request
 /// timeout. A burst the apiserver drains within it completes in order
 /// (1000 workloads at once on a 2-core test machine); a larger one needs a
-/// longer wait and request timeout (5000: about 75 s there; BENCHMARKS.md,
-/// Scale 4).
+/// longer wait (5000: 35-50 s there, all certified with an 85 s wait;
+/// BENCHMARKS.md, Scale 4).
 pub const DEFAULT_TOKEN_REVIEW_WAIT: Duration = Duration::from_secs(25);
 
 /// Bounds on :15012 against floods (stalled streams, idle connections, bad
