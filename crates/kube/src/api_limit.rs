@@ -15,7 +15,17 @@
 //! requests (bad tokens, each costing a TokenReview) must not queue without
 //! bound. A call that gets no permit in time fails at once with [`ApiBusy`]
 //! (see [`ApiBusy::is`]); the gRPC server answers it `Unavailable`, which
-//! istio-agent retries.
+//! istio-agent retries (5 tries with a 100 ms exponential backoff, over
+//! within about 2 s: a refusal costs a workload more than a wait).
+//!
+//! Two classes share the permits. The first call of a new request (its
+//! TokenReview: [`ApiLimit::first_calls`]) waits behind the calls of requests
+//! already admitted (CSR create, approval, delete: work already started).
+//! With one FIFO queue for all, a burst larger than the apiserver drains
+//! within the wait put every admitted request's next call behind the whole
+//! burst's TokenReviews: everyone slowed down and most of the burst was
+//! refused (measured in BENCHMARKS.md, Scale 4). Follow-up calls come only
+//! from admitted requests, so they cannot starve new ones for long.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -60,6 +70,10 @@ impl ApiBusy {
 #[derive(Debug, Clone)]
 pub struct ApiLimit {
     permits: Arc<Semaphore>,
+    /// One permit: held by the one first call that is in the (FIFO) permit
+    /// queue, so every follow-up call waits behind at most one first call.
+    first_in_line: Arc<Semaphore>,
+    first: bool,
     permit_wait: Duration,
 }
 
@@ -67,7 +81,18 @@ impl ApiLimit {
     pub fn new(concurrency: usize) -> Self {
         ApiLimit {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            first_in_line: Arc::new(Semaphore::new(1)),
+            first: false,
             permit_wait: DEFAULT_PERMIT_WAIT,
+        }
+    }
+
+    /// The same permits for the first call of new requests: these wait
+    /// behind the calls of this limit (follow-ups of admitted requests).
+    pub fn first_calls(&self) -> Self {
+        ApiLimit {
+            first: true,
+            ..self.clone()
         }
     }
 
@@ -91,8 +116,15 @@ impl ApiLimit {
         limit: Duration,
         call: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, kube::Error> {
-        // The semaphore is never closed: only the wait can end without one.
-        let _permit = tokio::time::timeout(self.permit_wait, self.permits.acquire())
+        let acquire = async {
+            let _line = match self.first {
+                true => Some(self.first_in_line.acquire().await),
+                false => None,
+            };
+            self.permits.acquire().await
+        };
+        // The semaphores are never closed: only the wait can end without one.
+        let _permit = tokio::time::timeout(self.permit_wait, acquire)
             .await
             .map_err(|_| kube::Error::Service(Box::new(ApiBusy(self.permit_wait))))?;
         tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
@@ -176,5 +208,98 @@ mod tests {
         holder.await.unwrap().unwrap();
         assert!(!ApiBusy::is(&kube::Error::Service("other".into())));
         assert_eq!(limit.call(async { Ok(2) }).await.unwrap(), 2);
+    }
+
+    /// Runs the calls (each holding its permit for 1 s), each getting in
+    /// line 1 ms after the one before; the names in the order they got a permit.
+    async fn order_of(calls: &[(&'static str, &ApiLimit)]) -> Vec<&'static str> {
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (name, limit) in calls {
+            let (name, limit, order) = (*name, (*limit).clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                limit
+                    .call(async {
+                        order.lock().unwrap().push(name);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Ok(())
+                    })
+                    .await
+            }));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        Arc::try_unwrap(order).unwrap().into_inner().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_up_calls_go_before_first_calls_that_queued_earlier() {
+        let limit = ApiLimit::new(1).with_permit_wait(Duration::from_secs(60));
+        let first = limit.first_calls();
+        let order = order_of(&[
+            ("holder", &limit),
+            ("new 1", &first),
+            ("new 2", &first),
+            ("new 3", &first),
+            ("admitted 1", &limit),
+            ("admitted 2", &limit),
+        ])
+        .await;
+        // "new 1" was already in line for the permit when the admitted
+        // requests' calls came; the other new ones wait behind them.
+        assert_eq!(
+            order,
+            [
+                "holder",
+                "new 1",
+                "admitted 1",
+                "admitted 2",
+                "new 2",
+                "new 3"
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_calls_keep_their_order_and_take_free_permits_at_once() {
+        let limit = ApiLimit::new(2).with_permit_wait(Duration::from_secs(60));
+        let first = limit.first_calls();
+        let started = tokio::time::Instant::now();
+        let order = order_of(&[("a", &first), ("b", &first), ("c", &first), ("d", &first)]).await;
+        assert_eq!(order, ["a", "b", "c", "d"]);
+        // Two at a time: a and b at once, c and d when they end.
+        assert!(
+            started.elapsed() < Duration::from_millis(2100),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_call_behind_busy_follow_ups_is_busy_after_its_own_wait() {
+        let limit = ApiLimit::new(1).with_permit_wait(Duration::from_secs(60));
+        let first = limit.first_calls().with_permit_wait(Duration::from_secs(2));
+        let holder = tokio::spawn({
+            let limit = limit.clone();
+            async move {
+                limit
+                    .call(async {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        // The one in line and the one waiting to get in line: both busy.
+        let (a, b) = tokio::join!(first.call(async { Ok(1) }), first.call(async { Ok(2) }));
+        assert!(ApiBusy::is(&a.unwrap_err()) && ApiBusy::is(&b.unwrap_err()));
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        holder.await.unwrap().unwrap();
+        // Their places in line were given back.
+        assert_eq!(first.call(async { Ok(3) }).await.unwrap(), 3);
     }
 }

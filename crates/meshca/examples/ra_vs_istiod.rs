@@ -8,7 +8,7 @@
 //! testenv/build all && testenv/build istiod
 //! env="$(testenv/up)" && eval "$env"
 //! cargo build --release -p meshca --examples
-//! target/release/examples/ra_vs_istiod [ROUNDS] [WORKLOADS] [--istiod-lifted | --meshca-only] [--clients N] [--ceiling [--ceiling-concurrency 16,32,64]]
+//! target/release/examples/ra_vs_istiod [ROUNDS] [WORKLOADS] [--istiod-lifted | --meshca-only] [--clients N] [--ceiling [--ceiling-concurrency 16,32,64]] [--signer-no-events]
 //! testenv/down "$MESHCA_TESTENV_DIR"
 //! ```
 //!
@@ -18,7 +18,8 @@
 //! ECDSA P-256 intermediate. Both RA clients create and approve their own
 //! CSRs (`/approval`), as istiod does:
 //! - `meshca server` in RA mode with exactly the Helm chart's RBAC +
-//!   rbac-ra.yaml (its default --kube-api-concurrency: at most 64 API calls in flight, FIFO);
+//!   rbac-ra.yaml (its defaults: at most 64 API calls in flight, admitted
+//!   requests' calls before new requests' TokenReviews);
 //! - istiod (`pilot-discovery`, `EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`,
 //!   `K8S_SIGNER`, the signer's root in `./etc/external-ca-cert/`), as a
 //!   service account bound to cluster-admin, with its kube client's default
@@ -161,7 +162,12 @@ fn signer_ca(base: &Path) -> Result<(PathBuf, PathBuf)> {
 
 /// `meshca signer` with exactly the chart's signer RBAC; returns it
 /// and its monitoring address.
-async fn start_signer(ns: &TestNamespace, signer: &str, ca_dir: &Path) -> Result<(Proc, String)> {
+async fn start_signer(
+    ns: &TestNamespace,
+    signer: &str,
+    ca_dir: &Path,
+    no_events: bool,
+) -> Result<(Proc, String)> {
     let rbac = chart::signer_rbac(
         ns.name(),
         &ns.unique_name("bench"),
@@ -183,6 +189,7 @@ async fn start_signer(ns: &TestNamespace, signer: &str, ca_dir: &Path) -> Result
             .args(["--trust-domains", "cluster.local", "--no-trust-bundle"])
             .arg("--no-leader-election")
             .args(["--monitoring-listen", &mon])
+            .args(no_events.then_some("--no-events"))
             .env("RUST_LOG", rust_log())
             .stdout(Stdio::null())
             .stderr(log)
@@ -407,6 +414,9 @@ async fn main() -> Result<()> {
     let lifted = argv.iter().any(|a| a == "--istiod-lifted");
     let meshca_only = argv.iter().any(|a| a == "--meshca-only");
     let with_ceiling = argv.iter().any(|a| a == "--ceiling");
+    // The signer's one Event per certificate (an etcd write the ceiling
+    // does not make) off, to measure what it costs.
+    let no_events = argv.iter().any(|a| a == "--signer-no-events");
     let value = |flag: &str| -> Option<&String> {
         argv.iter()
             .position(|a| a == flag)
@@ -437,7 +447,7 @@ async fn main() -> Result<()> {
     let signer = format!("{}.example.com/foo", ns.name());
 
     let (ca_dir, signer_root) = signer_ca(&tmp)?;
-    let (signer_proc, signer_mon) = start_signer(&ns, &signer, &ca_dir).await?;
+    let (signer_proc, signer_mon) = start_signer(&ns, &signer, &ca_dir, no_events).await?;
     let (meshca_proc, meshca_addr, meshca_root) = start_meshca_ra(&ns, &signer, &signer_root)
         .await
         .with_context(|| format!("see {}", tmp.join("meshca.log").display()))?;
@@ -467,7 +477,7 @@ async fn main() -> Result<()> {
         name: "meshca server (RA)",
         ceiling: None,
         signer: signer.clone(),
-        limits: "FIFO, 64 calls in flight (default)",
+        limits: "64 calls in flight, admitted requests first (default)",
         addr: meshca_addr,
         root: meshca_root,
         server_name: "istiod.istio-system.svc".into(),

@@ -57,6 +57,13 @@ pub struct ServerConfig {
     pub ca_secret: Option<istio_secret::CaSecretConfig>,
 }
 
+/// The default [`Limits::token_review_wait`]: within the default request
+/// timeout. A burst the apiserver drains within it completes in order
+/// (1000 workloads at once on a 2-core test machine); a larger one needs a
+/// longer wait (5000: 35-50 s there, all certified with an 85 s wait;
+/// BENCHMARKS.md, Scale 4).
+pub const DEFAULT_TOKEN_REVIEW_WAIT: Duration = Duration::from_secs(25);
+
 /// Bounds on :15012 against floods (stalled streams, idle connections, bad
 /// tokens); each is a `meshca server` flag.
 #[derive(Debug, Clone)]
@@ -91,12 +98,18 @@ pub struct Limits {
     /// TokenReviews (tokens not in the cache) in flight at once, a share of
     /// `kube_api_concurrency`: a flood of bad tokens leaves the rest to the RA.
     pub max_token_reviews: usize,
+    /// The longest wait of a new request (its token not in the cache) for a
+    /// TokenReview slot, and then for an API call slot behind the calls of
+    /// admitted requests, before answering `Unavailable` (`kube_api_busy`):
+    /// long enough for a mass restart's burst to drain in order.
+    pub token_review_wait: Duration,
 }
 
 impl Limits {
-    /// The request timeout when none is given: room for the permit wait and a
-    /// TokenReview call (5 s + 15 s) with margin; in RA mode plus the wait
-    /// for the signer.
+    /// The request timeout when none is given: room for the TokenReview wait
+    /// and the TokenReview's answer (a call that hangs, up to 15 s, is cut:
+    /// `Cancelled`, which istio-agent retries as it does `Unavailable`); in
+    /// RA mode plus the wait for the signer.
     pub fn default_request_timeout(ra_timeout: Option<Duration>) -> Duration {
         Duration::from_secs(30) + ra_timeout.unwrap_or_default()
     }
@@ -119,6 +132,7 @@ impl Default for Limits {
             max_connection_age_grace: Duration::from_secs(10),
             api_permit_wait: meshca_kube::api_limit::DEFAULT_PERMIT_WAIT,
             max_token_reviews: 32,
+            token_review_wait: DEFAULT_TOKEN_REVIEW_WAIT,
         }
     }
 }

@@ -319,13 +319,15 @@ fn authenticator(
         cluster_aliases: config.cluster_aliases.clone(),
         token_review: config.kube.clone().map(|c| {
             // Its own bound inside the shared one: a flood of bad tokens
-            // takes at most these slots and waits no longer for them.
-            let reviews = ApiLimit::new(config.limits.max_token_reviews)
-                .with_permit_wait(config.limits.api_permit_wait);
+            // takes at most these slots and waits no longer for them. A
+            // TokenReview is a new request's first call: it waits behind the
+            // calls of admitted requests.
+            let wait = config.limits.token_review_wait;
+            let reviews = ApiLimit::new(config.limits.max_token_reviews).with_permit_wait(wait);
             TokenReviewer::new(
                 c,
                 config.token_audiences.clone(),
-                api_limit.clone(),
+                api_limit.first_calls().with_permit_wait(wait),
                 reviews,
             )
         }),

@@ -55,16 +55,23 @@ pub struct LimitArgs {
     /// ones included, as istiod's --keepaliveMaxServerConnectionAge.
     #[arg(long, env = "MESHCA_MAX_CONNECTION_AGE", value_parser = parse_duration, default_value = "30m")]
     pub max_connection_age: Duration,
-    /// The longest wait for a Kubernetes API call slot (see
-    /// --kube-api-concurrency); then the request is answered `Unavailable`
-    /// (reason `kube_api_busy`), which istio-agent retries.
+    /// The longest wait of an admitted request (its token reviewed) for a
+    /// Kubernetes API call slot (see --kube-api-concurrency; its calls go
+    /// before new requests' TokenReviews); then the request is answered
+    /// `Unavailable` (reason `kube_api_busy`), which istio-agent retries.
     #[arg(long, env = "MESHCA_KUBE_API_PERMIT_WAIT", value_parser = parse_duration, default_value = "5s")]
     pub kube_api_permit_wait: Duration,
     /// TokenReviews (tokens not in the cache) in flight at once, a share of
     /// --kube-api-concurrency: a flood of bad tokens takes no more, and
-    /// waits no longer than --kube-api-permit-wait for them.
+    /// waits no longer than --token-review-wait for them.
     #[arg(long, env = "MESHCA_MAX_TOKEN_REVIEWS", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_token_reviews: u64,
+    /// The longest wait of a new request (token not in the cache) for a
+    /// TokenReview slot and then an API call slot (behind admitted
+    /// requests' calls); then `Unavailable` (`kube_api_busy`). Long enough
+    /// for a mass restart to drain in order instead of being refused.
+    #[arg(long, env = "MESHCA_TOKEN_REVIEW_WAIT", value_parser = parse_duration, default_value = "25s")]
+    pub token_review_wait: Duration,
 }
 
 impl LimitArgs {
@@ -84,6 +91,7 @@ impl LimitArgs {
             max_connection_age: self.max_connection_age,
             api_permit_wait: self.kube_api_permit_wait,
             max_token_reviews: count(self.max_token_reviews),
+            token_review_wait: self.token_review_wait,
             ..defaults
         }
     }
