@@ -213,6 +213,15 @@ impl Drop for Running {
     }
 }
 
+/// Events published at once: the apiserver takes each in about a millisecond.
+const EVENT_PUBLISHERS: usize = 8;
+/// Events waiting to be published. Events are best effort (dropped and
+/// counted when the queue is full); each waiting one costs about 1 KiB, and a
+/// backlog drain fills the queue (the signer outpaces the apiserver), so the
+/// bound is memory: 1024 kept the signer under 50 MiB with 10,000 approved
+/// CSRs at start, where 4096 did not (BENCHMARKS.md, Scale, axis 3).
+const EVENT_QUEUE: usize = 1024;
+
 /// Starts the controller on `client`. A CA that does not load at start is
 /// logged and retried; its signer signs nothing until it loads.
 pub async fn start(client: Client, config: Config) -> Result<Running> {
@@ -228,8 +237,8 @@ pub async fn start(client: Client, config: Config) -> Result<Running> {
             "meshca-signer",
             config.instance.as_deref().unwrap_or("meshca-signer"),
             metrics.clone(),
-            8,
-            4096,
+            EVENT_PUBLISHERS,
+            EVENT_QUEUE,
             helpers.clone(),
         );
         Some(sink)
