@@ -224,7 +224,8 @@ where
 /// The pod watch's first list, with each list strategy and both types: what
 /// meshca's ready time is made of (`--lists`).
 async fn first_lists(client: &kube::Client, size: usize) -> Result<()> {
-    let strategies: [(&str, fn() -> watcher::Config); 5] = [
+    type Strategy = (&'static str, fn() -> watcher::Config);
+    let strategies: [Strategy; 5] = [
         ("pages of 500 (kube-rs default)", watcher::Config::default),
         ("pages of 500, any", || {
             watcher::Config::default().any_semantic()
