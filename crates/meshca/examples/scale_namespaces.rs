@@ -13,7 +13,8 @@
 //! ```
 //!
 //! For each size, in increasing order (the namespaces `scale-ns-NNNNN` are
-//! created 64 at a time and kept for the next size), first meshca, then
+//! created 64 at a time and kept for the next size and the next run on the
+//! same testenv), first meshca, then
 //! istiod, one at a time (both write the same ConfigMaps):
 //! 1. start (meshca: the Helm chart's RBAC, plugged-in CA; istiod: admin
 //!    kubeconfig, the same CA in `./etc/cacerts`, its defaults) and wait
@@ -23,7 +24,8 @@
 //!    containing the other), swapped as a Secret volume does it (`..data`
 //!    symlink renamed); time until every ConfigMap holds the new roots;
 //! 3. a new namespace; time until its ConfigMap holds the roots;
-//! 4. RSS now and peak.
+//! 4. RSS now and peak; CPU seconds of the CA, kube-apiserver, etcd and
+//!    this bench during step 2 (where the time goes).
 //!
 //! The bench watches the ConfigMaps itself (admin client) and timestamps
 //! each namespace's change as it arrives. meshca polls the CA files every
@@ -42,8 +44,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bench_common::{
-    IstiodOptions, Proc, create_all, free_port, meshca_bin, rss_mib, rss_now_mib, start_istiod,
-    terminate, wait_http,
+    IstiodOptions, Proc, control_plane, cpu_seconds, create_all, free_port, load_average,
+    meshca_bin, own_cpu_seconds, rss_mib, rss_now_mib, start_istiod, terminate, wait_http,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -262,6 +264,26 @@ struct Figures {
     new_ns_s: f64,
     rss_now: f64,
     rss_peak: f64,
+    /// CPU seconds spent during the root change (until all updated) by
+    /// the CA, kube-apiserver, etcd and this bench (its watch).
+    change_cpu: [f64; 4],
+}
+
+/// CPU seconds used so far by the CA, the control plane and this bench.
+fn cpu_now(ca: u32, control_plane: &[(&str, u32)]) -> [f64; 4] {
+    let of = |name: &str| {
+        control_plane
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, pid)| cpu_seconds(*pid))
+            .unwrap_or(0.0)
+    };
+    [
+        cpu_seconds(ca).unwrap_or(0.0),
+        of("kube-apiserver"),
+        of("etcd"),
+        own_cpu_seconds(),
+    ]
 }
 
 /// Steps 1-4 for one running CA; `pid` is its process.
@@ -272,6 +294,7 @@ async fn measure(
     started: Instant,
     pid: u32,
     label: &str,
+    control_plane: &[(&str, u32)],
 ) -> Result<Figures> {
     let namespaces = managed_namespaces(client).await?;
     let start_sync_s = tracker
@@ -282,11 +305,14 @@ async fn measure(
 
     let before = tracker.events();
     let t0 = Instant::now();
+    let cpu0 = cpu_now(pid, control_plane);
     cacerts.swap()?;
     let change_s = tracker
         .wait_all(&namespaces, cacerts.hash(), t0)
         .await
         .with_context(|| format!("{label}: root change"))?;
+    let cpu1 = cpu_now(pid, control_plane);
+    let change_cpu = std::array::from_fn(|i| cpu1[i] - cpu0[i]);
     tracker.settle(Duration::from_secs(3)).await;
     let change_writes = tracker.events() - before;
 
@@ -306,6 +332,7 @@ async fn measure(
         new_ns_s,
         rss_now: rss_now_mib(pid),
         rss_peak: rss_mib(pid),
+        change_cpu,
     })
 }
 
@@ -337,9 +364,16 @@ async fn start_meshca(kubeconfig: &Path, plugged: &Path, state: &Path) -> Result
 }
 
 fn row(what: &str, n: usize, f: &Figures) {
+    let [ca, api, etcd, bench] = f.change_cpu;
     println!(
-        "| {what} | {n} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.0} |",
-        f.change_s, f.start_sync_s, f.change_writes, f.new_ns_s, f.rss_now, f.rss_peak
+        "| {what} | {n} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.0} | {ca:.1} / {api:.1} / {etcd:.1} / {bench:.1} | {} |",
+        f.change_s,
+        f.start_sync_s,
+        f.change_writes,
+        f.new_ns_s,
+        f.rss_now,
+        f.rss_peak,
+        load_average(),
     );
 }
 
@@ -403,22 +437,30 @@ async fn main() -> Result<()> {
     }
 
     println!(
-        "| CA | namespaces | root change: all updated, s | start: all in sync, s | ConfigMap writes | new namespace, s | RSS MiB | peak RSS MiB |"
+        "| CA | namespaces | root change: all updated, s | start: all in sync, s | ConfigMap writes | new namespace, s | RSS MiB | peak RSS MiB | root change CPU s: CA / apiserver / etcd / bench | load |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let namespaces = Api::<Namespace>::all(client.clone());
-    let mut made = 0;
+    // Namespaces of an earlier run on this testenv are kept: each size can
+    // run as its own invocation.
+    let mut made: std::collections::HashSet<String> =
+        managed_namespaces(&client).await?.into_iter().collect();
     let mut in_configmaps: Option<u64> = None;
     for &size in &sizes {
-        let took = create_all(made..size, CREATE_CONCURRENCY, |i| {
-            (namespaces.clone(), namespace(format!("{PREFIX}{i:05}")))
+        let missing: Vec<String> = (0..size)
+            .map(|i| format!("{PREFIX}{i:05}"))
+            .filter(|n| !made.contains(n))
+            .collect();
+        let took = create_all(0..missing.len(), CREATE_CONCURRENCY, |k| {
+            (namespaces.clone(), namespace(missing[k].clone()))
         })
         .await?;
         eprintln!(
-            "created namespaces {made}..{size} in {took:.1} s ({:.0}/s)",
-            (size - made) as f64 / took.max(0.001)
+            "created {} namespaces (now {size}) in {took:.1} s ({:.0}/s)",
+            missing.len(),
+            missing.len() as f64 / took.max(0.001)
         );
-        made = size;
+        made.extend(missing);
         let total = managed_namespaces(&client).await?.len();
 
         // Each CA starts with the roots the ConfigMaps do not hold, so that
@@ -441,6 +483,7 @@ async fn main() -> Result<()> {
             started,
             pid,
             "meshca",
+            &control_plane(&env),
         )
         .await?;
         terminate(proc);
@@ -475,6 +518,7 @@ async fn main() -> Result<()> {
             started,
             pid,
             "istiod",
+            &control_plane(&env),
         )
         .await
         .with_context(|| format!("istiod log: {}", istiod.log.display()))?;
@@ -482,7 +526,7 @@ async fn main() -> Result<()> {
         row("istiod", total, &i);
         in_configmaps = Some(istiod_cacerts.hash());
         println!(
-            "| istiod/meshca | {total} | {:.1}x | | | {:.1}x | {:.1}x | |",
+            "| istiod/meshca | {total} | {:.1}x | | | {:.1}x | {:.1}x | | | |",
             i.change_s / m.change_s.max(0.001),
             i.new_ns_s / m.new_ns_s.max(0.001),
             i.rss_now / m.rss_now.max(0.001),

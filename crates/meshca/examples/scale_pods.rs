@@ -6,12 +6,13 @@
 //! testenv/build all && testenv/build istiod
 //! env="$(testenv/up)" && eval "$env"
 //! cargo build --release -p meshca --examples
-//! target/release/examples/scale_pods [SIZES...]     # default 10000 50000 100000
+//! target/release/examples/scale_pods [--lists] [SIZES...]   # default 10000 50000 100000
 //! testenv/down
 //! ```
 //!
 //! Pods are objects only (no kubelet, they stay Pending), created 64 at a
-//! time through the API and kept for the next size: 100 namespaces
+//! time through the API and kept for the next size and the next run on the
+//! same testenv (so each size can be its own invocation): 100 namespaces
 //! `scale-pods-NN`, 10 service accounts each, 100 pods per node (nodes
 //! `node-NNNN`), one container with ports, env and resources, labels and an
 //! annotation, like a Deployment's pod. For each size:
@@ -22,6 +23,8 @@
 //!   `ImpersonatedIdentity` of a workload on that node: the latency the
 //!   check adds;
 //! - the check alone in process: `PodIndex` lookups at the same size;
+//! - with `--lists`, first: the pod watch's first list in process, for
+//!   each list strategy, reading whole `Pod`s and meshca's `WatchedPod`;
 //! - istiod (pilot-discovery, admin kubeconfig, self-signed CA, its
 //!   defaults): time from start to ready (its informers synced), RSS.
 
@@ -36,13 +39,17 @@ use bench_common::{
     Auth, IstiodOptions, Proc, create_all, free_port, loadgen_with, meshca_bin, rss_mib,
     rss_now_mib, start_istiod, terminate, wait_http,
 };
+use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
-use kube::api::{Api, PostParams};
-use meshca_server::auth::impersonation::{PodFacts, PodIndex, Pods};
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::watcher;
+use meshca_server::auth::impersonation::{PodFacts, PodIndex, Pods, WatchedPod};
 use meshca_testsupport::{TestEnv, TestNamespace, chart};
 
 const NAMESPACES: usize = 100;
+/// Every bench pod's `pod-template-hash` label.
+const TEMPLATE_HASH: &str = "5d8f7c9b6";
 const PODS_PER_NODE: usize = 100;
 const CREATE_CONCURRENCY: usize = 64;
 /// The node agent's node, and a workload that runs there.
@@ -71,7 +78,7 @@ fn pod(i: usize) -> Result<Pod> {
             "labels": {
                 "app": format!("app-{}", i % 1000),
                 "version": "v1",
-                "pod-template-hash": "5d8f7c9b6",
+                "pod-template-hash": TEMPLATE_HASH,
             },
             "annotations": {"kubectl.kubernetes.io/default-container": "app"},
         },
@@ -173,6 +180,76 @@ async fn start_meshca(kubeconfig: &Path, state: &Path, trusted: &str) -> Result<
     })
 }
 
+/// The names of the bench's pods already there.
+async fn existing_pods(client: &kube::Client) -> Result<std::collections::HashSet<String>> {
+    let api = Api::<Pod>::all(client.clone());
+    let mut params = ListParams::default()
+        .labels(&format!("pod-template-hash={TEMPLATE_HASH}"))
+        .limit(5000);
+    let mut names = std::collections::HashSet::new();
+    loop {
+        let page = api.list_metadata(&params).await?;
+        names.extend(page.items.into_iter().filter_map(|p| p.metadata.name));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => params = params.continue_token(&c),
+            None => return Ok(names),
+        }
+    }
+}
+
+/// Seconds from start to the end of the first list of a pod watch, read as
+/// `K`, with `config`; and the pods listed.
+async fn first_list<K>(client: &kube::Client, config: watcher::Config) -> Result<(f64, usize)>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let started = Instant::now();
+    let mut events = std::pin::pin!(watcher(Api::<K>::all(client.clone()), config));
+    let mut listed = 0;
+    while let Some(event) = events.next().await {
+        match event? {
+            watcher::Event::InitApply(_) => listed += 1,
+            watcher::Event::InitDone => return Ok((started.elapsed().as_secs_f64(), listed)),
+            _ => {}
+        }
+    }
+    anyhow::bail!("the pod watch ended before its first list")
+}
+
+/// The pod watch's first list, with each list strategy and both types: what
+/// meshca's ready time is made of (`--lists`).
+async fn first_lists(client: &kube::Client, size: usize) -> Result<()> {
+    type Strategy = (&'static str, fn() -> watcher::Config);
+    let strategies: [Strategy; 5] = [
+        ("pages of 500 (kube-rs default)", watcher::Config::default),
+        ("pages of 500, any", || {
+            watcher::Config::default().any_semantic()
+        }),
+        ("pages of 5000", || {
+            watcher::Config::default().page_size(5000)
+        }),
+        ("pages of 5000, any", || {
+            watcher::Config::default().page_size(5000).any_semantic()
+        }),
+        ("streaming list (WatchList)", || {
+            watcher::Config::default().streaming_lists()
+        }),
+    ];
+    for (what, config) in strategies {
+        let (full_s, n) = first_list::<Pod>(client, config()).await?;
+        let (watched_s, m) = first_list::<WatchedPod>(client, config()).await?;
+        eprintln!(
+            "first list of {size} pods, {what}: Pod {full_s:.2} s ({n}), WatchedPod {watched_s:.2} s ({m})"
+        );
+    }
+    Ok(())
+}
+
 /// Nanoseconds per impersonation lookup (the caller's pod, then a pod of
 /// the account on its node) in a `PodIndex` of `size` pods.
 fn lookup_ns(size: usize) -> f64 {
@@ -217,6 +294,7 @@ async fn main() -> Result<()> {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    let lists = std::env::args().any(|a| a == "--lists");
     if sizes.is_empty() {
         sizes = vec![10_000, 50_000, 100_000];
     }
@@ -257,18 +335,28 @@ async fn main() -> Result<()> {
         "| pods | CA | start to ready s | RSS after ready MiB | peak RSS MiB | plain p50/p99 ms | impersonated p50/p99 ms | lookup ns |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let mut made = 0;
+    // Pods of an earlier run on this testenv are kept: each size can run
+    // as its own invocation.
+    let mut made = existing_pods(&client).await?;
     for &size in &sizes {
-        let took = create_all(made..size, CREATE_CONCURRENCY, |i| {
+        let missing: Vec<usize> = (0..size)
+            .filter(|i| !made.contains(&format!("w-{i:06}")))
+            .collect();
+        let took = create_all(0..missing.len(), CREATE_CONCURRENCY, |k| {
+            let i = missing[k];
             let p = pod(i).expect("the pod template is valid JSON");
             (Api::<Pod>::namespaced(client.clone(), &namespace_of(i)), p)
         })
         .await?;
         eprintln!(
-            "created pods {made}..{size} in {took:.1} s ({:.0}/s)",
-            (size - made) as f64 / took.max(0.001)
+            "created {} pods (now {size}) in {took:.1} s ({:.0}/s)",
+            missing.len(),
+            missing.len() as f64 / took.max(0.001)
         );
-        made = size;
+        made.extend(missing.iter().map(|i| format!("w-{i:06}")));
+        if lists {
+            first_lists(&client, size).await?;
+        }
 
         let m = start_meshca(
             identity.kubeconfig_path(),

@@ -84,15 +84,15 @@ async fn wait_roots(client: &kube::Client, namespaces: &[&str], roots: &[Vec<u8>
 }
 
 /// Whether field manager `meshca-server` owns `field` (a fieldsV1 path)
-/// through server-side apply.
-fn applied_by_meshca(meta: &ObjectMeta, field: &[&str]) -> bool {
+/// through `operation` (`Apply`, or `Update` for a patch).
+fn written_by_meshca(meta: &ObjectMeta, field: &[&str], operation: &str) -> bool {
     meta.managed_fields.iter().flatten().any(|entry| {
         let owned = entry
             .fields_v1
             .as_ref()
             .is_some_and(|f| field.iter().try_fold(&f.0, |v, key| v.get(*key)).is_some());
         entry.manager.as_deref() == Some("meshca-server")
-            && entry.operation.as_deref() == Some("Apply")
+            && entry.operation.as_deref() == Some(operation)
             && owned
     })
 }
@@ -265,8 +265,9 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
         let cm = in_before.get("istio-ca-root-cert").await.unwrap();
         assert_eq!(cm.data.as_ref().unwrap()["note"], "kept");
         assert!(
-            applied_by_meshca(&cm.metadata, &["f:data", "f:root-cert.pem"]),
-            "root-cert.pem not owned by meshca-server's apply: {:?}",
+            // Taken back by the merge patch that updates an existing one.
+            written_by_meshca(&cm.metadata, &["f:data", "f:root-cert.pem"], "Update"),
+            "root-cert.pem not owned by meshca-server's update: {:?}",
             cm.metadata.managed_fields
         );
         let cm = in_home.get("istio-ca-root-cert").await.unwrap();
@@ -277,7 +278,7 @@ async fn every_namespace_gets_the_root_configmap_and_it_is_kept_in_sync() {
         );
         let bundle = bundles.get(BUNDLE).await.unwrap();
         assert!(
-            applied_by_meshca(&bundle.metadata, &["f:spec", "f:trustBundle"]),
+            written_by_meshca(&bundle.metadata, &["f:spec", "f:trustBundle"], "Apply"),
             "trustBundle not owned by meshca-server's apply: {:?}",
             bundle.metadata.managed_fields
         );
