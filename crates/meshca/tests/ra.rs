@@ -484,6 +484,46 @@ async fn a_chain_that_does_not_verify_to_the_configured_roots_is_refused_until_t
     .expect("test timed out");
 }
 
+/// The RA backend run in process: a signer name of the test's own, its CA's
+/// root as the roots file, the server's identity with exactly the chart's
+/// RA RBAC, a workload's SPIFFE ID and the backend's configuration.
+struct InProcess {
+    signer: String,
+    identity: meshca_testsupport::Identity,
+    spiffe: String,
+    config: meshca_server::backend::ra::RaConfig,
+}
+
+impl InProcess {
+    async fn set_up(ns: &meshca_testsupport::TestNamespace) -> InProcess {
+        let dir = ns.temp_dir();
+        let signer = format!("{}.example.com/foo", ns.name());
+        let ca = signer_ca(dir).unwrap();
+        let roots_file = dir.join("root-cert.pem");
+        std::fs::write(&roots_file, &ca.root_pem).unwrap();
+        let identity = ns
+            .identity_from_manifest("meshca", &server_ra_rbac(ns, &signer).unwrap())
+            .await
+            .unwrap();
+        let config = meshca_server::backend::ra::RaConfig {
+            signer: Some(signer.clone()),
+            signer_domain: None,
+            cert_signers: Vec::new(),
+            roots_file,
+            signer_roots: Vec::new(),
+            timeout: Duration::from_secs(5),
+            workload: meshca_pki::WorkloadProfile::default(),
+            after_create: None,
+        };
+        InProcess {
+            spiffe: format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name()),
+            signer,
+            identity,
+            config,
+        }
+    }
+}
+
 /// The RA path (in process, with exactly the server's RA RBAC) when someone
 /// who may create and delete CSRs, but not approve them, swaps meshca's CSR
 /// between its creation and its approval: deletes it and creates another
@@ -499,16 +539,12 @@ async fn a_csr_swapped_under_the_same_name_is_never_approved_nor_deleted() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let env = TestEnv::get().await;
         let ns = env.namespace("srv-ra-swap").await.unwrap();
-        let dir = ns.temp_dir().to_path_buf();
-        let signer = format!("{}.example.com/foo", ns.name());
-        let ca = signer_ca(&dir).unwrap();
-        let roots_file = dir.join("root-cert.pem");
-        std::fs::write(&roots_file, &ca.root_pem).unwrap();
-        let identity = ns
-            .identity_from_manifest("meshca", &server_ra_rbac(&ns, &signer).unwrap())
-            .await
-            .unwrap();
-        let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+        let InProcess {
+            signer: _,
+            identity,
+            spiffe,
+            config,
+        } = InProcess::set_up(&ns).await;
         let impostor_csr = workload_csr(&format!(
             "spiffe://cluster.local/ns/{}/sa/attacker",
             ns.name()
@@ -552,14 +588,9 @@ async fn a_csr_swapped_under_the_same_name_is_never_approved_nor_deleted() {
             }))
         };
         let config = RaConfig {
-            signer: Some(signer.clone()),
-            signer_domain: None,
-            cert_signers: Vec::new(),
-            roots_file,
-            signer_roots: Vec::new(),
             timeout: Duration::from_secs(20),
-            workload: meshca_pki::WorkloadProfile::default(),
             after_create: Some(hook),
+            ..config
         };
         let ra = KubernetesRa::new(
             identity.client().await.unwrap(),
@@ -610,22 +641,18 @@ async fn a_csr_swapped_under_the_same_name_is_never_approved_nor_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_csr_of_ours_that_no_request_waits_for_is_deleted_after_the_grace() {
     use kube::api::{DeleteParams, PostParams};
-    use meshca_server::backend::ra::{KubernetesRa, RaConfig, new_csr};
+    use meshca_server::backend::ra::{KubernetesRa, new_csr};
 
     const GRACE: Duration = Duration::from_secs(20);
     tokio::time::timeout(Duration::from_secs(120), async {
         let env = TestEnv::get().await;
         let ns = env.namespace("srv-ra-orphan").await.unwrap();
-        let dir = ns.temp_dir().to_path_buf();
-        let signer = format!("{}.example.com/foo", ns.name());
-        let ca = signer_ca(&dir).unwrap();
-        let roots_file = dir.join("root-cert.pem");
-        std::fs::write(&roots_file, &ca.root_pem).unwrap();
-        let identity = ns
-            .identity_from_manifest("meshca", &server_ra_rbac(&ns, &signer).unwrap())
-            .await
-            .unwrap();
-        let spiffe = format!("spiffe://cluster.local/ns/{}/sa/workload", ns.name());
+        let InProcess {
+            signer,
+            identity,
+            spiffe,
+            config,
+        } = InProcess::set_up(&ns).await;
         let admin = Api::<CertificateSigningRequest>::all(env.client());
         let pp = PostParams::default();
         let ours = new_csr(workload_csr(&spiffe).as_bytes(), &signer, 3600);
@@ -640,16 +667,6 @@ async fn a_csr_of_ours_that_no_request_waits_for_is_deleted_after_the_grace() {
         ns.delete_csr_on_cleanup(&orphan);
         ns.delete_csr_on_cleanup(&unlabeled);
 
-        let config = RaConfig {
-            signer: Some(signer.clone()),
-            signer_domain: None,
-            cert_signers: Vec::new(),
-            roots_file,
-            signer_roots: Vec::new(),
-            timeout: Duration::from_secs(5),
-            workload: meshca_pki::WorkloadProfile::default(),
-            after_create: None,
-        };
         let started = Instant::now();
         let _ra = KubernetesRa::with_orphan_grace(
             identity.client().await.unwrap(),
