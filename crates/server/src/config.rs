@@ -57,13 +57,6 @@ pub struct ServerConfig {
     pub ca_secret: Option<istio_secret::CaSecretConfig>,
 }
 
-/// The default [`Limits::token_review_wait`]: within the default request
-/// timeout. A burst the apiserver drains within it completes in order
-/// (1000 workloads at once on a 2-core test machine); a larger one needs a
-/// longer wait (5000: 35-50 s there, all certified with an 85 s wait;
-/// BENCHMARKS.md, Scale 4).
-pub const DEFAULT_TOKEN_REVIEW_WAIT: Duration = Duration::from_secs(25);
-
 /// Bounds on :15012 against floods (stalled streams, idle connections, bad
 /// tokens); each is a `meshca server` flag.
 #[derive(Debug, Clone)]
@@ -113,6 +106,17 @@ impl Limits {
     pub fn default_request_timeout(ra_timeout: Option<Duration>) -> Duration {
         Duration::from_secs(30) + ra_timeout.unwrap_or_default()
     }
+
+    /// The TokenReview wait when none is given: most of the default request
+    /// timeout (5 s left for the review's answer), in RA mode plus the wait
+    /// for the signer as the request timeout has it. A burst larger than the
+    /// apiserver drains in 25 s then completes in arrival order instead of
+    /// being refused: 5000 RA workloads at once on the 2-core test machine
+    /// took 35 s; with a 25 s wait 3028 of them were refused, with 85 s
+    /// (60 s `--ra-timeout`) none (BENCHMARKS.md, Scale 4).
+    pub fn default_token_review_wait(ra_timeout: Option<Duration>) -> Duration {
+        Duration::from_secs(25) + ra_timeout.unwrap_or_default()
+    }
 }
 
 impl Default for Limits {
@@ -132,7 +136,31 @@ impl Default for Limits {
             max_connection_age_grace: Duration::from_secs(10),
             api_permit_wait: meshca_kube::api_limit::DEFAULT_PERMIT_WAIT,
             max_token_reviews: 32,
-            token_review_wait: DEFAULT_TOKEN_REVIEW_WAIT,
+            token_review_wait: Limits::default_token_review_wait(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default TokenReview wait leaves the review's answer room within
+    /// the default request timeout, with and without RA mode.
+    #[test]
+    fn the_token_review_wait_fits_in_the_request_timeout() {
+        for ra_timeout in [
+            None,
+            Some(Duration::from_secs(5)),
+            Some(Duration::from_secs(60)),
+        ] {
+            let wait = Limits::default_token_review_wait(ra_timeout);
+            let request = Limits::default_request_timeout(ra_timeout);
+            assert_eq!(request - wait, Duration::from_secs(5), "{ra_timeout:?}");
+        }
+        assert_eq!(
+            Limits::default_token_review_wait(Some(Duration::from_secs(60))),
+            Duration::from_secs(85)
+        );
     }
 }

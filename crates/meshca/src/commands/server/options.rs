@@ -70,8 +70,9 @@ pub struct LimitArgs {
     /// TokenReview slot and then an API call slot (behind admitted
     /// requests' calls); then `Unavailable` (`kube_api_busy`). Long enough
     /// for a mass restart to drain in order instead of being refused.
-    #[arg(long, env = "MESHCA_TOKEN_REVIEW_WAIT", value_parser = parse_duration, default_value = "25s")]
-    pub token_review_wait: Duration,
+    /// Default: 25s, plus --ra-timeout in RA mode.
+    #[arg(long, env = "MESHCA_TOKEN_REVIEW_WAIT", value_parser = parse_duration)]
+    pub token_review_wait: Option<Duration>,
 }
 
 impl LimitArgs {
@@ -91,7 +92,9 @@ impl LimitArgs {
             max_connection_age: self.max_connection_age,
             api_permit_wait: self.kube_api_permit_wait,
             max_token_reviews: count(self.max_token_reviews),
-            token_review_wait: self.token_review_wait,
+            token_review_wait: self
+                .token_review_wait
+                .unwrap_or_else(|| meshca_server::Limits::default_token_review_wait(ra_timeout)),
             ..defaults
         }
     }
