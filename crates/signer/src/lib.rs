@@ -69,6 +69,8 @@ mod leader;
 pub mod metrics;
 pub mod pcr;
 pub mod pcr_controller;
+#[cfg(test)]
+mod test_keys;
 pub mod trust;
 
 use std::net::SocketAddr;

@@ -466,6 +466,7 @@ fn supported_keys(p: &CsrPolicy) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_keys::Pullable;
     use k8s_openapi::ByteString;
     use k8s_openapi::api::certificates::v1beta1::{
         PodCertificateRequestSpec, PodCertificateRequestStatus,
@@ -598,32 +599,6 @@ mod tests {
         }
     }
 
-    /// A CA key in a token that can be pulled out.
-    struct Pullable {
-        key: SigningKey,
-        present: std::sync::atomic::AtomicBool,
-    }
-
-    impl meshca_pki::key::ExternalSigner for Pullable {
-        fn algorithm(&self) -> meshca_pki::key::ExternalAlgorithm {
-            meshca_pki::key::ExternalAlgorithm::EcdsaP256
-        }
-        fn public_key_bits(&self) -> &[u8] {
-            self.key.public_key_bits()
-        }
-        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, meshca_pki::key::SignError> {
-            if !self.present.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(meshca_pki::key::SignError::KeyUnavailable(
-                    "token removed".into(),
-                ));
-            }
-            self.key.sign(message)
-        }
-        fn location(&self) -> String {
-            "pkcs11:token=t;object=k".into()
-        }
-    }
-
     #[test]
     fn a_ca_key_whose_token_is_away_retries_instead_of_failing() {
         let key = SigningKey::generate(KeyType::EcdsaP256).unwrap();
@@ -636,10 +611,7 @@ mod tests {
             now(),
         )
         .unwrap();
-        let pullable = std::sync::Arc::new(Pullable {
-            key: SigningKey::from_pem(key.to_pkcs8_pem().unwrap().as_bytes()).unwrap(),
-            present: std::sync::atomic::AtomicBool::new(true),
-        });
+        let pullable = std::sync::Arc::new(Pullable::copy_of(&key));
         let bundle = CaBundle::from_parts(
             SigningKey::external(pullable.clone()),
             der.clone(),
@@ -662,9 +634,7 @@ mod tests {
             )
         };
         assert!(matches!(run(), PcrAction::Issue { .. }));
-        pullable
-            .present
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        pullable.pull_out();
         match run() {
             PcrAction::Retry { code, message } => {
                 assert_eq!(code, "ca_key_unavailable");
